@@ -1,0 +1,52 @@
+//! Label selectors as Kubernetes defines them, with the operator spelled out as an enum so the
+//! API server rejects a typo instead of the policy silently selecting nothing.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Selects endpoints by their labels. An empty selector (`{}`) selects every endpoint in scope.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    /// Labels that must all be present with exactly these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    /// Requirements that must all hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One requirement on a label key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!(self.operator in ['In', 'NotIn']) || (has(self.values) && size(self.values) > 0)",
+        "message": "values must be non-empty when operator is In or NotIn",
+        "fieldPath": ".values",
+    },
+    {
+        "rule": "!(self.operator in ['Exists', 'DoesNotExist']) || !has(self.values) || size(self.values) == 0",
+        "message": "values must be empty when operator is Exists or DoesNotExist",
+        "fieldPath": ".values",
+    },
+]))]
+pub struct LabelSelectorRequirement {
+    /// The label key, e.g. `app` or `k8s:io.kubernetes.pod.namespace`.
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+    pub operator: LabelSelectorOperator,
+    /// Values for `In` and `NotIn`; must be empty for `Exists` and `DoesNotExist`.
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum LabelSelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}

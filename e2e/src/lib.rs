@@ -1,0 +1,3 @@
+//! Test beds on real network namespaces, cleaned up when dropped (also when a test panics).
+
+pub mod netns;

@@ -1,0 +1,16 @@
+//! Weft's eBPF programs, compiled from C by `build.rs` and embedded here, and the `#[repr(C)]`
+//! Rust mirrors of their map keys and values (checked against the objects' BTF by a test).
+
+pub mod maps;
+
+/// The object with the programs for a pod's host-side veth: `from_container` (tcx ingress)
+/// and `to_container` (tcx egress).
+pub static POD_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod.bpf.o"));
+
+/// Program names in [`POD_OBJECT`].
+pub mod programs {
+    /// Runs on traffic the pod sends (ingress of its host-side veth).
+    pub const FROM_CONTAINER: &str = "from_container";
+    /// Runs on traffic delivered to the pod (egress of its host-side veth).
+    pub const TO_CONTAINER: &str = "to_container";
+}

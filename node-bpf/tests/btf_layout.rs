@@ -1,0 +1,91 @@
+//! The Rust mirrors of map types must match the C structs byte for byte, or the agent and the
+//! datapath silently disagree about every entry. clang records the C layout in the object's
+//! BTF; bpftool prints it as JSON.
+
+use std::mem::{offset_of, size_of};
+use std::process::Command;
+
+use serde::Deserialize;
+use weft_node_bpf::maps::{EndpointCounterKey, TrafficCounters};
+use weft_node_bpf::POD_OBJECT;
+
+#[derive(Deserialize)]
+struct BtfDump {
+    types: Vec<BtfType>,
+}
+
+#[derive(Deserialize)]
+struct BtfType {
+    kind: String,
+    name: Option<String>,
+    size: Option<usize>,
+    #[serde(default)]
+    members: Vec<BtfMember>,
+}
+
+#[derive(Deserialize)]
+struct BtfMember {
+    name: String,
+    bits_offset: usize,
+}
+
+fn btf_of(object: &[u8]) -> BtfDump {
+    let dir = std::env::temp_dir().join(format!("weft-btf-layout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let path = dir.join("object.bpf.o");
+    std::fs::write(&path, object).expect("write object");
+    let output = Command::new("bpftool")
+        .args(["-j", "btf", "dump", "file"])
+        .arg(&path)
+        .output()
+        .expect("bpftool runs (install it with `make deps`)");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        output.status.success(),
+        "bpftool failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("bpftool prints BTF as JSON")
+}
+
+/// Asserts the C struct `name` has exactly `size` bytes and these members at these offsets.
+fn assert_layout(btf: &BtfDump, name: &str, size: usize, members: &[(&str, usize)]) {
+    let found = btf
+        .types
+        .iter()
+        .find(|ty| ty.kind == "STRUCT" && ty.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("struct {name} is not in the object's BTF"));
+    assert_eq!(found.size, Some(size), "size of struct {name}");
+    let c_members: Vec<(&str, usize)> = found
+        .members
+        .iter()
+        .map(|member| (member.name.as_str(), member.bits_offset / 8))
+        .collect();
+    assert_eq!(
+        c_members, members,
+        "members (name, byte offset) of struct {name}"
+    );
+}
+
+#[test]
+fn map_types_match_the_c_structs() {
+    let btf = btf_of(POD_OBJECT);
+    assert_layout(
+        &btf,
+        "endpoint_counter_key",
+        size_of::<EndpointCounterKey>(),
+        &[
+            ("ifindex", offset_of!(EndpointCounterKey, ifindex)),
+            ("direction", offset_of!(EndpointCounterKey, direction)),
+        ],
+    );
+    assert_layout(
+        &btf,
+        "traffic_counters",
+        size_of::<TrafficCounters>(),
+        &[
+            ("packets", offset_of!(TrafficCounters, packets)),
+            ("bytes", offset_of!(TrafficCounters, bytes)),
+        ],
+    );
+}

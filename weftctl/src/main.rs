@@ -1,0 +1,45 @@
+//! `weftctl`: wiring only; each subcommand lives in its own module.
+
+mod crds;
+mod validate;
+
+use clap::{Parser, Subcommand};
+use weft_core::telemetry::LogArgs;
+
+/// Weft's command-line tool.
+#[derive(Debug, Parser)]
+#[command(name = "weftctl", version)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print Weft's CustomResourceDefinitions as YAML, or write one file per CRD.
+    Crds(crds::CrdsArgs),
+    /// Check Weft objects in YAML files against the CRD schemas and their CEL rules, offline,
+    /// as the API server would.
+    Validate(validate::ValidateArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Err(error) = cli.log.init() {
+        eprintln!("weftctl: {error}");
+        return std::process::ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Crds(args) => crds::run(&args),
+        Command::Validate(args) => validate::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("weftctl: {error:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
