@@ -28,6 +28,12 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("cannot list the tcx programs on {interface}: {source}")]
+    Query {
+        interface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("the pod object has no map {0:?}; the build embedded a stale object")]
     MissingMap(&'static str),
     #[error("map {name} cannot be read: {source}")]
@@ -117,6 +123,27 @@ impl PodDatapath {
             received: sum(Direction::ToEndpoint)?,
         })
     }
+}
+
+/// Names of the tcx programs attached to `interface` (in the calling thread's namespace), in
+/// run order: `ingress` true for the ingress hook, false for egress.
+pub fn attached_programs(interface: &str, ingress: bool) -> Result<Vec<String>, DatapathError> {
+    let attach_type = if ingress {
+        TcAttachType::Ingress
+    } else {
+        TcAttachType::Egress
+    };
+    let (_revision, programs) =
+        SchedClassifier::query_tcx(interface, attach_type).map_err(|source| {
+            DatapathError::Query {
+                interface: interface.to_owned(),
+                source,
+            }
+        })?;
+    Ok(programs
+        .iter()
+        .map(|program| program.name_as_str().unwrap_or("<unnamed>").to_owned())
+        .collect())
 }
 
 fn classifier<'a>(
