@@ -21,7 +21,6 @@ use crate::status::Condition;
     shortname = "wid",
     category = "weft",
     printcolumn = r#"{"name":"ID","type":"integer","jsonPath":".spec.id"}"#,
-    printcolumn = r#"{"name":"Namespace","type":"string","jsonPath":".spec.securityLabels.k8s:io\\.kubernetes\\.pod\\.namespace"}"#,
     printcolumn = r#"{"name":"Endpoints","type":"integer","jsonPath":".status.endpoints"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]

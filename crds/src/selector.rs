@@ -12,9 +12,12 @@ use serde::{Deserialize, Serialize};
 pub struct LabelSelector {
     /// Labels that must all be present with exactly these values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
     pub match_labels: BTreeMap<String, String>,
     /// Requirements that must all hold.
+    // Bounded so the API server's CEL cost estimate for the rules below stays in budget.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub match_expressions: Vec<LabelSelectorRequirement>,
 }
 
@@ -40,6 +43,7 @@ pub struct LabelSelectorRequirement {
     pub operator: LabelSelectorOperator,
     /// Values for `In` and `NotIn`; must be empty for `Exists` and `DoesNotExist`.
     #[serde(default)]
+    #[schemars(length(max = 256))]
     pub values: Vec<String>,
 }
 

@@ -172,6 +172,7 @@ impl ObjectValidator {
             })
             .collect();
         unknown_fields(&schema.schema, object, String::new(), &mut errors);
+        metadata_name(object, &mut errors);
 
         // The API server only runs CEL on objects that passed the structural checks.
         if errors.is_empty() {
@@ -233,7 +234,11 @@ fn field_path<'a>(segments: impl Iterator<Item = LocationSegment<'a>>) -> String
     path
 }
 
-/// Fields the schema does not declare. The API server prunes them silently unless the client
+/// Fields the API server accepts at the root of every object.
+const ROOT_FIELDS: &[&str] = &["apiVersion", "kind", "metadata"];
+
+/// Fields the schema does not declare, and duplicates in `x-kubernetes-list-type: set` lists;
+/// the structural checks JSON Schema draft 4 cannot express. The API server prunes them silently unless the client
 /// asks for strict field validation, which `kubectl` does by default; a typo such as
 /// `fromEndpoint` must not turn into a policy that silently allows nothing.
 fn unknown_fields(schema: &Value, value: &Value, path: String, errors: &mut Vec<FieldError>) {
@@ -245,6 +250,10 @@ fn unknown_fields(schema: &Value, value: &Value, path: String, errors: &mut Vec<
             let properties = schema.get("properties").and_then(Value::as_object);
             let additional = schema.get("additionalProperties");
             for (name, child) in fields {
+                // Every object has these; CRD schemas need not (and kube's do not) list them.
+                if path.is_empty() && ROOT_FIELDS.contains(&name.as_str()) {
+                    continue;
+                }
                 let child_path = if path.is_empty() {
                     name.clone()
                 } else {
@@ -264,6 +273,16 @@ fn unknown_fields(schema: &Value, value: &Value, path: String, errors: &mut Vec<
             }
         }
         Value::Array(items) => {
+            if schema.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("set") {
+                for (index, item) in items.iter().enumerate() {
+                    if items[..index].contains(item) {
+                        errors.push(FieldError {
+                            field: format!("{path}[{index}]"),
+                            message: format!("Duplicate value: {item}"),
+                        });
+                    }
+                }
+            }
             if let Some(item_schema) = schema.get("items") {
                 for (index, item) in items.iter().enumerate() {
                     unknown_fields(item_schema, item, format!("{path}[{index}]"), errors);
@@ -274,9 +293,124 @@ fn unknown_fields(schema: &Value, value: &Value, path: String, errors: &mut Vec<
     }
 }
 
+/// `metadata.name` as the API server requires for custom resources: present, and a DNS
+/// subdomain (lowercase alphanumerics, '-' and '.', at most 253 characters).
+fn metadata_name(object: &Value, errors: &mut Vec<FieldError>) {
+    let metadata = object.get("metadata");
+    let name = metadata.and_then(|metadata| metadata.get("name"));
+    let generate_name = metadata.and_then(|metadata| metadata.get("generateName"));
+    let problem = match (name.and_then(Value::as_str), generate_name) {
+        (None, Some(_)) => None,
+        (None, None) => Some("Required value: name or generateName is required".to_owned()),
+        (Some(name), _) if !is_dns_subdomain(name) => Some(format!(
+            "Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case \
+             alphanumeric characters, '-' or '.', and must start and end with an alphanumeric \
+             character (at most 253 characters)"
+        )),
+        (Some(_), _) => None,
+    };
+    if let Some(message) = problem {
+        errors.push(FieldError {
+            field: "metadata.name".to_owned(),
+            message,
+        });
+    }
+}
+
+fn is_dns_subdomain(name: &str) -> bool {
+    let alphanumeric = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            let bytes = label.as_bytes();
+            !bytes.is_empty()
+                && bytes.iter().all(|&b| alphanumeric(b) || b == b'-')
+                && bytes.first().copied().is_some_and(alphanumeric)
+                && bytes.last().copied().is_some_and(alphanumeric)
+        })
+}
+
 /// Parses a YAML stream (one or more `---`-separated documents) into JSON values, skipping
 /// empty documents.
 pub fn parse_documents(yaml: &str) -> Result<Vec<Value>, serde_saphyr::Error> {
     let documents: Vec<Value> = serde_saphyr::from_multiple(yaml)?;
     Ok(documents.into_iter().filter(|doc| !doc.is_null()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn errors(object: Value) -> Vec<String> {
+        let validator = ObjectValidator::for_weft_crds().expect("schemas compile");
+        match validator.validate(&object) {
+            Verdict::Invalid(errors) => errors.iter().map(ToString::to_string).collect(),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    fn global_service(name: &str, failover: Value) -> Value {
+        json!({
+            "apiVersion": "weft.io/v1alpha1",
+            "kind": "GlobalService",
+            "metadata": {"name": name, "namespace": "inference"},
+            "spec": {"serviceName": "llama", "failover": failover},
+        })
+    }
+
+    #[test]
+    fn duplicates_in_a_set_list_are_rejected() {
+        let found = errors(global_service(
+            "llama",
+            json!(["gpu-east", "gpu-west", "gpu-east"]),
+        ));
+        assert_eq!(
+            found,
+            vec![r#"spec.failover[2]: Duplicate value: "gpu-east""#]
+        );
+    }
+
+    #[test]
+    fn object_names_must_be_dns_subdomains() {
+        let found = errors(global_service("Llama_70b", json!([])));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("metadata.name: Invalid value"),
+            "{found:?}"
+        );
+        assert!(matches!(
+            ObjectValidator::for_weft_crds()
+                .expect("schemas")
+                .validate(&global_service("llama-70b.v2", json!([]))),
+            Verdict::Valid
+        ));
+    }
+
+    #[test]
+    fn transition_rules_apply_to_updates_only() {
+        // The identity's immutability rule uses oldSelf: a create must not trip it.
+        let identity = json!({
+            "apiVersion": "weft.io/v1alpha1",
+            "kind": "WeftIdentity",
+            "metadata": {"name": "65792"},
+            "spec": {"id": 65792, "securityLabels": {"k8s:app": "trainer"}},
+        });
+        let validator = ObjectValidator::for_weft_crds().expect("schemas compile");
+        assert_eq!(validator.validate(&identity), Verdict::Valid);
+    }
+
+    #[test]
+    fn kinds_without_a_schema_are_reported_not_judged() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}});
+        let validator = ObjectValidator::for_weft_crds().expect("schemas compile");
+        assert_eq!(
+            validator.validate(&pod),
+            Verdict::NotAWeftKind {
+                api_version: "v1".into(),
+                kind: "Pod".into()
+            }
+        );
+    }
 }

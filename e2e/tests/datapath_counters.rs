@@ -1,6 +1,8 @@
 //! The pod programs, attached with tcx to a pod's host-side veth, count exactly the packets and
 //! bytes the pod sends and receives.
 
+use std::time::{Duration, Instant};
+
 use weft_agent::datapath::{attached_programs, PodDatapath};
 use weft_e2e::netns::{unique_prefix, NetNs, VethPod};
 use weft_node_bpf::maps::TrafficCounters;
@@ -89,11 +91,20 @@ fn dropping_the_datapath_detaches_and_traffic_still_flows() {
                 attached_programs(veth, false).expect("query egress"),
             );
             drop(datapath);
-            let after_drop = (
-                attached_programs(veth, true).expect("query ingress"),
-                attached_programs(veth, false).expect("query egress"),
-            );
-            (while_attached, after_drop)
+            // The kernel detaches when the last reference to a link closes. A child that
+            // another test is spawning holds copies of this process's descriptors until its
+            // exec closes them (CLOEXEC), so allow a moment.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let after_drop = (
+                    attached_programs(veth, true).expect("query ingress"),
+                    attached_programs(veth, false).expect("query egress"),
+                );
+                if after_drop == (vec![], vec![]) || Instant::now() > deadline {
+                    break (while_attached, after_drop);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         })
         .expect("enter the node namespace");
     assert_eq!(

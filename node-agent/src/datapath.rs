@@ -11,14 +11,14 @@ use weft_node_bpf::{programs, POD_OBJECT};
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("the kernel refused Weft's pod programs: {0}; check that it has BPF and BTF support (CONFIG_BPF_SYSCALL, CONFIG_DEBUG_INFO_BTF) and that the agent runs privileged")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("the pod object has no program {0:?}; the build embedded a stale object")]
     MissingProgram(&'static str),
     #[error("program {name} failed to load or verify: {source}")]
     Verify {
         name: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("cannot attach {name} to {interface} ({direction}) with tcx: {source}; tcx needs Linux 6.6 or later and the interface must exist in the agent's network namespace")]
     Attach {
@@ -26,13 +26,13 @@ pub enum DatapathError {
         interface: String,
         direction: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("cannot list the tcx programs on {interface}: {source}")]
     Query {
         interface: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("the pod object has no map {0:?}; the build embedded a stale object")]
     MissingMap(&'static str),
@@ -40,7 +40,7 @@ pub enum DatapathError {
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 }
 
@@ -60,11 +60,15 @@ pub struct PodDatapath {
 impl PodDatapath {
     /// Loads the object and runs both programs through the verifier.
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = Ebpf::load(POD_OBJECT).map_err(DatapathError::Load)?;
+        let mut ebpf =
+            Ebpf::load(POD_OBJECT).map_err(|error| DatapathError::Load(Box::new(error)))?;
         for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
             classifier(&mut ebpf, name)?
                 .load()
-                .map_err(|source| DatapathError::Verify { name, source })?;
+                .map_err(|source| DatapathError::Verify {
+                    name,
+                    source: Box::new(source),
+                })?;
         }
         Ok(Self { ebpf })
     }
@@ -87,7 +91,7 @@ impl PodDatapath {
                     name,
                     interface: host_veth.to_owned(),
                     direction,
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Ok(())
@@ -102,7 +106,7 @@ impl PodDatapath {
         let counters: PerCpuHashMap<_, EndpointCounterKey, TrafficCounters> =
             PerCpuHashMap::try_from(map).map_err(|source| DatapathError::Map {
                 name: ENDPOINT_COUNTERS,
-                source,
+                source: Box::new(source),
             })?;
         let sum = |direction| -> Result<TrafficCounters, DatapathError> {
             match counters.get(&EndpointCounterKey::new(ifindex, direction), 0) {
@@ -114,7 +118,7 @@ impl PodDatapath {
                 Err(aya::maps::MapError::KeyNotFound) => Ok(TrafficCounters::default()),
                 Err(source) => Err(DatapathError::Map {
                     name: ENDPOINT_COUNTERS,
-                    source,
+                    source: Box::new(source),
                 }),
             }
         };
@@ -137,7 +141,7 @@ pub fn attached_programs(interface: &str, ingress: bool) -> Result<Vec<String>, 
         SchedClassifier::query_tcx(interface, attach_type).map_err(|source| {
             DatapathError::Query {
                 interface: interface.to_owned(),
-                source,
+                source: Box::new(source),
             }
         })?;
     Ok(programs

@@ -26,6 +26,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Behave like other CLIs in a pipeline (`weftctl crds | head`): end quietly when the
+    // reader goes away instead of panicking on a broken pipe.
+    // SAFETY: setting a signal disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if let Err(error) = cli.log.init() {
         eprintln!("weftctl: {error}");

@@ -1,0 +1,61 @@
+# Weft: two commands on a fresh machine — `make demo` and `make test` (see README.md).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iptables iperf3 iputils-ping ethtool python3-venv
+TOOLS_VENV := .tools/venv
+# Pinned: Helm v4's engine as a library (no helm binary needed) and Kubernetes' schemas.
+PY_TOOLS := helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.3
+
+.PHONY: help deps build crds demo test fmt-check clippy unit-test e2e-test clean
+
+help:
+	@echo "make demo   build Weft and show what works today"
+	@echo "make test   everything CI runs: format, clippy, unit and e2e tests"
+	@echo "make deps   install the system and Python tools the build and tests need"
+	@echo "make crds   regenerate crds/manifests and the chart's CRDs from the Rust types"
+
+# Installs only what is missing, so repeated runs are quick and offline.
+deps:
+	@missing=""; for pkg in $(APT_PACKAGES); do \
+		dpkg -s "$$pkg" >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		if [ "$$(id -u)" -ne 0 ]; then echo "installing packages needs root: run make as root" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@if ! $(TOOLS_VENV)/bin/python -c 'import helm_python, kubernetes_validate, yaml' 2>/dev/null; then \
+		echo "installing Python tools into $(TOOLS_VENV): $(PY_TOOLS)"; \
+		python3 -m venv $(TOOLS_VENV) && $(TOOLS_VENV)/bin/pip install -q --disable-pip-version-check $(PY_TOOLS); \
+	fi
+
+build: deps
+	$(CARGO) build --workspace --all-targets
+
+crds: deps
+	$(CARGO) run -q -p weftctl -- crds --out-dir crds/manifests
+	rm -f charts/weft/crds/*.yaml && mkdir -p charts/weft/crds && cp crds/manifests/*.yaml charts/weft/crds/
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy: deps
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit-test: deps
+	$(CARGO) test --workspace --exclude weft-e2e
+
+# Needs root: creates network namespaces and loads eBPF programs; cleans up after itself.
+e2e-test: deps
+	$(CARGO) test -p weft-e2e
+
+test: fmt-check clippy unit-test e2e-test
+
+demo: deps
+	@scripts/demo.sh
+
+clean:
+	$(CARGO) clean
