@@ -12,19 +12,19 @@ const PAYLOAD: u64 = 100;
 /// Ethernet (14) + IPv4 (20) + ICMP (8) + payload: what tc sees of one echo packet.
 const FRAME: u64 = 14 + 20 + 8 + PAYLOAD;
 
-#[test]
-fn pod_programs_count_what_a_pod_sends_and_receives() {
+/// A node namespace and a pod namespace joined by a veth pair, as the CNI will wire them.
+fn node_with_one_pod(host_ip: &str, pod_ip: &str) -> (NetNs, NetNs, VethPod) {
     let prefix = unique_prefix();
     let node = NetNs::create(format!("{prefix}-node")).expect("node namespace");
     let pod = NetNs::create(format!("{prefix}-pod")).expect("pod namespace");
-    let wired = VethPod::wire(
-        &node,
-        &pod,
-        &format!("{prefix}h"),
-        "10.240.0.1",
-        "10.240.0.2",
-    )
-    .expect("wire the pod");
+    let wired =
+        VethPod::wire(&node, &pod, &format!("{prefix}h"), host_ip, pod_ip).expect("wire the pod");
+    (node, pod, wired)
+}
+
+#[test]
+fn pod_programs_count_what_a_pod_sends_and_receives() {
+    let (node, pod, wired) = node_with_one_pod("10.240.0.1", "10.240.0.2");
 
     let (ping, traffic) = node
         .enter(|| {
@@ -69,17 +69,7 @@ fn pod_programs_count_what_a_pod_sends_and_receives() {
 
 #[test]
 fn dropping_the_datapath_detaches_and_traffic_still_flows() {
-    let prefix = unique_prefix();
-    let node = NetNs::create(format!("{prefix}-node")).expect("node namespace");
-    let pod = NetNs::create(format!("{prefix}-pod")).expect("pod namespace");
-    let wired = VethPod::wire(
-        &node,
-        &pod,
-        &format!("{prefix}h"),
-        "10.240.0.5",
-        "10.240.0.6",
-    )
-    .expect("wire the pod");
+    let (node, pod, wired) = node_with_one_pod("10.240.0.5", "10.240.0.6");
     let veth = wired.host_veth.as_str();
 
     let (while_attached, after_drop) = node
