@@ -6,4 +6,5 @@
 pub mod admin;
 pub mod cluster;
 pub mod daemon;
+pub mod identity;
 pub mod telemetry;

@@ -1,3 +1,4 @@
 //! Test beds on real network namespaces, cleaned up when dropped (also when a test panics).
 
+pub mod bpffs;
 pub mod netns;

@@ -3,7 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use weft_agent::datapath::{attached_programs, PodDatapath};
+use weft_agent::datapath::{attached_programs, Datapath};
+use weft_e2e::bpffs::Bpffs;
 use weft_e2e::netns::{unique_prefix, NetNs, VethPod};
 use weft_node_bpf::maps::TrafficCounters;
 
@@ -13,24 +14,25 @@ const PAYLOAD: u64 = 100;
 const FRAME: u64 = 14 + 20 + 8 + PAYLOAD;
 
 /// A node namespace and a pod namespace joined by a veth pair, as the CNI will wire them.
-fn node_with_one_pod(host_ip: &str, pod_ip: &str) -> (NetNs, NetNs, VethPod) {
+fn node_with_one_pod(host_ip: &str, pod_ip: &str) -> (Bpffs, NetNs, NetNs, VethPod) {
     let prefix = unique_prefix();
+    let bpffs = Bpffs::mount(&prefix).expect("private bpffs");
     let node = NetNs::create(format!("{prefix}-node")).expect("node namespace");
     let pod = NetNs::create(format!("{prefix}-pod")).expect("pod namespace");
     let wired =
         VethPod::wire(&node, &pod, &format!("{prefix}h"), host_ip, pod_ip).expect("wire the pod");
-    (node, pod, wired)
+    (bpffs, node, pod, wired)
 }
 
 #[test]
 fn pod_programs_count_what_a_pod_sends_and_receives() {
-    let (node, pod, wired) = node_with_one_pod("10.240.0.1", "10.240.0.2");
+    let (bpffs, node, pod, wired) = node_with_one_pod("10.240.0.1", "10.240.0.2");
 
     let (ping, traffic) = node
         .enter(|| {
-            let mut datapath = PodDatapath::load().expect("load and verify the pod programs");
+            let mut datapath = Datapath::load(bpffs.path()).expect("load and verify the programs");
             datapath
-                .attach(&wired.host_veth)
+                .attach_endpoint(&wired.host_veth)
                 .expect("attach with tcx to the host-side veth");
             let ping = pod.exec(&[
                 "ping",
@@ -68,45 +70,62 @@ fn pod_programs_count_what_a_pod_sends_and_receives() {
 }
 
 #[test]
-fn dropping_the_datapath_detaches_and_traffic_still_flows() {
-    let (node, pod, wired) = node_with_one_pod("10.240.0.5", "10.240.0.6");
+fn the_datapath_outlives_the_agent_until_detached() {
+    let (bpffs, node, pod, wired) = node_with_one_pod("10.240.0.5", "10.240.0.6");
     let veth = wired.host_veth.as_str();
+    let ifindex = wired.host_link.ifindex;
+    let ping = |count: &str| {
+        pod.exec(&["ping", "-c", count, "-i", "0.2", "-W", "2", &wired.host_ip])
+            .expect("the pod reaches its node")
+    };
 
-    let (while_attached, after_drop) = node
+    let (attached_after_agent_exit, counted_by_the_next_agent, after_detach) = node
         .enter(|| {
-            let mut datapath = PodDatapath::load().expect("load");
-            datapath.attach(veth).expect("attach");
-            let while_attached = (
+            let mut first_agent = Datapath::load(bpffs.path()).expect("load");
+            first_agent.attach_endpoint(veth).expect("attach");
+            drop(first_agent); // the agent exits: pinned links and maps stay
+            let attached = (
                 attached_programs(veth, true).expect("query ingress"),
                 attached_programs(veth, false).expect("query egress"),
             );
-            drop(datapath);
+            ping("3");
+            let mut next_agent = Datapath::load(bpffs.path()).expect("load again");
+            let counted = next_agent.traffic(ifindex).expect("counters");
+            next_agent.detach(veth);
             // The kernel detaches when the last reference to a link closes. A child that
             // another test is spawning holds copies of this process's descriptors until its
             // exec closes them (CLOEXEC), so allow a moment.
             let deadline = Instant::now() + Duration::from_secs(3);
-            loop {
-                let after_drop = (
+            let after_detach = loop {
+                let now = (
                     attached_programs(veth, true).expect("query ingress"),
                     attached_programs(veth, false).expect("query egress"),
                 );
-                if after_drop == (vec![], vec![]) || Instant::now() > deadline {
-                    break (while_attached, after_drop);
+                if now == (vec![], vec![]) || Instant::now() > deadline {
+                    break now;
                 }
                 std::thread::sleep(Duration::from_millis(20));
-            }
+            };
+            (attached, counted, after_detach)
         })
         .expect("enter the node namespace");
+
     assert_eq!(
-        while_attached,
+        attached_after_agent_exit,
         (
             vec!["from_container".to_owned()],
             vec!["to_container".to_owned()]
-        )
+        ),
+        "the programs stay attached when the agent's process lets go"
     );
-    assert_eq!(after_drop, (vec![], vec![]), "no program stays attached");
-
-    // With the programs gone the pod still talks: a detached datapath must not black-hole.
-    pod.exec(&["ping", "-c", "2", "-W", "2", &wired.host_ip])
-        .expect("ping after detaching");
+    assert_eq!(
+        counted_by_the_next_agent.sent.packets, 3,
+        "a restarted agent reads what was counted while no agent ran"
+    );
+    assert_eq!(
+        after_detach,
+        (vec![], vec![]),
+        "detach removes both programs"
+    );
+    ping("2"); // a detached endpoint is not black-holed
 }

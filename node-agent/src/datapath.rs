@@ -1,18 +1,41 @@
-//! Loads the pod programs into the kernel, attaches them to a pod's host-side veth with tcx,
-//! and reads what they counted.
+//! The node's eBPF datapath: loads the pod and host programs with their maps pinned in the
+//! node's bpffs directory, attaches them with tcx (pinning the links too), and writes the maps.
+//!
+//! Everything the kernel needs survives the agent: maps and links are pinned, so pods keep
+//! talking while the agent is down, and a restarted agent opens the same maps again.
 
-use aya::maps::PerCpuHashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, PerCpuHashMap};
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
 use aya::programs::LinkOrder;
-use aya::Ebpf;
-use weft_node_bpf::maps::{Direction, EndpointCounterKey, TrafficCounters, ENDPOINT_COUNTERS};
-use weft_node_bpf::{programs, POD_OBJECT};
+use aya::{Ebpf, EbpfLoader};
+use ipnet::Ipv4Net;
+use weft_node_bpf::maps::{
+    Direction, EndpointCounterKey, EndpointInfo, EndpointKey, IpcacheEntry, NodeConfig,
+    TrafficCounters, ENDPOINTS, ENDPOINT_COUNTERS, IPCACHE, NODE_CONFIG,
+};
+use weft_node_bpf::{programs, HOST_OBJECT, POD_OBJECT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("the kernel refused Weft's pod programs: {0}; check that it has BPF and BTF support (CONFIG_BPF_SYSCALL, CONFIG_DEBUG_INFO_BTF) and that the agent runs privileged")]
-    Load(#[source] Box<aya::EbpfError>),
-    #[error("the pod object has no program {0:?}; the build embedded a stale object")]
+    #[error("cannot create the pin directory {path}: {source}; it must be on a mounted bpffs (mount -t bpf bpffs DIR)")]
+    PinDirectory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the kernel refused Weft's {object} object: {source}; check BPF and BTF support (CONFIG_BPF_SYSCALL, CONFIG_DEBUG_INFO_BTF), that the agent runs privileged, and that the pin directory is on bpffs")]
+    Load {
+        object: &'static str,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error(
+        "the {0} program is missing from the embedded objects; the build embedded a stale object"
+    )]
     MissingProgram(&'static str),
     #[error("program {name} failed to load or verify: {source}")]
     Verify {
@@ -28,20 +51,34 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    #[error("cannot pin the link of {name} on {interface} at {path}: {reason}")]
+    PinLink {
+        name: &'static str,
+        interface: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("cannot list the tcx programs on {interface}: {source}")]
     Query {
         interface: String,
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
-    #[error("the pod object has no map {0:?}; the build embedded a stale object")]
+    #[error("the embedded objects have no map {0:?}; the build embedded a stale object")]
     MissingMap(&'static str),
-    #[error("map {name} cannot be read: {source}")]
+    #[error("map {name}: {source}")]
     Map {
         name: &'static str,
         #[source]
         source: Box<aya::maps::MapError>,
     },
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    }
 }
 
 /// What one endpoint sent and received, summed over CPUs.
@@ -51,63 +88,178 @@ pub struct EndpointTraffic {
     pub received: TrafficCounters,
 }
 
-/// The pod programs, loaded and verified. Attachments live as long as this value: dropping it
-/// detaches them.
-pub struct PodDatapath {
-    ebpf: Ebpf,
+/// The loaded programs and their pinned maps.
+pub struct Datapath {
+    pod: Ebpf,
+    host: Ebpf,
+    pin_dir: PathBuf,
 }
 
-impl PodDatapath {
-    /// Loads the object and runs both programs through the verifier.
-    pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf =
-            Ebpf::load(POD_OBJECT).map_err(|error| DatapathError::Load(Box::new(error)))?;
-        for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
-            classifier(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Verify {
-                    name,
-                    source: Box::new(source),
-                })?;
+impl Datapath {
+    /// Loads both objects, pinning their maps in `pin_dir` (which must be on bpffs) or reusing
+    /// the maps already pinned there, and runs every program through the verifier.
+    pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        for dir in [pin_dir.to_owned(), pin_dir.join("links")] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| DatapathError::PinDirectory { path: dir, source })?;
         }
-        Ok(Self { ebpf })
+        let load = |object: &'static str, bytes: &[u8]| {
+            EbpfLoader::new()
+                .default_map_pin_directory(pin_dir)
+                .load(bytes)
+                .map_err(|source| DatapathError::Load {
+                    object,
+                    source: Box::new(source),
+                })
+        };
+        let mut pod = load("pod", POD_OBJECT)?;
+        let mut host = load("host", HOST_OBJECT)?;
+        for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
+            load_program(&mut pod, name)?;
+        }
+        load_program(&mut host, programs::FROM_NETWORK)?;
+        Ok(Self {
+            pod,
+            host,
+            pin_dir: pin_dir.to_owned(),
+        })
     }
 
-    /// Attaches to the host side of a pod's veth, which must be in the calling thread's network
-    /// namespace: `from_container` on its ingress, `to_container` on its egress. tcx links
-    /// compose with other tcx programs instead of replacing a clsact filter.
-    pub fn attach(&mut self, host_veth: &str) -> Result<(), DatapathError> {
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches the pod programs to a pod's host-side veth (in the calling thread's network
+    /// namespace): `from_container` on ingress, `to_container` on egress. The links are pinned,
+    /// replacing links pinned for an earlier device of the same name.
+    pub fn attach_endpoint(&mut self, host_veth: &str) -> Result<(), DatapathError> {
         for (name, attach_type, direction) in [
             (programs::FROM_CONTAINER, TcAttachType::Ingress, "ingress"),
             (programs::TO_CONTAINER, TcAttachType::Egress, "egress"),
         ] {
-            classifier(&mut self.ebpf, name)?
-                .attach_with_options(
-                    host_veth,
-                    attach_type,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|source| DatapathError::Attach {
-                    name,
-                    interface: host_veth.to_owned(),
-                    direction,
-                    source: Box::new(source),
-                })?;
+            let pin = self.link_pin(host_veth, direction);
+            attach_pinned(&mut self.pod, name, host_veth, attach_type, direction, &pin)?;
         }
         Ok(())
+    }
+
+    /// Attaches `from_network` to a node device's ingress (the uplink, the VXLAN device).
+    pub fn attach_network(&mut self, device: &str) -> Result<(), DatapathError> {
+        let pin = self.link_pin(device, "ingress");
+        attach_pinned(
+            &mut self.host,
+            programs::FROM_NETWORK,
+            device,
+            TcAttachType::Ingress,
+            "ingress",
+            &pin,
+        )
+    }
+
+    /// Detaches whatever Weft attached to `interface` (a pod's veth on CNI DEL). A device that
+    /// is already gone took its attachments with it; only the pins remain to remove.
+    pub fn detach(&mut self, interface: &str) {
+        for direction in ["ingress", "egress"] {
+            let pin = self.link_pin(interface, direction);
+            if let Ok(link) = PinnedLink::from_pin(&pin) {
+                match link.unpin() {
+                    Ok(link) => drop(link),
+                    Err(error) => {
+                        tracing::warn!(%error, pin = %pin.display(), "cannot remove a link pin")
+                    }
+                }
+            }
+        }
+    }
+
+    fn link_pin(&self, interface: &str, direction: &str) -> PathBuf {
+        // bpffs refuses names with '.', which interface names may contain (VLANs: eth0.100).
+        let interface = interface.replace('.', "%2E");
+        self.pin_dir
+            .join("links")
+            .join(format!("{direction}_{interface}"))
+    }
+
+    pub fn configure(&mut self, config: NodeConfig) -> Result<(), DatapathError> {
+        let map = self
+            .pod
+            .map_mut(NODE_CONFIG)
+            .ok_or(DatapathError::MissingMap(NODE_CONFIG))?;
+        let mut array: Array<&mut MapData, NodeConfig> =
+            Array::try_from(map).map_err(map_error(NODE_CONFIG))?;
+        array.set(0, config, 0).map_err(map_error(NODE_CONFIG))
+    }
+
+    /// Makes a local pod reachable at `ip`.
+    pub fn upsert_endpoint(
+        &mut self,
+        ip: Ipv4Addr,
+        info: EndpointInfo,
+    ) -> Result<(), DatapathError> {
+        self.endpoints()?
+            .insert(EndpointKey::new(ip), info, 0)
+            .map_err(map_error(ENDPOINTS))
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        match self.endpoints()?.remove(&EndpointKey::new(ip)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(map_error(ENDPOINTS)(error)),
+        }
+    }
+
+    fn endpoints(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, EndpointKey, EndpointInfo>, DatapathError> {
+        let map = self
+            .pod
+            .map_mut(ENDPOINTS)
+            .ok_or(DatapathError::MissingMap(ENDPOINTS))?;
+        HashMap::try_from(map).map_err(map_error(ENDPOINTS))
+    }
+
+    /// Records what the node knows about `prefix`: its identity and the node it lives behind.
+    pub fn upsert_ipcache(
+        &mut self,
+        prefix: Ipv4Net,
+        entry: IpcacheEntry,
+    ) -> Result<(), DatapathError> {
+        let key = LpmKey::new(
+            u32::from(prefix.prefix_len()),
+            u32::from(prefix.network()).to_be(),
+        );
+        self.ipcache()?
+            .insert(&key, entry, 0)
+            .map_err(map_error(IPCACHE))
+    }
+
+    pub fn remove_ipcache(&mut self, prefix: Ipv4Net) -> Result<(), DatapathError> {
+        let key = LpmKey::new(
+            u32::from(prefix.prefix_len()),
+            u32::from(prefix.network()).to_be(),
+        );
+        match self.ipcache()?.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(map_error(IPCACHE)(error)),
+        }
+    }
+
+    fn ipcache(&mut self) -> Result<LpmTrie<&mut MapData, u32, IpcacheEntry>, DatapathError> {
+        let map = self
+            .pod
+            .map_mut(IPCACHE)
+            .ok_or(DatapathError::MissingMap(IPCACHE))?;
+        LpmTrie::try_from(map).map_err(map_error(IPCACHE))
     }
 
     /// The traffic counted for the endpoint behind the host-side veth `ifindex`.
     pub fn traffic(&self, ifindex: u32) -> Result<EndpointTraffic, DatapathError> {
         let map = self
-            .ebpf
+            .pod
             .map(ENDPOINT_COUNTERS)
             .ok_or(DatapathError::MissingMap(ENDPOINT_COUNTERS))?;
         let counters: PerCpuHashMap<_, EndpointCounterKey, TrafficCounters> =
-            PerCpuHashMap::try_from(map).map_err(|source| DatapathError::Map {
-                name: ENDPOINT_COUNTERS,
-                source: Box::new(source),
-            })?;
+            PerCpuHashMap::try_from(map).map_err(map_error(ENDPOINT_COUNTERS))?;
         let sum = |direction| -> Result<TrafficCounters, DatapathError> {
             match counters.get(&EndpointCounterKey::new(ifindex, direction), 0) {
                 Ok(per_cpu) => Ok(per_cpu
@@ -116,10 +268,7 @@ impl PodDatapath {
                     .fold(TrafficCounters::default(), |total, cpu| total + cpu)),
                 // No packet seen yet in this direction.
                 Err(aya::maps::MapError::KeyNotFound) => Ok(TrafficCounters::default()),
-                Err(source) => Err(DatapathError::Map {
-                    name: ENDPOINT_COUNTERS,
-                    source: Box::new(source),
-                }),
+                Err(error) => Err(map_error(ENDPOINT_COUNTERS)(error)),
             }
         };
         Ok(EndpointTraffic {
@@ -127,6 +276,57 @@ impl PodDatapath {
             received: sum(Direction::ToEndpoint)?,
         })
     }
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
+    classifier(ebpf, name)?
+        .load()
+        .map_err(|source| DatapathError::Verify {
+            name,
+            source: Box::new(source),
+        })
+}
+
+fn attach_pinned(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    interface: &str,
+    attach_type: TcAttachType,
+    direction: &'static str,
+    pin: &Path,
+) -> Result<(), DatapathError> {
+    let program = classifier(ebpf, name)?;
+    let link_id = program
+        .attach_with_options(
+            interface,
+            attach_type,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|source| DatapathError::Attach {
+            name,
+            interface: interface.to_owned(),
+            direction,
+            source: Box::new(source),
+        })?;
+    let pin_error = |reason: String| DatapathError::PinLink {
+        name,
+        interface: interface.to_owned(),
+        path: pin.to_owned(),
+        reason,
+    };
+    let link = program
+        .take_link(link_id)
+        .map_err(|error| pin_error(error.to_string()))?;
+    let link: FdLink = link
+        .try_into()
+        .map_err(|error: aya::programs::links::LinkError| pin_error(error.to_string()))?;
+    // A pin left by a deleted device of the same name holds a defunct link: replace it.
+    if pin.exists() {
+        let _ = std::fs::remove_file(pin);
+    }
+    link.pin(pin)
+        .map_err(|error| pin_error(error.to_string()))?;
+    Ok(())
 }
 
 /// Names of the tcx programs attached to `interface` (in the calling thread's namespace), in

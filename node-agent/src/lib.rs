@@ -1,5 +1,9 @@
-//! Weft's node agent: everything that runs on each node. The binary (`main.rs`) only wires
-//! these modules together.
+//! Weft's node agent: everything that runs on each node. The binaries (`main.rs` for the
+//! agent, `bin/weft-cni.rs` for the CNI plugin) only wire these modules together.
 
+pub mod cni;
 pub mod datapath;
+pub mod ipam;
 pub mod kernel;
+pub mod netlink;
+pub mod node;

@@ -1,29 +1,62 @@
 //! `weft-agent`: wiring only; the work is in the library modules.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
+use ipnet::Ipv4Net;
 use prometheus_client::registry::Registry;
-use weft_agent::datapath::PodDatapath;
-use weft_agent::kernel;
+use weft_agent::cni::server;
+use weft_agent::datapath::Datapath;
+use weft_agent::node::NodeAgent;
+use weft_agent::{kernel, netlink};
 use weft_core::admin::Readiness;
 use weft_core::cluster::ClusterArgs;
 use weft_core::daemon::{shutdown_signal, start_admin};
+use weft_core::identity::ReservedIdentity;
 use weft_core::telemetry::LogArgs;
+use weft_node_bpf::maps::{IpcacheEntry, NodeConfig, RoutingMode as MapRoutingMode};
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum RoutingMode {
-    /// Pod CIDRs are routed by the underlying network.
+    /// Pod CIDRs are routed by the underlying network (or by routes the agent adds).
     Native,
     /// Pod traffic between nodes is encapsulated in VXLAN.
     Tunnel,
 }
 
-/// Runs on every node: wires pods (CNI), programs the eBPF datapath, enforces policy, balances
-/// services and reports flows.
+/// The name of the VXLAN device in tunnel mode.
+const TUNNEL_DEVICE: &str = "weft_vxlan";
+/// VXLAN's UDP port (Linux's default, as Cilium and Flannel use).
+const TUNNEL_PORT: u16 = 8472;
+/// VXLAN adds 50 bytes of headers.
+const TUNNEL_OVERHEAD: u32 = 50;
+
+/// Another node: where its pods live and how to reach it.
+#[derive(Clone, Debug)]
+struct Peer {
+    node_ip: Ipv4Addr,
+    pod_cidr: Ipv4Net,
+}
+
+impl std::str::FromStr for Peer {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let (ip, cidr) = value
+            .split_once('=')
+            .ok_or_else(|| format!("{value:?}: write a peer as NODE_IP=POD_CIDR"))?;
+        Ok(Self {
+            node_ip: ip.parse().map_err(|e| format!("{ip:?}: {e}"))?,
+            pod_cidr: cidr.parse().map_err(|e| format!("{cidr:?}: {e}"))?,
+        })
+    }
+}
+
+/// Runs on every node: wires pods (CNI), programs the eBPF datapath, and (in later releases)
+/// enforces policy, balances services and reports flows.
 #[derive(Debug, Parser)]
 #[command(name = "weft-agent", version)]
 struct Args {
@@ -37,12 +70,31 @@ struct Args {
     /// The Kubernetes node this agent runs on.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// Where bpffs is mounted; maps are pinned below it.
+    /// This node's pod CIDR; pods get addresses from it.
+    #[arg(long)]
+    pod_cidr: Option<Ipv4Net>,
+    /// This node's address on the node network (tunnel endpoint, route target for peers).
+    #[arg(long)]
+    node_ip: Option<Ipv4Addr>,
+    /// The node's uplink device; traffic arriving on it for local pods goes straight to them.
+    #[arg(long, default_value = "eth0")]
+    uplink: String,
+    /// Another node, as NODE_IP=POD_CIDR (repeatable). In local mode the sandbox passes every
+    /// node; in Kubernetes mode they will come from Node objects.
+    #[arg(long = "peer")]
+    peers: Vec<Peer>,
+    /// Where bpffs is mounted; maps and links are pinned below it in `weft/`.
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
     /// Where a cgroup v2 hierarchy is mounted, for socket-level hooks.
     #[arg(long, default_value = "/run/weft/cgroupv2")]
     cgroup_root: PathBuf,
+    /// Directory for the agent's persisted state (address allocations, endpoints).
+    #[arg(long, default_value = "/var/lib/weft")]
+    state_dir: PathBuf,
+    /// The Unix socket the CNI plugin talks to.
+    #[arg(long, default_value = "/run/weft/cni.sock")]
+    cni_socket: PathBuf,
     /// Directory the CNI network configuration is installed into.
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
@@ -52,6 +104,9 @@ struct Args {
     /// How pod traffic travels between nodes.
     #[arg(long, value_enum, default_value_t = RoutingMode::Tunnel)]
     routing_mode: RoutingMode,
+    /// MTU of the node network; pods get this less the tunnel overhead in tunnel mode.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u32,
 }
 
 #[tokio::main]
@@ -63,8 +118,6 @@ async fn main() -> anyhow::Result<()> {
         cluster = %args.cluster.cluster_name,
         cluster_id = %args.cluster.cluster_id,
         routing_mode = ?args.routing_mode,
-        cni_conf_dir = %args.cni_conf_dir.display(),
-        cni_bin_dir = %args.cni_bin_dir.display(),
         "weft-agent starting"
     );
     let readiness = Readiness::default();
@@ -74,31 +127,76 @@ async fn main() -> anyhow::Result<()> {
         .context("starting the admin endpoint")?;
 
     let report = kernel::probe(&args.bpffs, &args.cgroup_root);
-    let mut degraded = false;
     for (what, consequence) in report.missing() {
-        degraded = true;
         tracing::error!(missing = what, "{consequence}");
     }
-    // Loading runs the programs through the verifier: proof this kernel accepts the datapath.
-    let datapath = match PodDatapath::load() {
-        Ok(datapath) => {
-            tracing::info!("pod datapath programs loaded and verified");
-            Some(datapath)
-        }
-        Err(error) => {
-            tracing::error!(%error, "the datapath cannot run on this node");
-            None
-        }
+    let (Some(pod_cidr), Some(node_ip)) = (args.pod_cidr, args.node_ip) else {
+        // Kubernetes mode reads both from the Node object; until that lands they are flags.
+        bail!("--pod-cidr and --node-ip are required: the agent needs this node's pod CIDR and address");
     };
-    // Not ready while anything is missing, so a rollout stops on a node that cannot work.
-    readiness.set_ready(!degraded && datapath.is_some());
-    tracing::warn!(
-        "pod wiring (CNI), policy and services are not wired in this release; the agent \
-         checks the kernel and serves health and metrics only"
-    );
+
+    let mut datapath = Datapath::load(&args.bpffs.join("weft"))
+        .context("loading the datapath (is bpffs mounted at --bpffs?)")?;
+    enable_forwarding().context("enabling IPv4 forwarding")?;
+    let tunnel_ifindex = if args.routing_mode == RoutingMode::Tunnel {
+        let ifindex = netlink::ensure_vxlan(TUNNEL_DEVICE, TUNNEL_PORT, args.mtu)
+            .await
+            .context("creating the VXLAN device")?;
+        datapath.attach_network(TUNNEL_DEVICE)?;
+        ifindex
+    } else {
+        0
+    };
+    datapath.configure(NodeConfig {
+        routing_mode: match args.routing_mode {
+            RoutingMode::Native => MapRoutingMode::Native as u32,
+            RoutingMode::Tunnel => MapRoutingMode::Tunnel as u32,
+        },
+        tunnel_ifindex,
+        node_ip: u32::from(node_ip).to_be(),
+        cluster_id: u32::from(args.cluster.cluster_id.get()),
+    })?;
+    datapath
+        .attach_network(&args.uplink)
+        .with_context(|| format!("attaching to the uplink {}", args.uplink))?;
+    for peer in &args.peers {
+        if peer.node_ip == node_ip {
+            continue;
+        }
+        datapath.upsert_ipcache(
+            peer.pod_cidr,
+            IpcacheEntry {
+                identity: ReservedIdentity::Unknown.id(),
+                tunnel_endpoint: u32::from(peer.node_ip).to_be(),
+            },
+        )?;
+        // Native routing needs the kernel to know the way too (FIB lookups, fallback path).
+        if args.routing_mode == RoutingMode::Native {
+            netlink::route_via(peer.pod_cidr, peer.node_ip).await?;
+        }
+        tracing::info!(pod_cidr = %peer.pod_cidr, node_ip = %peer.node_ip, "peer node known");
+    }
+
+    let pod_mtu = match args.routing_mode {
+        RoutingMode::Native => args.mtu,
+        RoutingMode::Tunnel => args.mtu - TUNNEL_OVERHEAD,
+    };
+    let agent = NodeAgent::open(args.state_dir.clone(), pod_cidr, datapath, pod_mtu)
+        .context("opening the node's state")?;
+    let agent = Arc::new(tokio::sync::Mutex::new(agent));
+    let listener = server::bind(&args.cni_socket)?;
+    tracing::info!(socket = %args.cni_socket.display(), "serving CNI requests");
+    let cni = tokio::spawn(server::serve(listener, agent));
+    readiness.set_ready(report.missing().next().is_none());
 
     shutdown_signal().await;
-    tracing::info!("weft-agent stopping; attached programs stay until their links are released");
+    // Maps and links are pinned: pods keep forwarding until an agent starts again.
+    tracing::info!("weft-agent stopping; the datapath stays in place");
+    cni.abort();
     admin.abort();
     Ok(())
+}
+
+fn enable_forwarding() -> std::io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
 }

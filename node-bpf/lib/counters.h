@@ -29,6 +29,7 @@ struct {
 	__uint(max_entries, 4096);
 	__type(key, struct endpoint_counter_key);
 	__type(value, struct traffic_counters);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } endpoint_counters SEC(".maps");
 
 static __always_inline void count_packet(__u32 ifindex, __u32 direction, __u32 len)

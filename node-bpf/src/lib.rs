@@ -7,10 +7,18 @@ pub mod maps;
 /// and `to_container` (tcx egress).
 pub static POD_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod.bpf.o"));
 
-/// Program names in [`POD_OBJECT`].
+/// The object with the program for the node's own devices: `from_network` (tcx ingress on
+/// the uplink and the VXLAN device). It shares [`POD_OBJECT`]'s maps through their pins.
+pub static HOST_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/host.bpf.o"));
+
+/// Program names in [`POD_OBJECT`] and [`HOST_OBJECT`].
 pub mod programs {
     /// Runs on traffic the pod sends (ingress of its host-side veth).
     pub const FROM_CONTAINER: &str = "from_container";
     /// Runs on traffic delivered to the pod (egress of its host-side veth).
     pub const TO_CONTAINER: &str = "to_container";
+    /// Delivers traffic arriving from the network to local pods (ingress of the node's
+    /// devices).
+    pub const FROM_NETWORK: &str = "from_network";
 }

@@ -58,3 +58,87 @@ impl std::ops::Add for TrafficCounters {
 unsafe impl aya::Pod for EndpointCounterKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for TrafficCounters {}
+
+/// Name of the local endpoints map (`lib/endpoints.h`).
+pub const ENDPOINTS: &str = "endpoints";
+/// Name of the IP cache (`lib/ipcache.h`).
+pub const IPCACHE: &str = "ipcache";
+/// Name of the node settings map (`lib/config.h`).
+pub const NODE_CONFIG: &str = "node_config";
+
+/// `struct endpoint_key`: a local pod's IPv4 address in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub ip: u32,
+}
+
+impl EndpointKey {
+    pub fn new(ip: std::net::Ipv4Addr) -> Self {
+        Self {
+            ip: u32::from(ip).to_be(),
+        }
+    }
+}
+
+/// `struct endpoint_info`: how to deliver to a local pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// The pod's host-side veth.
+    pub ifindex: u32,
+    pub identity: u32,
+    /// The pod's `eth0` MAC address.
+    pub mac: [u8; 6],
+    /// The host-side veth's MAC, the pod's gateway.
+    pub node_mac: [u8; 6],
+}
+
+/// `struct ipcache_key`: LPM trie key, prefix length first (aya's `lpm_trie::Key<u32>` has the
+/// same layout and is what the map API takes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheKey {
+    pub prefixlen: u32,
+    /// Network byte order.
+    pub ip: u32,
+}
+
+/// `struct ipcache_entry`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheEntry {
+    pub identity: u32,
+    /// The node IPv4 (network byte order) behind which the address lives; 0 for none.
+    pub tunnel_endpoint: u32,
+}
+
+/// `enum routing_mode`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoutingMode {
+    Native = 0,
+    Tunnel = 1,
+}
+
+/// `struct node_config`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// A [`RoutingMode`] as its number.
+    pub routing_mode: u32,
+    /// The node's VXLAN device, in tunnel mode.
+    pub tunnel_ifindex: u32,
+    /// Network byte order.
+    pub node_ip: u32,
+    pub cluster_id: u32,
+}
+
+// SAFETY: repr(C), integers and byte arrays only, no padding (tests/btf_layout.rs).
+unsafe impl aya::Pod for EndpointKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for EndpointInfo {}
+// SAFETY: as above.
+unsafe impl aya::Pod for IpcacheEntry {}
+// SAFETY: as above.
+unsafe impl aya::Pod for NodeConfig {}

@@ -6,8 +6,11 @@ use std::mem::{offset_of, size_of};
 use std::process::Command;
 
 use serde::Deserialize;
-use weft_node_bpf::maps::{EndpointCounterKey, TrafficCounters};
-use weft_node_bpf::POD_OBJECT;
+use weft_node_bpf::maps::{
+    EndpointCounterKey, EndpointInfo, EndpointKey, IpcacheEntry, IpcacheKey, NodeConfig,
+    TrafficCounters,
+};
+use weft_node_bpf::{HOST_OBJECT, POD_OBJECT};
 
 #[derive(Deserialize)]
 struct BtfDump {
@@ -88,4 +91,58 @@ fn map_types_match_the_c_structs() {
             ("bytes", offset_of!(TrafficCounters, bytes)),
         ],
     );
+    for object in [POD_OBJECT, HOST_OBJECT] {
+        let btf = btf_of(object);
+        assert_layout(
+            &btf,
+            "endpoint_key",
+            size_of::<EndpointKey>(),
+            &[("ip", offset_of!(EndpointKey, ip))],
+        );
+        assert_layout(
+            &btf,
+            "endpoint_info",
+            size_of::<EndpointInfo>(),
+            &[
+                ("ifindex", offset_of!(EndpointInfo, ifindex)),
+                ("identity", offset_of!(EndpointInfo, identity)),
+                ("mac", offset_of!(EndpointInfo, mac)),
+                ("node_mac", offset_of!(EndpointInfo, node_mac)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "ipcache_key",
+            size_of::<IpcacheKey>(),
+            &[
+                ("prefixlen", offset_of!(IpcacheKey, prefixlen)),
+                ("ip", offset_of!(IpcacheKey, ip)),
+            ],
+        );
+        assert_eq!(
+            size_of::<IpcacheKey>(),
+            size_of::<aya::maps::lpm_trie::Key<u32>>(),
+            "aya's LPM key must have the C key's size"
+        );
+        assert_layout(
+            &btf,
+            "ipcache_entry",
+            size_of::<IpcacheEntry>(),
+            &[
+                ("identity", offset_of!(IpcacheEntry, identity)),
+                ("tunnel_endpoint", offset_of!(IpcacheEntry, tunnel_endpoint)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "node_config",
+            size_of::<NodeConfig>(),
+            &[
+                ("routing_mode", offset_of!(NodeConfig, routing_mode)),
+                ("tunnel_ifindex", offset_of!(NodeConfig, tunnel_ifindex)),
+                ("node_ip", offset_of!(NodeConfig, node_ip)),
+                ("cluster_id", offset_of!(NodeConfig, cluster_id)),
+            ],
+        );
+    }
 }

@@ -1,0 +1,255 @@
+//! The agent's state for its node: address pool, endpoints and datapath, changed only through
+//! the CNI requests it answers. Endpoint records are persisted so a restarted agent adopts the
+//! pods that kept running without it.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use weft_core::identity::ReservedIdentity;
+use weft_node_bpf::maps::{EndpointInfo, IpcacheEntry};
+
+use crate::cni::api::{PodRef, Registration, Request, Response, POD_GATEWAY};
+use crate::datapath::{Datapath, DatapathError};
+use crate::ipam::{Ipam, IpamError};
+
+/// CNI error code for "try again later" (spec 1.0, well-known code 11).
+pub const CNI_TRY_AGAIN_LATER: u32 = 11;
+/// CNI error code for an invalid network configuration or request (code 7).
+pub const CNI_INVALID: u32 = 7;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("cannot read endpoint record {path}: {reason}")]
+    Record { path: PathBuf, reason: String },
+}
+
+/// What the agent remembers about one endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub container_id: String,
+    pub pod: PodRef,
+    pub ip: Ipv4Addr,
+    pub host_veth: String,
+    pub host_ifindex: u32,
+    pub host_mac: [u8; 6],
+    pub pod_mac: [u8; 6],
+    pub netns: String,
+    pub identity: u32,
+}
+
+pub struct NodeAgent {
+    ipam: Ipam,
+    datapath: Datapath,
+    endpoints: BTreeMap<String, EndpointRecord>,
+    records_dir: PathBuf,
+    mtu: u32,
+}
+
+impl NodeAgent {
+    /// Opens the node's persisted state in `state_dir` and writes every known endpoint into the
+    /// (possibly already pinned) maps again, so the datapath matches the records.
+    pub fn open(
+        state_dir: PathBuf,
+        pod_cidr: Ipv4Net,
+        datapath: Datapath,
+        mtu: u32,
+    ) -> Result<Self, NodeError> {
+        let ipam = Ipam::open(state_dir.join("ipam.json"), pod_cidr)?;
+        let records_dir = state_dir.join("endpoints");
+        let mut endpoints = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(&records_dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let record: EndpointRecord = std::fs::read(&path)
+                    .map_err(|error| error.to_string())
+                    .and_then(|bytes| {
+                        serde_json::from_slice(&bytes).map_err(|error| error.to_string())
+                    })
+                    .map_err(|reason| NodeError::Record {
+                        path: path.clone(),
+                        reason,
+                    })?;
+                endpoints.insert(record.container_id.clone(), record);
+            }
+        }
+        let mut agent = Self {
+            ipam,
+            datapath,
+            endpoints,
+            records_dir,
+            mtu,
+        };
+        let adopted: Vec<EndpointRecord> = agent.endpoints.values().cloned().collect();
+        for record in &adopted {
+            agent.program_endpoint(record)?;
+        }
+        if !adopted.is_empty() {
+            tracing::info!(
+                endpoints = adopted.len(),
+                "adopted endpoints from a previous run"
+            );
+        }
+        Ok(agent)
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &EndpointRecord> {
+        self.endpoints.values()
+    }
+
+    pub fn handle(&mut self, request: Request) -> Response {
+        let container_id = match &request {
+            Request::Allocate { container_id, .. }
+            | Request::Release { container_id }
+            | Request::Check { container_id } => container_id,
+            Request::Register(registration) => &registration.container_id,
+        };
+        if !is_valid_container_id(container_id) {
+            return Response::Error {
+                code: CNI_INVALID,
+                message: format!(
+                    "container ID {container_id:?} is invalid: the CNI spec allows only letters, digits, '_', '.' and '-', starting with a letter or digit"
+                ),
+            };
+        }
+        let result = match request {
+            Request::Allocate { container_id, pod } => {
+                self.ipam.allocate(&container_id).map(|ip| {
+                    tracing::info!(%ip, pod = %format!("{}/{}", pod.namespace, pod.name), "address allocated");
+                    Response::Allocated {
+                        ip,
+                        gateway: POD_GATEWAY,
+                        mtu: self.mtu,
+                    }
+                }).map_err(NodeError::from)
+            }
+            Request::Register(registration) => self.register(registration),
+            Request::Release { container_id } => self.release(&container_id),
+            Request::Check { container_id } => Ok(match self.endpoints.get(&container_id) {
+                Some(record) => Response::Checked {
+                    ip: record.ip,
+                    host_veth: record.host_veth.clone(),
+                },
+                None => Response::Error {
+                    code: CNI_INVALID,
+                    message: format!("no endpoint for container {container_id} on this node"),
+                },
+            }),
+        };
+        result.unwrap_or_else(|error| {
+            tracing::error!(%error, "CNI request failed");
+            Response::Error {
+                code: CNI_TRY_AGAIN_LATER,
+                message: error.to_string(),
+            }
+        })
+    }
+
+    fn register(&mut self, registration: Registration) -> Result<Response, NodeError> {
+        if self.ipam.address_of(&registration.container_id) != Some(registration.ip) {
+            return Ok(Response::Error {
+                code: CNI_INVALID,
+                message: format!(
+                    "{} is not the address allocated to container {}; allocate first",
+                    registration.ip, registration.container_id
+                ),
+            });
+        }
+        let record = EndpointRecord {
+            container_id: registration.container_id,
+            pod: registration.pod,
+            ip: registration.ip,
+            host_veth: registration.host_veth,
+            host_ifindex: registration.host_ifindex,
+            host_mac: registration.host_mac,
+            pod_mac: registration.pod_mac,
+            netns: registration.netns,
+            identity: ReservedIdentity::Init.id(),
+        };
+        self.datapath.attach_endpoint(&record.host_veth)?;
+        self.program_endpoint(&record)?;
+        self.save(&record)?;
+        tracing::info!(
+            ip = %record.ip,
+            pod = %format!("{}/{}", record.pod.namespace, record.pod.name),
+            veth = %record.host_veth,
+            "endpoint ready"
+        );
+        self.endpoints.insert(record.container_id.clone(), record);
+        Ok(Response::Registered)
+    }
+
+    fn program_endpoint(&mut self, record: &EndpointRecord) -> Result<(), NodeError> {
+        self.datapath.upsert_endpoint(
+            record.ip,
+            EndpointInfo {
+                ifindex: record.host_ifindex,
+                identity: record.identity,
+                mac: record.pod_mac,
+                node_mac: record.host_mac,
+            },
+        )?;
+        self.datapath.upsert_ipcache(
+            Ipv4Net::from(record.ip),
+            IpcacheEntry {
+                identity: record.identity,
+                tunnel_endpoint: 0,
+            },
+        )?;
+        Ok(())
+    }
+
+    fn release(&mut self, container_id: &str) -> Result<Response, NodeError> {
+        let record = self.endpoints.remove(container_id);
+        if let Some(record) = &record {
+            self.datapath.remove_endpoint(record.ip)?;
+            self.datapath.remove_ipcache(Ipv4Net::from(record.ip))?;
+            self.datapath.detach(&record.host_veth);
+            let _ = std::fs::remove_file(self.record_path(container_id));
+            tracing::info!(ip = %record.ip, veth = %record.host_veth, "endpoint removed");
+        }
+        let ip = self.ipam.release(container_id)?;
+        Ok(Response::Released {
+            ip,
+            host_veth: record.map(|record| record.host_veth),
+        })
+    }
+
+    fn record_path(&self, container_id: &str) -> PathBuf {
+        self.records_dir.join(format!("{container_id}.json"))
+    }
+
+    fn save(&self, record: &EndpointRecord) -> Result<(), NodeError> {
+        let path = self.record_path(&record.container_id);
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&self.records_dir)?;
+            let mut file = tempfile::NamedTempFile::new_in(&self.records_dir)?;
+            serde_json::to_writer(&mut file, record).map_err(std::io::Error::other)?;
+            file.as_file().sync_all()?;
+            file.persist(&path).map_err(|error| error.error)?;
+            Ok(())
+        };
+        write().map_err(|error| NodeError::Record {
+            path,
+            reason: error.to_string(),
+        })
+    }
+}
+
+/// The CNI spec's rule for container IDs; it also keeps them safe as file names.
+fn is_valid_container_id(id: &str) -> bool {
+    let mut bytes = id.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && id.len() <= 256
+}

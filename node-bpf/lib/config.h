@@ -1,0 +1,34 @@
+/* Per-node settings the agent writes once at start. Userspace mirror: NodeConfig. */
+#ifndef WEFT_CONFIG_H
+#define WEFT_CONFIG_H
+
+#include "common.h"
+
+enum routing_mode {
+	ROUTING_NATIVE = 0, /* the network routes pod CIDRs to nodes */
+	ROUTING_TUNNEL = 1, /* pod traffic between nodes is VXLAN-encapsulated */
+};
+
+struct node_config {
+	__u32 routing_mode;  /* enum routing_mode */
+	__u32 tunnel_ifindex; /* the node's VXLAN device (tunnel mode) */
+	__u32 node_ip;        /* network byte order */
+	__u32 cluster_id;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct node_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} node_config SEC(".maps");
+
+static __always_inline struct node_config *get_node_config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&node_config, &zero);
+}
+
+#endif

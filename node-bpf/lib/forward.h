@@ -1,0 +1,72 @@
+/* Delivery decisions shared by the pod and host programs. */
+#ifndef WEFT_FORWARD_H
+#define WEFT_FORWARD_H
+
+#include "common.h"
+#include "config.h"
+#include "counters.h"
+#include "endpoints.h"
+#include "ipcache.h"
+
+/* The IPv4 header of an Ethernet frame, or NULL when it is not IPv4 or is truncated. */
+static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + sizeof(*eth);
+
+	if ((void *)(ip + 1) > data_end)
+		return NULL;
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->version != 4)
+		return NULL;
+	return ip;
+}
+
+/* Hands the packet straight to a local pod: its eth0 receives it as if from its gateway. The
+ * peer's host-side egress hook does not run on this path, so the delivery is counted here. */
+static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, struct endpoint_info *ep)
+{
+	__u32 len = skb->len;
+
+	if (bpf_skb_store_bytes(skb, 0, ep->mac, ETH_ALEN, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, ep->node_mac, ETH_ALEN, 0) < 0)
+		return TCX_DROP;
+	count_packet(ep->ifindex, DIRECTION_TO_ENDPOINT, len);
+	return bpf_redirect_peer(ep->ifindex, 0);
+}
+
+/* Sends a packet for a pod on another node into the VXLAN device, addressed to that node. */
+static __always_inline int forward_through_tunnel(struct __sk_buff *skb, struct node_config *cfg,
+						  struct ipcache_entry *remote, __u32 src_identity)
+{
+	struct bpf_tunnel_key key = {};
+
+	key.remote_ipv4 = bpf_ntohl(remote->tunnel_endpoint);
+	key.tunnel_id = src_identity;
+	key.tunnel_ttl = 64;
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
+		return TCX_DROP;
+	return bpf_redirect(cfg->tunnel_ifindex, 0);
+}
+
+/* Routes natively with the kernel's FIB and neighbour table, skipping the host stack; when the
+ * FIB has no answer the packet goes up the stack and the kernel routes it. */
+static __always_inline int forward_natively(struct __sk_buff *skb, struct iphdr *ip)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.family = AF_INET;
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	fib.ifindex = skb->ingress_ifindex;
+	/* tot_len 0: GSO packets would fail the MTU check otherwise. */
+	fib.tot_len = 0;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return TCX_NEXT;
+	return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
+}
+
+#endif
