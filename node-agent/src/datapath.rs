@@ -118,6 +118,7 @@ impl Datapath {
             load_program(&mut pod, name)?;
         }
         load_program(&mut host, programs::FROM_NETWORK)?;
+        load_program(&mut host, programs::TO_TUNNEL)?;
         Ok(Self {
             pod,
             host,
@@ -152,6 +153,20 @@ impl Datapath {
             device,
             TcAttachType::Ingress,
             "ingress",
+            &pin,
+        )
+    }
+
+    /// Attaches `from_network` (ingress) and `to_tunnel` (egress) to the VXLAN device.
+    pub fn attach_tunnel(&mut self, device: &str) -> Result<(), DatapathError> {
+        self.attach_network(device)?;
+        let pin = self.link_pin(device, "egress");
+        attach_pinned(
+            &mut self.host,
+            programs::TO_TUNNEL,
+            device,
+            TcAttachType::Egress,
+            "egress",
             &pin,
         )
     }

@@ -138,15 +138,12 @@ async fn main() -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&args.bpffs.join("weft"))
         .context("loading the datapath (is bpffs mounted at --bpffs?)")?;
     enable_forwarding().context("enabling IPv4 forwarding")?;
-    let tunnel_ifindex = if args.routing_mode == RoutingMode::Tunnel {
-        let ifindex = netlink::ensure_vxlan(TUNNEL_DEVICE, TUNNEL_PORT, args.mtu)
-            .await
-            .context("creating the VXLAN device")?;
-        datapath.attach_network(TUNNEL_DEVICE)?;
-        ifindex
-    } else {
-        0
-    };
+    // Every node can receive tunnelled traffic, so nodes of a tunnel-mode cluster can reach
+    // pods of a native-mode cluster sharing the network; only tunnel mode sends through it.
+    let tunnel_ifindex = netlink::ensure_vxlan(TUNNEL_DEVICE, TUNNEL_PORT, args.mtu)
+        .await
+        .context("creating the VXLAN device")?;
+    datapath.attach_tunnel(TUNNEL_DEVICE)?;
     datapath.configure(NodeConfig {
         routing_mode: match args.routing_mode {
             RoutingMode::Native => MapRoutingMode::Native as u32,
@@ -170,9 +167,14 @@ async fn main() -> anyhow::Result<()> {
                 tunnel_endpoint: u32::from(peer.node_ip).to_be(),
             },
         )?;
-        // Native routing needs the kernel to know the way too (FIB lookups, fallback path).
-        if args.routing_mode == RoutingMode::Native {
-            netlink::route_via(peer.pod_cidr, peer.node_ip).await?;
+        // The kernel needs the way too: for FIB lookups and the fallback path in native mode,
+        // and in tunnel mode for the node's own traffic to remote pods (and replies to them),
+        // which to_tunnel addresses.
+        match args.routing_mode {
+            RoutingMode::Native => netlink::route_via(peer.pod_cidr, peer.node_ip).await?,
+            RoutingMode::Tunnel => {
+                netlink::route_dev(peer.pod_cidr, tunnel_ifindex, node_ip).await?
+            }
         }
         tracing::info!(pod_cidr = %peer.pod_cidr, node_ip = %peer.node_ip, "peer node known");
     }

@@ -317,6 +317,8 @@ pub async fn ensure_vxlan(name: &str, port: u16, mtu: u32) -> Result<u32, Netlin
                     .collect_metadata(true)
                     .learning(false)
                     .mtu(mtu)
+                    // No ARP on the tunnel: to_tunnel addresses every packet.
+                    .arp(false)
                     .build(),
             )
             .execute()
@@ -327,9 +329,37 @@ pub async fn ensure_vxlan(name: &str, port: u16, mtu: u32) -> Result<u32, Netlin
         .await?
         .ok_or_else(|| NetlinkError::Unexpected(format!("{name} vanished")))?;
     node.link()
-        .set(LinkUnspec::new_with_index(link.header.index).up().build())
+        .set(
+            LinkUnspec::new_with_index(link.header.index)
+                .up()
+                .arp(false)
+                .build(),
+        )
         .execute()
         .await
         .map_err(request(format!("bringing up {name}")))?;
     Ok(link.header.index)
+}
+
+/// Routes `destination` out of device `ifindex` (no gateway), with `source` as the preferred
+/// source address, in the calling thread's namespace.
+pub async fn route_dev(
+    destination: Ipv4Net,
+    ifindex: u32,
+    source: Ipv4Addr,
+) -> Result<(), NetlinkError> {
+    let node = handle_here()?;
+    node.route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(destination.network(), destination.prefix_len())
+                .output_interface(ifindex)
+                .scope(RouteScope::Link)
+                .pref_source(source)
+                .build(),
+        )
+        .replace()
+        .execute()
+        .await
+        .map_err(request(format!("routing {destination} into the tunnel")))
 }

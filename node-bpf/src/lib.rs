@@ -21,4 +21,6 @@ pub mod programs {
     /// Delivers traffic arriving from the network to local pods (ingress of the node's
     /// devices).
     pub const FROM_NETWORK: &str = "from_network";
+    /// Addresses what the kernel routes into the VXLAN device (egress of that device).
+    pub const TO_TUNNEL: &str = "to_tunnel";
 }

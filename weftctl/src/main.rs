@@ -1,6 +1,7 @@
 //! `weftctl`: wiring only; each subcommand lives in its own module.
 
 mod crds;
+mod sandbox;
 mod validate;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,9 @@ enum Command {
     /// Check Weft objects in YAML files against the CRD schemas and their CEL rules, offline,
     /// as the API server would.
     Validate(validate::ValidateArgs),
+    /// Local mode: clusters of network namespaces on this machine, with real agents and CNI.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +44,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Crds(args) => crds::run(&args),
         Command::Validate(args) => validate::run(&args),
+        Command::Sandbox(command) => sandbox::run(command),
     };
     match result {
         Ok(code) => code,

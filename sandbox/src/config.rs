@@ -1,0 +1,202 @@
+//! The sandbox configuration file: which clusters, nodes and manifests make up the sandbox.
+//!
+//! ```yaml
+//! name: demo
+//! clusters:
+//!   - name: east
+//!     id: 1
+//!     podCIDR: 10.1.0.0/16     # each node gets a /24 of it
+//!     routingMode: tunnel       # or native
+//!     nodes: [east-1, east-2]
+//!     manifests: [east/]        # files or directories of Kubernetes YAML, relative to this file
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use weft_core::cluster::{ClusterId, ClusterName};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read sandbox config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("sandbox config {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<serde_saphyr::Error>,
+    },
+    #[error("sandbox config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingMode {
+    Native,
+    #[default]
+    Tunnel,
+}
+
+impl RoutingMode {
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Tunnel => "tunnel",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Names everything the sandbox creates (namespaces, links, cgroups, pins), so several
+    /// sandboxes can run side by side and `sandbox down` finds all of it.
+    pub name: String,
+    pub clusters: Vec<ClusterConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub id: u16,
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: Ipv4Net,
+    #[serde(default)]
+    pub routing_mode: RoutingMode,
+    pub nodes: Vec<String>,
+    #[serde(default)]
+    pub manifests: Vec<PathBuf>,
+}
+
+/// Longest sandbox name: it prefixes namespace and cgroup names.
+pub const MAX_NAME_LEN: usize = 12;
+
+impl SandboxConfig {
+    /// Reads and checks a config; relative manifest paths are resolved against its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Self =
+            serde_saphyr::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source: Box::new(source),
+            })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for cluster in &mut config.clusters {
+            for manifest in &mut cluster.manifests {
+                if manifest.is_relative() {
+                    *manifest = base.join(&*manifest);
+                }
+            }
+        }
+        config.check().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        let short_label = |value: &str, max: usize| {
+            !value.is_empty()
+                && value.len() <= max
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !value.starts_with('-')
+                && !value.ends_with('-')
+        };
+        if !short_label(&self.name, MAX_NAME_LEN) {
+            return Err(format!(
+                "name {:?} must be a lowercase DNS label of at most {MAX_NAME_LEN} characters",
+                self.name
+            ));
+        }
+        if self.clusters.is_empty() {
+            return Err("at least one cluster is needed".into());
+        }
+        let mut cidrs: Vec<Ipv4Net> = Vec::new();
+        let mut ids = Vec::new();
+        for cluster in &self.clusters {
+            ClusterName::new(cluster.name.clone()).map_err(|e| e.to_string())?;
+            ClusterId::new(u64::from(cluster.id)).map_err(|e| e.to_string())?;
+            if ids.contains(&cluster.id) {
+                return Err(format!("cluster ID {} is used twice", cluster.id));
+            }
+            ids.push(cluster.id);
+            if cluster.pod_cidr.prefix_len() > 22 {
+                return Err(format!(
+                    "cluster {}: podCIDR {} is too small; use a /22 or larger (each node takes a /24)",
+                    cluster.name, cluster.pod_cidr
+                ));
+            }
+            if let Some(other) = cidrs.iter().find(|other| {
+                other.contains(&cluster.pod_cidr) || cluster.pod_cidr.contains(*other)
+            }) {
+                return Err(format!(
+                    "cluster {}: podCIDR {} overlaps {other}; clusters sharing a fabric need distinct pod CIDRs",
+                    cluster.name, cluster.pod_cidr
+                ));
+            }
+            cidrs.push(cluster.pod_cidr);
+            if cluster.nodes.is_empty() {
+                return Err(format!("cluster {} has no nodes", cluster.name));
+            }
+            let slots = 1u32 << (24 - u32::from(cluster.pod_cidr.prefix_len()));
+            if cluster.nodes.len() as u32 >= slots {
+                return Err(format!(
+                    "cluster {}: {} nodes do not fit {} (one /24 each)",
+                    cluster.name,
+                    cluster.nodes.len(),
+                    cluster.pod_cidr
+                ));
+            }
+            for node in &cluster.nodes {
+                if !short_label(node, 40) {
+                    return Err(format!("node name {node:?} must be a lowercase DNS label"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Result<SandboxConfig, String> {
+        let config: SandboxConfig = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
+        config.check().map(|()| config)
+    }
+
+    #[test]
+    fn a_two_cluster_config_is_accepted() {
+        let config = config(
+            "name: demo\nclusters:\n- {name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: [e1, e2]}\n- {name: west, id: 2, podCIDR: 10.2.0.0/16, routingMode: native, nodes: [w1]}\n",
+        )
+        .expect("valid");
+        assert_eq!(config.clusters[1].routing_mode, RoutingMode::Native);
+        assert_eq!(config.clusters[0].routing_mode, RoutingMode::Tunnel);
+    }
+
+    #[test]
+    fn overlapping_cidrs_duplicate_ids_and_long_names_are_refused_with_reasons() {
+        let overlap = config("name: demo\nclusters:\n- {name: a, id: 1, podCIDR: 10.1.0.0/16, nodes: [n]}\n- {name: b, id: 2, podCIDR: 10.1.4.0/22, nodes: [n]}\n");
+        assert!(overlap.expect_err("overlap").contains("overlaps"));
+        let twice = config("name: demo\nclusters:\n- {name: a, id: 1, podCIDR: 10.1.0.0/16, nodes: [n]}\n- {name: b, id: 1, podCIDR: 10.2.0.0/16, nodes: [n]}\n");
+        assert!(twice.expect_err("duplicate id").contains("used twice"));
+        let long = config("name: a-very-long-sandbox\nclusters:\n- {name: a, id: 1, podCIDR: 10.1.0.0/16, nodes: [n]}\n");
+        assert!(long.expect_err("long name").contains("at most 12"));
+        let typo =
+            config("name: demo\nclusters:\n- {name: a, id: 1, podCidr: 10.1.0.0/16, nodes: [n]}\n");
+        assert!(typo.is_err(), "unknown fields are refused");
+    }
+}

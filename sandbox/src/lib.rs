@@ -1,0 +1,747 @@
+//! Local mode: a sandbox of Weft clusters on one machine. Each node is a network namespace
+//! joined to a shared fabric, runs a real `weft-agent`, and gets its pods wired by the real
+//! `weft-cni` invoked as a container runtime would; each pod runs an echo server in its own
+//! namespace and cgroup. Everything is named after the sandbox, so `down` finds it all, also
+//! after a crash.
+
+pub mod config;
+pub mod echo;
+pub mod host;
+pub mod manifests;
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, SandboxConfig};
+use crate::host::HostError;
+use crate::manifests::{ManifestError, Manifests, PodPort, SandboxPod};
+use crate::plan::{NodePlan, Plan, FABRIC_BRIDGE, FABRIC_PREFIX};
+
+/// Every sandbox keeps its state, logs, sockets and private bpffs below here.
+pub const RUN_ROOT: &str = "/run/weft-sandbox";
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a pod waits for its node's agent, as kubelet keeps retrying a sandbox.
+const CNI_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
+const CNI_RETRY_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("sandbox {0} is already up; run `weftctl sandbox down --name {0}` first")]
+    AlreadyUp(String),
+    #[error("no sandbox {0} is up; start one with `weftctl sandbox up --config FILE`")]
+    NotUp(String),
+    #[error("several sandboxes are up ({0}); say which with --name")]
+    Ambiguous(String),
+    #[error("no sandbox is up; start one with `weftctl sandbox up --config FILE`")]
+    NoneUp,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the agent of node {node} did not start within {seconds} s; see its log {log}")]
+    AgentDidNotStart {
+        node: String,
+        seconds: u64,
+        log: PathBuf,
+    },
+    #[error("wiring pod {pod} failed (weft-cni ADD): {message}")]
+    Cni { pod: String, message: String },
+    #[error("cannot {what} the state file {path}: {reason}")]
+    State {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+/// Where the Weft binaries are: `WEFT_BIN_DIR`, else next to the running executable (test
+/// executables live one level deeper, in `deps/`).
+pub fn default_bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("WEFT_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_owned))
+        .unwrap_or_default();
+    if exe_dir.ends_with("deps") {
+        exe_dir.parent().map(Path::to_owned).unwrap_or(exe_dir)
+    } else {
+        exe_dir
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub cluster: String,
+    pub node: String,
+    pub pid: u32,
+    pub cni_socket: PathBuf,
+    pub log: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodState {
+    pub cluster: String,
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub container_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<PodPort>,
+    pub server_pid: u32,
+    pub cgroup: Option<PathBuf>,
+}
+
+/// A running sandbox, as persisted in `<run dir>/state.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub plan: Plan,
+    pub run_dir: PathBuf,
+    pub bin_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    pub agents: Vec<AgentState>,
+    pub pods: Vec<PodState>,
+    /// Objects other than Pods and Namespaces, per cluster (Services, policies, …).
+    pub objects: BTreeMap<String, Vec<serde_json::Value>>,
+}
+
+impl Sandbox {
+    /// Creates the sandbox described by the config file and brings up its pods.
+    pub fn up(config_path: &Path, bin_dir: &Path) -> Result<Self, SandboxError> {
+        let config = SandboxConfig::load(config_path)?;
+        let plan = Plan::new(&config);
+        let run_dir = Path::new(RUN_ROOT).join(&config.name);
+        if run_dir.join("state.json").exists()
+            || !host::netns_with_prefix(&format!("{}-", plan.prefix)).is_empty()
+        {
+            return Err(SandboxError::AlreadyUp(config.name));
+        }
+        // Read and check every manifest before anything is created.
+        let mut manifests = BTreeMap::new();
+        for cluster in &config.clusters {
+            let read = Manifests::read(&cluster.manifests)?;
+            for pod in &read.pods {
+                if plan.node(&cluster.name, &pod.node).is_none() {
+                    return Err(SandboxError::Invalid(format!(
+                        "pod {}/{} names node {:?}, which cluster {} does not have (nodes: {})",
+                        pod.namespace,
+                        pod.name,
+                        pod.node,
+                        cluster.name,
+                        cluster.nodes.join(", ")
+                    )));
+                }
+            }
+            manifests.insert(cluster.name.clone(), read);
+        }
+        for binary in ["weft-agent", "weft-cni", "weftctl"] {
+            if !bin_dir.join(binary).exists() {
+                return Err(SandboxError::Invalid(format!(
+                    "{} is missing; build with `cargo build --workspace` or set WEFT_BIN_DIR",
+                    bin_dir.join(binary).display()
+                )));
+            }
+        }
+
+        std::fs::create_dir_all(&run_dir).map_err(|e| HostError::Io {
+            what: format!("creating {}", run_dir.display()),
+            source: e,
+        })?;
+        let cgroup = host::cgroup2_root().map(|root| root.join(&plan.prefix));
+        if cgroup.is_none() {
+            tracing::warn!("no cgroup v2 hierarchy found: pods run in the caller's cgroup, and socket-level hooks will not see them apart");
+        }
+        let mut sandbox = Self {
+            plan,
+            bpffs: run_dir.join("bpffs"),
+            run_dir,
+            bin_dir: bin_dir.to_owned(),
+            cgroup,
+            agents: Vec::new(),
+            pods: Vec::new(),
+            objects: BTreeMap::new(),
+        };
+        // From here on, a failure leaves state that `down` can clean up.
+        sandbox.save()?;
+        host::mount_bpffs(&sandbox.bpffs)?;
+        sandbox.create_fabric()?;
+        let nodes = sandbox.plan.nodes.clone();
+        for node in &nodes {
+            sandbox.create_node(node)?;
+        }
+        for node in &nodes {
+            sandbox.start_agent(node)?;
+            sandbox.save()?;
+        }
+        for (cluster, read) in manifests {
+            for pod in &read.pods {
+                sandbox.create_pod(&cluster, pod)?;
+                sandbox.save()?;
+            }
+            sandbox.objects.insert(cluster, read.others);
+        }
+        sandbox.save()?;
+        Ok(sandbox)
+    }
+
+    fn create_fabric(&self) -> Result<(), SandboxError> {
+        let fabric = &self.plan.fabric_netns;
+        host::add_netns(fabric)?;
+        host::ip(&["-n", fabric, "link", "add", FABRIC_BRIDGE, "type", "bridge"])?;
+        host::ip(&["-n", fabric, "link", "set", FABRIC_BRIDGE, "up"])?;
+        Ok(())
+    }
+
+    fn create_node(&self, node: &NodePlan) -> Result<(), SandboxError> {
+        let fabric = &self.plan.fabric_netns;
+        host::add_netns(&node.netns)?;
+        host::ip(&[
+            "-n",
+            fabric,
+            "link",
+            "add",
+            &node.fabric_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &node.netns,
+        ])?;
+        host::ip(&[
+            "-n",
+            fabric,
+            "link",
+            "set",
+            &node.fabric_veth,
+            "master",
+            FABRIC_BRIDGE,
+            "up",
+        ])?;
+        let address = format!("{}/{FABRIC_PREFIX}", node.ip);
+        host::ip(&["-n", &node.netns, "addr", "add", &address, "dev", "eth0"])?;
+        host::ip(&["-n", &node.netns, "link", "set", "eth0", "up"])?;
+        host::sysctl_in(&node.netns, "net.ipv4.ip_forward", "1")?;
+        Ok(())
+    }
+
+    fn node_dir(&self, node: &NodePlan) -> PathBuf {
+        self.run_dir
+            .join("nodes")
+            .join(format!("{}-{}", node.cluster, node.name))
+    }
+
+    fn start_agent(&mut self, node: &NodePlan) -> Result<(), SandboxError> {
+        let dir = self.node_dir(node);
+        std::fs::create_dir_all(&dir).map_err(|e| HostError::Io {
+            what: format!("creating {}", dir.display()),
+            source: e,
+        })?;
+        let socket = dir.join("cni.sock");
+        let log = dir.join("agent.log");
+        let cgroup = self
+            .cgroup
+            .as_ref()
+            .map(|root| root.join(format!("{}-{}", node.cluster, node.name)));
+        let mut args: Vec<String> = vec![
+            "--log-format".into(),
+            "json".into(),
+            "--node-name".into(),
+            node.name.clone(),
+            "--cluster-name".into(),
+            node.cluster.clone(),
+            "--cluster-id".into(),
+            node.cluster_id.to_string(),
+            "--pod-cidr".into(),
+            node.pod_cidr.to_string(),
+            "--node-ip".into(),
+            node.ip.to_string(),
+            "--uplink".into(),
+            "eth0".into(),
+            "--routing-mode".into(),
+            node.routing_mode.as_flag().into(),
+            "--bpffs".into(),
+            self.bpffs
+                .join(format!("{}-{}", node.cluster, node.name))
+                .display()
+                .to_string(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
+            "--cni-socket".into(),
+            socket.display().to_string(),
+            "--admin-addr".into(),
+            "127.0.0.1:9962".into(),
+        ];
+        if let Some(cgroup) = &cgroup {
+            args.extend(["--cgroup-root".into(), cgroup.display().to_string()]);
+        }
+        for peer in &self.plan.nodes {
+            if peer.netns != node.netns {
+                args.extend(["--peer".into(), format!("{}={}", peer.ip, peer.pod_cidr)]);
+            }
+        }
+        let pid = host::spawn_daemon(
+            &self.bin_dir.join("weft-agent"),
+            &args,
+            Some(&node.netns),
+            cgroup.as_deref(),
+            &log,
+        )?;
+        self.agents.push(AgentState {
+            cluster: node.cluster.clone(),
+            node: node.name.clone(),
+            pid,
+            cni_socket: socket.clone(),
+            log: log.clone(),
+        });
+        let deadline = Instant::now() + AGENT_START_TIMEOUT;
+        while !socket.exists() {
+            if Instant::now() > deadline || !process_alive(pid) {
+                return Err(SandboxError::AgentDidNotStart {
+                    node: node.name.clone(),
+                    seconds: AGENT_START_TIMEOUT.as_secs(),
+                    log,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Restarts a node's agent (after it was killed, say), with the same arguments.
+    pub fn restart_agent(&mut self, cluster: &str, node: &str) -> Result<(), SandboxError> {
+        let plan =
+            self.plan.node(cluster, node).cloned().ok_or_else(|| {
+                SandboxError::Invalid(format!("no node {node} in cluster {cluster}"))
+            })?;
+        if let Some(index) = self
+            .agents
+            .iter()
+            .position(|agent| agent.cluster == cluster && agent.node == node)
+        {
+            let old = self.agents.remove(index);
+            host::stop_process(old.pid);
+            let _ = std::fs::remove_file(&old.cni_socket);
+        }
+        self.start_agent(&plan)?;
+        self.save()
+    }
+
+    fn create_pod(&mut self, cluster: &str, pod: &SandboxPod) -> Result<(), SandboxError> {
+        let node = self.plan.node(cluster, &pod.node).cloned().ok_or_else(|| {
+            SandboxError::Invalid(format!("pod {} names unknown node {}", pod.name, pod.node))
+        })?;
+        if self
+            .pods
+            .iter()
+            .any(|p| p.cluster == cluster && p.namespace == pod.namespace && p.name == pod.name)
+        {
+            return Err(SandboxError::Invalid(format!(
+                "pod {}/{} already exists in cluster {cluster}",
+                pod.namespace, pod.name
+            )));
+        }
+        let netns = self.plan.pod_netns(cluster, &pod.namespace, &pod.name);
+        host::add_netns(&netns)?;
+        let container_id = random_container_id();
+        let agent = self
+            .agents
+            .iter()
+            .find(|agent| agent.cluster == cluster && agent.node == pod.node)
+            .ok_or_else(|| SandboxError::Invalid(format!("node {} has no agent", pod.node)))?;
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "weft",
+            "type": "weft-cni",
+            "agentSocket": agent.cni_socket,
+        })
+        .to_string();
+        let envs = [
+            ("CNI_COMMAND", "ADD".to_owned()),
+            ("CNI_CONTAINERID", container_id.clone()),
+            ("CNI_NETNS", host::netns_path(&netns).display().to_string()),
+            ("CNI_IFNAME", "eth0".to_owned()),
+            (
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                    pod.namespace, pod.name
+                ),
+            ),
+            ("CNI_PATH", self.bin_dir.display().to_string()),
+        ];
+        // As kubelet does: while the agent is away (CNI code 11, "try again later"), retry.
+        let deadline = Instant::now() + CNI_RETRY_TIMEOUT;
+        let (output, result) = loop {
+            let output = host::run_in(
+                &self.bin_dir.join("weft-cni"),
+                &[],
+                &envs,
+                Some(&node.netns),
+                &conf,
+            )?;
+            let result: serde_json::Value =
+                serde_json::from_slice(&output.stdout).unwrap_or_default();
+            let try_again = result.get("code").and_then(|code| code.as_u64()) == Some(11);
+            if output.status.success() || !try_again || Instant::now() > deadline {
+                break (output, result);
+            }
+            tracing::info!(pod = %pod.name, "the node's agent is unavailable; retrying");
+            std::thread::sleep(CNI_RETRY_INTERVAL);
+        };
+        if !output.status.success() {
+            host::del_netns(&netns);
+            return Err(SandboxError::Cni {
+                pod: format!("{}/{}", pod.namespace, pod.name),
+                message: result
+                    .get("details")
+                    .or_else(|| result.get("msg"))
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&output.stderr).into_owned()),
+            });
+        }
+        let ip: Ipv4Addr = result
+            .pointer("/ips/0/address")
+            .and_then(|a| a.as_str())
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| SandboxError::Cni {
+                pod: pod.name.clone(),
+                message: format!("the result has no address: {result}"),
+            })?;
+        let cgroup = self.cgroup.as_ref().map(|root| {
+            root.join(format!("{cluster}-{}", pod.node))
+                .join(format!("{}-{}", pod.namespace, pod.name))
+        });
+        let log = self
+            .run_dir
+            .join("pods")
+            .join(format!("{cluster}-{}-{}.log", pod.namespace, pod.name));
+        if let Some(dir) = log.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let args = vec![
+            "sandbox".into(),
+            "serve".into(),
+            "--pod".into(),
+            pod.name.clone(),
+            "--namespace".into(),
+            pod.namespace.clone(),
+            "--node".into(),
+            pod.node.clone(),
+            "--cluster".into(),
+            cluster.to_owned(),
+            "--ports".into(),
+            serde_json::to_string(&pod.ports).unwrap_or_else(|_| "[]".into()),
+        ];
+        let server_pid = host::spawn_daemon(
+            &self.bin_dir.join("weftctl"),
+            &args,
+            Some(&netns),
+            cgroup.as_deref(),
+            &log,
+        )?;
+        self.pods.push(PodState {
+            cluster: cluster.to_owned(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            node: pod.node.clone(),
+            netns,
+            ip,
+            container_id,
+            labels: pod.labels.clone(),
+            ports: pod.ports.clone(),
+            server_pid,
+            cgroup,
+        });
+        Ok(())
+    }
+
+    /// Adds the Pods (and keeps the other objects) of a manifest file to a cluster.
+    pub fn apply(
+        &mut self,
+        cluster: Option<&str>,
+        file: &Path,
+    ) -> Result<Vec<String>, SandboxError> {
+        let cluster = self.cluster_name(cluster)?;
+        let mut read = Manifests::default();
+        read.add_file(file)?;
+        let mut created = Vec::new();
+        for pod in &read.pods {
+            self.create_pod(&cluster, pod)?;
+            self.save()?;
+            created.push(format!("pod/{} created", pod.name));
+        }
+        let objects = self.objects.entry(cluster).or_default();
+        for object in read.others {
+            created.push(format!(
+                "{}/{} recorded",
+                object
+                    .get("kind")
+                    .and_then(|k| k.as_str())
+                    .unwrap_or("object")
+                    .to_lowercase(),
+                object
+                    .pointer("/metadata/name")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or("?")
+            ));
+            objects.push(object);
+        }
+        self.save()?;
+        Ok(created)
+    }
+
+    /// Removes the Pods of a manifest file: CNI DEL, then the pod's processes and namespace.
+    pub fn delete(
+        &mut self,
+        cluster: Option<&str>,
+        file: &Path,
+    ) -> Result<Vec<String>, SandboxError> {
+        let cluster = self.cluster_name(cluster)?;
+        let mut read = Manifests::default();
+        read.add_file(file)?;
+        let mut deleted = Vec::new();
+        for pod in &read.pods {
+            let Some(index) = self.pods.iter().position(|p| {
+                p.cluster == cluster && p.namespace == pod.namespace && p.name == pod.name
+            }) else {
+                deleted.push(format!("pod/{} not found", pod.name));
+                continue;
+            };
+            let state = self.pods.remove(index);
+            self.remove_pod(&state)?;
+            self.save()?;
+            deleted.push(format!("pod/{} deleted", pod.name));
+        }
+        Ok(deleted)
+    }
+
+    fn remove_pod(&self, pod: &PodState) -> Result<(), SandboxError> {
+        host::stop_process(pod.server_pid);
+        if let Some(agent) = self
+            .agents
+            .iter()
+            .find(|agent| agent.cluster == pod.cluster && agent.node == pod.node)
+        {
+            if let Some(node) = self.plan.node(&pod.cluster, &pod.node) {
+                let conf = serde_json::json!({
+                    "cniVersion": "1.0.0", "name": "weft", "type": "weft-cni",
+                    "agentSocket": agent.cni_socket,
+                })
+                .to_string();
+                let envs = [
+                    ("CNI_COMMAND", "DEL".to_owned()),
+                    ("CNI_CONTAINERID", pod.container_id.clone()),
+                    (
+                        "CNI_NETNS",
+                        host::netns_path(&pod.netns).display().to_string(),
+                    ),
+                    ("CNI_IFNAME", "eth0".to_owned()),
+                ];
+                let output = host::run_in(
+                    &self.bin_dir.join("weft-cni"),
+                    &[],
+                    &envs,
+                    Some(&node.netns),
+                    &conf,
+                )?;
+                if !output.status.success() {
+                    return Err(SandboxError::Cni {
+                        pod: pod.name.clone(),
+                        message: String::from_utf8_lossy(&output.stdout).into_owned(),
+                    });
+                }
+            }
+        }
+        if let Some(cgroup) = &pod.cgroup {
+            host::remove_cgroup_tree(cgroup);
+        }
+        host::del_netns(&pod.netns);
+        Ok(())
+    }
+
+    fn cluster_name(&self, cluster: Option<&str>) -> Result<String, SandboxError> {
+        let mut clusters: Vec<&str> = self.plan.nodes.iter().map(|n| n.cluster.as_str()).collect();
+        clusters.dedup();
+        match cluster {
+            Some(name) if clusters.contains(&name) => Ok(name.to_owned()),
+            Some(name) => Err(SandboxError::Invalid(format!(
+                "no cluster {name} in this sandbox (clusters: {})",
+                clusters.join(", ")
+            ))),
+            None if clusters.len() == 1 => Ok(clusters[0].to_owned()),
+            None => Err(SandboxError::Invalid(format!(
+                "this sandbox has several clusters ({}); say which with --cluster",
+                clusters.join(", ")
+            ))),
+        }
+    }
+
+    /// Finds a pod by name (and namespace and cluster when given).
+    pub fn pod(
+        &self,
+        name: &str,
+        namespace: Option<&str>,
+        cluster: Option<&str>,
+    ) -> Result<&PodState, SandboxError> {
+        let matches: Vec<&PodState> = self
+            .pods
+            .iter()
+            .filter(|pod| pod.name == name)
+            .filter(|pod| namespace.is_none_or(|ns| pod.namespace == ns))
+            .filter(|pod| cluster.is_none_or(|c| pod.cluster == c))
+            .collect();
+        match matches.as_slice() {
+            [pod] => Ok(pod),
+            [] => Err(SandboxError::Invalid(format!(
+                "no pod {name} in this sandbox"
+            ))),
+            _ => Err(SandboxError::Invalid(format!(
+                "pod {name} exists in several namespaces or clusters; say which with -n / --cluster"
+            ))),
+        }
+    }
+
+    /// Runs a command inside a pod, as `kubectl exec` would.
+    pub fn exec(
+        &self,
+        pod: &PodState,
+        argv: &[String],
+    ) -> Result<std::process::ExitStatus, SandboxError> {
+        Ok(host::exec_in(argv, &pod.netns, pod.cgroup.as_deref())?)
+    }
+
+    fn state_path(run_dir: &Path) -> PathBuf {
+        run_dir.join("state.json")
+    }
+
+    pub fn save(&self) -> Result<(), SandboxError> {
+        let path = Self::state_path(&self.run_dir);
+        let state_error = |reason: String| SandboxError::State {
+            what: "write",
+            path: path.clone(),
+            reason,
+        };
+        let json = serde_json::to_vec_pretty(self).map_err(|e| state_error(e.to_string()))?;
+        let temporary = path.with_extension("json.tmp");
+        std::fs::write(&temporary, json).map_err(|e| state_error(e.to_string()))?;
+        std::fs::rename(&temporary, &path).map_err(|e| state_error(e.to_string()))
+    }
+
+    /// The running sandbox called `name`, or the only one when `name` is `None`.
+    pub fn load(name: Option<&str>) -> Result<Self, SandboxError> {
+        let name = match name {
+            Some(name) => name.to_owned(),
+            None => {
+                let running = running_sandboxes();
+                match running.as_slice() {
+                    [only] => only.clone(),
+                    [] => return Err(SandboxError::NoneUp),
+                    many => return Err(SandboxError::Ambiguous(many.join(", "))),
+                }
+            }
+        };
+        let path = Self::state_path(&Path::new(RUN_ROOT).join(&name));
+        let bytes = std::fs::read(&path).map_err(|_| SandboxError::NotUp(name.clone()))?;
+        serde_json::from_slice(&bytes).map_err(|e| SandboxError::State {
+            what: "read",
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Removes everything a sandbox made: processes, namespaces (and their links), cgroups,
+    /// pinned objects and the run directory. Safe to repeat, and works without the state file
+    /// (after a crash) by finding things by name.
+    pub fn down(name: &str) -> Vec<String> {
+        let mut removed = Vec::new();
+        let run_dir = Path::new(RUN_ROOT).join(name);
+        let prefix = plan::prefix_for(name);
+        if let Ok(sandbox) = Self::load(Some(name)) {
+            for pod in &sandbox.pods {
+                host::stop_process(pod.server_pid);
+            }
+            for agent in &sandbox.agents {
+                host::stop_process(agent.pid);
+            }
+            removed.push(format!(
+                "{} agents and {} pods stopped",
+                sandbox.agents.len(),
+                sandbox.pods.len()
+            ));
+        }
+        if let Some(root) = host::cgroup2_root() {
+            let cgroup = root.join(&prefix);
+            if cgroup.exists() {
+                host::remove_cgroup_tree(&cgroup);
+                removed.push(format!("cgroup {}", cgroup.display()));
+            }
+        }
+        let namespaces = host::netns_with_prefix(&format!("{prefix}-"));
+        for netns in &namespaces {
+            host::del_netns(netns);
+        }
+        if !namespaces.is_empty() {
+            removed.push(format!("{} network namespaces", namespaces.len()));
+        }
+        let bpffs = run_dir.join("bpffs");
+        if bpffs.exists() {
+            host::unmount(&bpffs);
+            removed.push(format!("bpffs {}", bpffs.display()));
+        }
+        if run_dir.exists() {
+            let _ = std::fs::remove_dir_all(&run_dir);
+            removed.push(format!("run directory {}", run_dir.display()));
+        }
+        removed
+    }
+}
+
+/// Names of sandboxes with a state file.
+pub fn running_sandboxes() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(RUN_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.path().join("state.json").exists())
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: reap if it is our child and has exited; signal 0 probes.
+    unsafe {
+        libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) != pid && libc::kill(pid, 0) == 0
+    }
+}
+
+/// A container ID as runtimes make them: 64 hex characters.
+fn random_container_id() -> String {
+    let mut bytes = [0u8; 32];
+    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = random.read_exact(&mut bytes);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
