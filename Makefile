@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 CARGO ?= cargo
-APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iptables iperf3 iputils-ping ethtool python3-venv
+APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iptables iperf3 iputils-ping ethtool curl python3-venv
 TOOLS_VENV := .tools/venv
 # Pinned: Helm v4's engine as a library (no helm binary needed) and Kubernetes' schemas.
 PY_TOOLS := helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.3
@@ -49,7 +49,9 @@ unit-test: deps
 	$(CARGO) test --workspace --exclude weft-e2e
 
 # Needs root: creates network namespaces and loads eBPF programs; cleans up after itself.
+# The sandbox tests run the real binaries (weft-agent, weft-cni, weftctl), so build them first.
 e2e-test: deps
+	$(CARGO) build --workspace --bins
 	$(CARGO) test -p weft-e2e
 
 test: fmt-check clippy unit-test e2e-test

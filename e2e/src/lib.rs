@@ -2,3 +2,4 @@
 
 pub mod bpffs;
 pub mod netns;
+pub mod sandbox;

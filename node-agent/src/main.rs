@@ -140,9 +140,11 @@ async fn main() -> anyhow::Result<()> {
     enable_forwarding().context("enabling IPv4 forwarding")?;
     // Every node can receive tunnelled traffic, so nodes of a tunnel-mode cluster can reach
     // pods of a native-mode cluster sharing the network; only tunnel mode sends through it.
-    let tunnel_ifindex = netlink::ensure_vxlan(TUNNEL_DEVICE, TUNNEL_PORT, args.mtu)
-        .await
-        .context("creating the VXLAN device")?;
+    // Encapsulated frames must fit the node network's MTU.
+    let tunnel_ifindex =
+        netlink::ensure_vxlan(TUNNEL_DEVICE, TUNNEL_PORT, args.mtu - TUNNEL_OVERHEAD)
+            .await
+            .context("creating the VXLAN device")?;
     datapath.attach_tunnel(TUNNEL_DEVICE)?;
     datapath.configure(NodeConfig {
         routing_mode: match args.routing_mode {

@@ -200,6 +200,8 @@ pub async fn wire_pod(wiring: &PodWiring<'_>) -> Result<WiredPod, NetlinkError> 
         .set(
             LinkUnspec::new_with_index(index)
                 .name(wiring.ifname.to_owned())
+                // The MTU given at creation reaches only the host side of the pair.
+                .mtu(wiring.mtu)
                 .build(),
         )
         .execute()

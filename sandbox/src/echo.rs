@@ -34,8 +34,13 @@ pub struct EchoReply {
     pub client: String,
 }
 
-/// Serves every port until the process ends; fails if a port cannot be bound.
-pub async fn serve(identity: Identity, ports: Vec<PodPort>) -> std::io::Result<()> {
+/// Serves every port until the process ends; fails if a port cannot be bound. Once every port
+/// is bound, `ready_file` is created, so whoever started the server knows it can take traffic.
+pub async fn serve(
+    identity: Identity,
+    ports: Vec<PodPort>,
+    ready_file: Option<std::path::PathBuf>,
+) -> std::io::Result<()> {
     let identity = Arc::new(identity);
     let mut tasks = Vec::new();
     for port in ports {
@@ -51,6 +56,9 @@ pub async fn serve(identity: Identity, ports: Vec<PodPort>) -> std::io::Result<(
                 tasks.push(tokio::spawn(echo_tcp(listener)));
             }
         }
+    }
+    if let Some(path) = ready_file {
+        std::fs::write(path, b"ready\n")?;
     }
     for task in tasks {
         let _ = task.await;

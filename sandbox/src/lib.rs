@@ -28,6 +28,7 @@ const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a pod waits for its node's agent, as kubelet keeps retrying a sandbox.
 const CNI_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
 const CNI_RETRY_INTERVAL: Duration = Duration::from_millis(250);
+const SERVER_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -338,7 +339,17 @@ impl Sandbox {
             let _ = std::fs::remove_file(&old.cni_socket);
         }
         self.start_agent(&plan)?;
-        self.save()
+        let restarted = self
+            .agents
+            .iter()
+            .find(|agent| agent.cluster == cluster && agent.node == node)
+            .cloned();
+        self.commit(|fresh| {
+            fresh
+                .agents
+                .retain(|agent| !(agent.cluster == plan.cluster && agent.node == plan.name));
+            fresh.agents.extend(restarted);
+        })
     }
 
     fn create_pod(&mut self, cluster: &str, pod: &SandboxPod) -> Result<(), SandboxError> {
@@ -435,6 +446,8 @@ impl Sandbox {
         if let Some(dir) = log.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
+        let ready_file = log.with_extension("ready");
+        let _ = std::fs::remove_file(&ready_file);
         let args = vec![
             "sandbox".into(),
             "serve".into(),
@@ -448,6 +461,8 @@ impl Sandbox {
             cluster.to_owned(),
             "--ports".into(),
             serde_json::to_string(&pod.ports).unwrap_or_else(|_| "[]".into()),
+            "--ready-file".into(),
+            ready_file.display().to_string(),
         ];
         let server_pid = host::spawn_daemon(
             &self.bin_dir.join("weftctl"),
@@ -456,6 +471,18 @@ impl Sandbox {
             cgroup.as_deref(),
             &log,
         )?;
+        let deadline = Instant::now() + SERVER_START_TIMEOUT;
+        while !ready_file.exists() {
+            if Instant::now() > deadline || !process_alive(server_pid) {
+                return Err(SandboxError::Invalid(format!(
+                    "the echo server of pod {}/{} did not start; see {}",
+                    pod.namespace,
+                    pod.name,
+                    log.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.pods.push(PodState {
             cluster: cluster.to_owned(),
             namespace: pod.namespace.clone(),
@@ -484,26 +511,29 @@ impl Sandbox {
         let mut created = Vec::new();
         for pod in &read.pods {
             self.create_pod(&cluster, pod)?;
-            self.save()?;
+            if let Some(state) = self.pods.last().cloned() {
+                self.commit(|fresh| fresh.pods.push(state))?;
+            }
             created.push(format!("pod/{} created", pod.name));
         }
-        let objects = self.objects.entry(cluster).or_default();
-        for object in read.others {
-            created.push(format!(
-                "{}/{} recorded",
-                object
-                    .get("kind")
-                    .and_then(|k| k.as_str())
-                    .unwrap_or("object")
-                    .to_lowercase(),
-                object
-                    .pointer("/metadata/name")
-                    .and_then(|n| n.as_str())
-                    .unwrap_or("?")
-            ));
-            objects.push(object);
+        for object in &read.others {
+            let kind = object
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .unwrap_or("object");
+            let name = object
+                .pointer("/metadata/name")
+                .and_then(|n| n.as_str())
+                .unwrap_or("?");
+            created.push(format!("{}/{name} recorded", kind.to_lowercase()));
         }
-        self.save()?;
+        self.commit(|fresh| {
+            fresh
+                .objects
+                .entry(cluster.clone())
+                .or_default()
+                .extend(read.others.iter().cloned())
+        })?;
         Ok(created)
     }
 
@@ -526,7 +556,7 @@ impl Sandbox {
             };
             let state = self.pods.remove(index);
             self.remove_pod(&state)?;
-            self.save()?;
+            self.commit(|fresh| fresh.pods.retain(|p| p.container_id != state.container_id))?;
             deleted.push(format!("pod/{} deleted", pod.name));
         }
         Ok(deleted)
@@ -642,6 +672,34 @@ impl Sandbox {
         let temporary = path.with_extension("json.tmp");
         std::fs::write(&temporary, json).map_err(|e| state_error(e.to_string()))?;
         std::fs::rename(&temporary, &path).map_err(|e| state_error(e.to_string()))
+    }
+
+    /// Records a change made after `up`: under an exclusive lock, re-reads the state, applies
+    /// `change` to it and writes it back, so two commands at once (an `apply` waiting for an
+    /// agent while another restarts it) never undo each other's changes. `self` becomes the
+    /// state written.
+    pub fn commit(&mut self, change: impl FnOnce(&mut Self)) -> Result<(), SandboxError> {
+        let lock_path = self.run_dir.join("state.lock");
+        let lock_error = |reason: String| SandboxError::State {
+            what: "lock",
+            path: lock_path.clone(),
+            reason,
+        };
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| lock_error(e.to_string()))?;
+        // SAFETY: flock on a descriptor we own; released when `lock` is closed.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            return Err(lock_error(std::io::Error::last_os_error().to_string()));
+        }
+        let mut fresh = Self::load(Some(&self.plan.name))?;
+        change(&mut fresh);
+        fresh.save()?;
+        *self = fresh;
+        Ok(())
     }
 
     /// The running sandbox called `name`, or the only one when `name` is `None`.

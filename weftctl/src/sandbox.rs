@@ -72,6 +72,8 @@ pub enum SandboxCommand {
         cluster: String,
         #[arg(long)]
         ports: String,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
 }
 
@@ -151,6 +153,7 @@ pub fn run(command: SandboxCommand) -> anyhow::Result<ExitCode> {
             node,
             cluster,
             ports,
+            ready_file,
         } => {
             let ports: Vec<PodPort> =
                 serde_json::from_str(&ports).context("--ports is not valid JSON")?;
@@ -163,6 +166,7 @@ pub fn run(command: SandboxCommand) -> anyhow::Result<ExitCode> {
                     cluster,
                 },
                 ports,
+                ready_file,
             ))?;
         }
     }

@@ -1,0 +1,140 @@
+//! A sandbox for one test: brought up from a config the test writes, torn down when dropped
+//! (also when the test fails), with helpers that talk from inside pods and nodes.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use weft_sandbox::{default_bin_dir, host, PodState, Sandbox};
+
+pub struct TestSandbox {
+    pub sandbox: Sandbox,
+    pub name: String,
+    _dir: tempfile::TempDir,
+}
+
+/// A sandbox name unique to this process and call (sandbox names are at most 12 characters).
+pub fn unique_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "e{}x{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl TestSandbox {
+    /// `clusters` is the YAML list under `clusters:`; `files` are (relative path, content)
+    /// pairs written next to the config, which the clusters' `manifests` can name.
+    pub fn up(clusters: &str, files: &[(&str, &str)]) -> Self {
+        let name = unique_name();
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (path, content) in files {
+            let path = dir.path().join(path);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, content).expect("write manifest");
+        }
+        let config = dir.path().join("sandbox.yaml");
+        std::fs::write(&config, format!("name: {name}\nclusters:\n{clusters}"))
+            .expect("write config");
+        let guard = Self {
+            // A failed `up` must still be torn down: build the guard around an empty state.
+            sandbox: match Sandbox::up(&config, &default_bin_dir()) {
+                Ok(sandbox) => sandbox,
+                Err(error) => {
+                    Sandbox::down(&name);
+                    panic!("sandbox up failed: {error}");
+                }
+            },
+            name,
+            _dir: dir,
+        };
+        guard
+    }
+
+    pub fn pod(&self, name: &str) -> &PodState {
+        self.sandbox.pod(name, None, None).expect("pod exists")
+    }
+
+    pub fn reload(&mut self) {
+        self.sandbox = Sandbox::load(Some(&self.name)).expect("reload state");
+    }
+
+    pub fn node_netns(&self, cluster: &str, node: &str) -> String {
+        self.sandbox
+            .plan
+            .node(cluster, node)
+            .expect("node")
+            .netns
+            .clone()
+    }
+}
+
+impl Drop for TestSandbox {
+    fn drop(&mut self) {
+        Sandbox::down(&self.name);
+    }
+}
+
+/// Runs `work` on a thread inside the named network namespace.
+pub fn in_netns<T: Send>(netns: &str, work: impl FnOnce() -> T + Send) -> T {
+    let file = File::open(host::netns_path(netns)).expect("open netns");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: a valid namespace fd; only this thread moves.
+                assert_eq!(
+                    unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                    0,
+                    "setns"
+                );
+                work()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// An HTTP GET from inside `netns`; the response body, or the error.
+pub fn http_get(netns: &str, ip: impl std::fmt::Display, port: u16) -> Result<String, String> {
+    let target: SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
+    in_netns(netns, || {
+        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))
+            .map_err(|e| format!("connect to {target}: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: sandbox\r\nconnection: close\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .map_err(|e| format!("read from {target}: {e}"))?;
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .ok_or_else(|| format!("no HTTP response from {target}: {response:?}"))
+    })
+}
+
+/// The `pod` field of an echo server's HTTP answer: who answered.
+pub fn answered_by(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|reply| reply["pod"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("<unreadable answer {body:?}>"))
+}
+
+/// Runs a command inside a pod's namespace and returns its output.
+pub fn run_in_pod(pod: &PodState, program: &str, args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    host::in_namespaces(&mut command, Some(&pod.netns), pod.cgroup.as_deref())
+        .expect("prepare command")
+        .output()
+        .expect("run command")
+}
