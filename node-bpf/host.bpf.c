@@ -15,7 +15,7 @@ int from_network(struct __sk_buff *skb)
 	ep = lookup_endpoint(ip->daddr);
 	if (!ep)
 		return TCX_NEXT;
-	return deliver_to_endpoint(skb, ep);
+	return deliver_to_endpoint(skb, ip, ep);
 }
 
 /* Egress of the VXLAN device. Pod traffic arrives here already addressed (from_container set
@@ -32,15 +32,21 @@ int to_tunnel(struct __sk_buff *skb)
 		return TCX_NEXT;
 	ip = ipv4_header(skb);
 	if (!ip)
-		return TCX_DROP;
+		return TCX_DROP; /* only IPv4 is carried; the drop cannot be reported without it */
 	remote = lookup_ipcache(ip->daddr);
-	if (!remote || !remote->tunnel_endpoint)
+	if (!remote || !remote->tunnel_endpoint) {
+		report_flow(skb, ip, skb->ifindex, OBS_TO_OVERLAY, VERDICT_DROPPED,
+			    DROP_NO_TUNNEL_ENDPOINT);
 		return TCX_DROP; /* nowhere to tunnel it to */
+	}
 	key.remote_ipv4 = bpf_ntohl(remote->tunnel_endpoint);
 	key.tunnel_id = 0; /* from the host itself */
 	key.tunnel_ttl = 64;
-	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0) {
+		report_flow(skb, ip, skb->ifindex, OBS_TO_OVERLAY, VERDICT_DROPPED,
+			    DROP_TUNNEL_KEY_FAILED);
 		return TCX_DROP;
+	}
 	return TCX_NEXT;
 }
 

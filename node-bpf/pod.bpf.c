@@ -17,10 +17,11 @@ int from_container(struct __sk_buff *skb)
 	ip = ipv4_header(skb);
 	if (!ip)
 		return TCX_NEXT; /* ARP and anything not IPv4: the kernel handles it */
+	report_flow(skb, ip, skb->ifindex, OBS_FROM_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
 
 	dst_ep = lookup_endpoint(ip->daddr);
 	if (dst_ep)
-		return deliver_to_endpoint(skb, dst_ep);
+		return deliver_to_endpoint(skb, ip, dst_ep);
 
 	cfg = get_node_config();
 	remote = lookup_ipcache(ip->daddr);
@@ -37,7 +38,12 @@ int from_container(struct __sk_buff *skb)
 SEC("classifier")
 int to_container(struct __sk_buff *skb)
 {
+	struct iphdr *ip;
+
 	count_packet(skb->ifindex, DIRECTION_TO_ENDPOINT, skb->len);
+	ip = ipv4_header(skb);
+	if (ip)
+		report_flow(skb, ip, skb->ifindex, OBS_TO_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
 	return TCX_NEXT;
 }
 

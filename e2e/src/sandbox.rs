@@ -98,8 +98,18 @@ pub fn in_netns<T: Send>(netns: &str, work: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// An HTTP GET from inside `netns`; the response body, or the error.
+/// An HTTP GET of `/` from inside `netns`; the response body, or the error.
 pub fn http_get(netns: &str, ip: impl std::fmt::Display, port: u16) -> Result<String, String> {
+    http_get_path(netns, ip, port, "/")
+}
+
+/// An HTTP GET of `path` from inside `netns`; the response body, or the error.
+pub fn http_get_path(
+    netns: &str,
+    ip: impl std::fmt::Display,
+    port: u16,
+    path: &str,
+) -> Result<String, String> {
     let target: SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
     in_netns(netns, || {
         let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))
@@ -108,7 +118,10 @@ pub fn http_get(netns: &str, ip: impl std::fmt::Display, port: u16) -> Result<St
             .set_read_timeout(Some(Duration::from_secs(3)))
             .map_err(|e| e.to_string())?;
         stream
-            .write_all(b"GET / HTTP/1.1\r\nhost: sandbox\r\nconnection: close\r\n\r\n")
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: sandbox\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
             .map_err(|e| e.to_string())?;
         let mut response = String::new();
         stream

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, PerCpuHashMap};
+use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
 use aya::programs::LinkOrder;
@@ -16,7 +16,7 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use weft_node_bpf::maps::{
     Direction, EndpointCounterKey, EndpointInfo, EndpointKey, IpcacheEntry, NodeConfig,
-    TrafficCounters, ENDPOINTS, ENDPOINT_COUNTERS, IPCACHE, NODE_CONFIG,
+    TrafficCounters, ENDPOINTS, ENDPOINT_COUNTERS, FLOW_EVENTS, IPCACHE, NODE_CONFIG,
 };
 use weft_node_bpf::{programs, HOST_OBJECT, POD_OBJECT};
 
@@ -265,6 +265,15 @@ impl Datapath {
             .map_mut(IPCACHE)
             .ok_or(DatapathError::MissingMap(IPCACHE))?;
         LpmTrie::try_from(map).map_err(map_error(IPCACHE))
+    }
+
+    /// The flow event ring buffer, for the one reader the agent runs.
+    pub fn take_flow_events(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
+        let map = self
+            .pod
+            .take_map(FLOW_EVENTS)
+            .ok_or(DatapathError::MissingMap(FLOW_EVENTS))?;
+        RingBuf::try_from(map).map_err(map_error(FLOW_EVENTS))
     }
 
     /// The traffic counted for the endpoint behind the host-side veth `ifindex`.

@@ -3,7 +3,9 @@
 
 pub mod cni;
 pub mod datapath;
+pub mod flows;
 pub mod ipam;
 pub mod kernel;
 pub mod netlink;
 pub mod node;
+pub mod unix_socket;

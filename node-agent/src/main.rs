@@ -10,7 +10,13 @@ use ipnet::Ipv4Net;
 use prometheus_client::registry::Registry;
 use weft_agent::cni::server;
 use weft_agent::datapath::Datapath;
-use weft_agent::node::NodeAgent;
+use weft_agent::flows::directory::Directory;
+use weft_agent::flows::enrich::{Clock, Origin};
+use weft_agent::flows::grpc;
+use weft_agent::flows::metrics::FlowMetrics;
+use weft_agent::flows::reader::{self, FlowPipeline};
+use weft_agent::flows::store::FlowStore;
+use weft_agent::node::{NodeAgent, NodeSettings};
 use weft_agent::{kernel, netlink};
 use weft_core::admin::Readiness;
 use weft_core::cluster::ClusterArgs;
@@ -104,6 +110,16 @@ struct Args {
     /// How pod traffic travels between nodes.
     #[arg(long, value_enum, default_value_t = RoutingMode::Tunnel)]
     routing_mode: RoutingMode,
+    /// The Unix socket of the Observe API (flows).
+    #[arg(long, default_value = "/run/weft/observe.sock")]
+    observe_socket: PathBuf,
+    /// A JSON list of the cluster's endpoints (IP, cluster, namespace, pod, node, labels,
+    /// identity) that names the far end of flows; kept current by the sandbox in local mode.
+    #[arg(long)]
+    endpoint_directory: Option<PathBuf>,
+    /// How many recent flows the agent keeps for Observe clients.
+    #[arg(long, default_value_t = 4096)]
+    flow_buffer: usize,
     /// MTU of the node network; pods get this less the tunnel overhead in tunnel mode.
     #[arg(long, default_value_t = 1500)]
     mtu: u32,
@@ -121,7 +137,10 @@ async fn main() -> anyhow::Result<()> {
         "weft-agent starting"
     );
     let readiness = Readiness::default();
-    let registry = Arc::new(Mutex::new(Registry::with_prefix("weft_agent")));
+    let mut metrics_registry = Registry::with_prefix("weft_agent");
+    let flow_metrics = FlowMetrics::default();
+    flow_metrics.register(&mut metrics_registry);
+    let registry = Arc::new(Mutex::new(metrics_registry));
     let admin = start_admin(args.admin_addr, readiness.clone(), registry)
         .await
         .context("starting the admin endpoint")?;
@@ -185,10 +204,45 @@ async fn main() -> anyhow::Result<()> {
         RoutingMode::Native => args.mtu,
         RoutingMode::Tunnel => args.mtu - TUNNEL_OVERHEAD,
     };
-    let agent = NodeAgent::open(args.state_dir.clone(), pod_cidr, datapath, pod_mtu)
-        .context("opening the node's state")?;
+    let origin = Origin {
+        node: args.node_name.clone(),
+        cluster: args.cluster.cluster_name.to_string(),
+    };
+    let directory = Arc::new(Mutex::new(Directory::new(args.endpoint_directory.clone())));
+    let flow_events = datapath.take_flow_events()?;
+    let store = Arc::new(FlowStore::new(args.flow_buffer));
+    let pipeline = FlowPipeline {
+        directory: Arc::clone(&directory),
+        store: Arc::clone(&store),
+        metrics: flow_metrics,
+        origin: origin.clone(),
+        clock: Clock::now(),
+    };
+    let reader = tokio::spawn(async move {
+        if let Err(error) = reader::run(flow_events, pipeline).await {
+            tracing::error!(%error, "reading flow events stopped; flows are no longer observed");
+        }
+    });
+    let observe_listener = weft_agent::unix_socket::bind(&args.observe_socket)?;
+    tracing::info!(socket = %args.observe_socket.display(), "serving the Observe API");
+    let observer = tokio::spawn(async move {
+        if let Err(error) = grpc::serve(observe_listener, store).await {
+            tracing::error!(%error, "the Observe API stopped");
+        }
+    });
+    let agent = NodeAgent::open(
+        NodeSettings {
+            state_dir: args.state_dir.clone(),
+            pod_cidr,
+            mtu: pod_mtu,
+            origin,
+            directory,
+        },
+        datapath,
+    )
+    .context("opening the node's state")?;
     let agent = Arc::new(tokio::sync::Mutex::new(agent));
-    let listener = server::bind(&args.cni_socket)?;
+    let listener = weft_agent::unix_socket::bind(&args.cni_socket)?;
     tracing::info!(socket = %args.cni_socket.display(), "serving CNI requests");
     let cni = tokio::spawn(server::serve(listener, agent));
     readiness.set_ready(report.missing().next().is_none());
@@ -197,6 +251,8 @@ async fn main() -> anyhow::Result<()> {
     // Maps and links are pinned: pods keep forwarding until an agent starts again.
     tracing::info!("weft-agent stopping; the datapath stays in place");
     cni.abort();
+    observer.abort();
+    reader.abort();
     admin.abort();
     Ok(())
 }

@@ -13,7 +13,10 @@ use weft_node_bpf::maps::{EndpointInfo, IpcacheEntry};
 
 use crate::cni::api::{PodRef, Registration, Request, Response, POD_GATEWAY};
 use crate::datapath::{Datapath, DatapathError};
+use crate::flows::directory::{Directory, EndpointMeta};
+use crate::flows::enrich::Origin;
 use crate::ipam::{Ipam, IpamError};
+use std::sync::{Arc, Mutex};
 
 /// CNI error code for "try again later" (spec 1.0, well-known code 11).
 pub const CNI_TRY_AGAIN_LATER: u32 = 11;
@@ -50,19 +53,27 @@ pub struct NodeAgent {
     endpoints: BTreeMap<String, EndpointRecord>,
     records_dir: PathBuf,
     mtu: u32,
+    origin: Origin,
+    directory: Arc<Mutex<Directory>>,
+}
+
+/// What the node agent is configured with.
+pub struct NodeSettings {
+    pub state_dir: PathBuf,
+    pub pod_cidr: Ipv4Net,
+    /// The MTU pods get.
+    pub mtu: u32,
+    pub origin: Origin,
+    /// Where local endpoints are named for flows.
+    pub directory: Arc<Mutex<Directory>>,
 }
 
 impl NodeAgent {
     /// Opens the node's persisted state in `state_dir` and writes every known endpoint into the
     /// (possibly already pinned) maps again, so the datapath matches the records.
-    pub fn open(
-        state_dir: PathBuf,
-        pod_cidr: Ipv4Net,
-        datapath: Datapath,
-        mtu: u32,
-    ) -> Result<Self, NodeError> {
-        let ipam = Ipam::open(state_dir.join("ipam.json"), pod_cidr)?;
-        let records_dir = state_dir.join("endpoints");
+    pub fn open(settings: NodeSettings, datapath: Datapath) -> Result<Self, NodeError> {
+        let ipam = Ipam::open(settings.state_dir.join("ipam.json"), settings.pod_cidr)?;
+        let records_dir = settings.state_dir.join("endpoints");
         let mut endpoints = BTreeMap::new();
         if let Ok(entries) = std::fs::read_dir(&records_dir) {
             for entry in entries.flatten() {
@@ -84,7 +95,9 @@ impl NodeAgent {
             datapath,
             endpoints,
             records_dir,
-            mtu,
+            mtu: settings.mtu,
+            origin: settings.origin,
+            directory: settings.directory,
         };
         let adopted: Vec<EndpointRecord> = agent.endpoints.values().cloned().collect();
         for record in &adopted {
@@ -189,7 +202,22 @@ impl NodeAgent {
         Ok(Response::Registered)
     }
 
+    fn directory(&self) -> std::sync::MutexGuard<'_, Directory> {
+        self.directory
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
     fn program_endpoint(&mut self, record: &EndpointRecord) -> Result<(), NodeError> {
+        self.directory().set_local(EndpointMeta {
+            ip: record.ip,
+            cluster: self.origin.cluster.clone(),
+            namespace: record.pod.namespace.clone(),
+            pod: record.pod.name.clone(),
+            node: self.origin.node.clone(),
+            labels: Default::default(),
+            identity: record.identity,
+        });
         self.datapath.upsert_endpoint(
             record.ip,
             EndpointInfo {
@@ -215,6 +243,7 @@ impl NodeAgent {
             self.datapath.remove_endpoint(record.ip)?;
             self.datapath.remove_ipcache(Ipv4Net::from(record.ip))?;
             self.datapath.detach(&record.host_veth);
+            self.directory().remove_local(record.ip);
             let _ = std::fs::remove_file(self.record_path(container_id));
             tracing::info!(ip = %record.ip, veth = %record.host_veth, "endpoint removed");
         }

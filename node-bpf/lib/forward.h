@@ -6,6 +6,7 @@
 #include "config.h"
 #include "counters.h"
 #include "endpoints.h"
+#include "flows.h"
 #include "ipcache.h"
 
 /* The IPv4 header of an Ethernet frame, or NULL when it is not IPv4 or is truncated. */
@@ -25,10 +26,13 @@ static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
 
 /* Hands the packet straight to a local pod: its eth0 receives it as if from its gateway. The
  * peer's host-side egress hook does not run on this path, so the delivery is counted here. */
-static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, struct endpoint_info *ep)
+static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, struct iphdr *ip,
+					       struct endpoint_info *ep)
 {
 	__u32 len = skb->len;
 
+	/* Reported before the rewrite: storing bytes invalidates the header pointers. */
+	report_flow(skb, ip, ep->ifindex, OBS_TO_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
 	if (bpf_skb_store_bytes(skb, 0, ep->mac, ETH_ALEN, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, ETH_ALEN, ep->node_mac, ETH_ALEN, 0) < 0)
 		return TCX_DROP;
@@ -45,8 +49,14 @@ static __always_inline int forward_through_tunnel(struct __sk_buff *skb, struct 
 	key.remote_ipv4 = bpf_ntohl(remote->tunnel_endpoint);
 	key.tunnel_id = src_identity;
 	key.tunnel_ttl = 64;
-	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0) {
+		struct iphdr *ip = ipv4_header(skb);
+
+		if (ip)
+			report_flow(skb, ip, skb->ifindex, OBS_TO_OVERLAY, VERDICT_DROPPED,
+				    DROP_TUNNEL_KEY_FAILED);
 		return TCX_DROP;
+	}
 	return bpf_redirect(cfg->tunnel_ifindex, 0);
 }
 

@@ -142,3 +142,114 @@ unsafe impl aya::Pod for EndpointInfo {}
 unsafe impl aya::Pod for IpcacheEntry {}
 // SAFETY: as above.
 unsafe impl aya::Pod for NodeConfig {}
+
+/// Name of the flow event ring buffer (`lib/flows.h`).
+pub const FLOW_EVENTS: &str = "flow_events";
+
+/// `struct flow_event`: one reported packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `CLOCK_MONOTONIC` nanoseconds.
+    pub timestamp_ns: u64,
+    /// Network byte order.
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    /// Host byte order; 0 when not TCP or UDP.
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// The device that saw it: a pod's host-side veth, or the VXLAN device.
+    pub ifindex: u32,
+    pub length: u32,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// A [`FlowVerdict`] as its number.
+    pub verdict: u8,
+    /// A [`DropReason`] as its number.
+    pub drop_reason: u8,
+    pub tcp_flags: u8,
+    /// An [`ObservationPoint`] as its number.
+    pub observation_point: u8,
+    pub pad: [u8; 3],
+}
+
+impl FlowEvent {
+    /// Reads an event from a ring buffer record; `None` when the record is not one.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < std::mem::size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: the length is checked, every bit pattern is a valid FlowEvent (integers
+        // only), and read_unaligned copes with the record's alignment.
+        Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
+}
+
+/// `enum flow_verdict`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowVerdict {
+    Forwarded = 1,
+    Dropped = 2,
+}
+
+impl FlowVerdict {
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            1 => Some(Self::Forwarded),
+            2 => Some(Self::Dropped),
+            _ => None,
+        }
+    }
+}
+
+/// `enum observation_point`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObservationPoint {
+    FromEndpoint = 1,
+    ToEndpoint = 2,
+    ToOverlay = 3,
+}
+
+impl ObservationPoint {
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            1 => Some(Self::FromEndpoint),
+            2 => Some(Self::ToEndpoint),
+            3 => Some(Self::ToOverlay),
+            _ => None,
+        }
+    }
+}
+
+/// `enum drop_reason`: numbered and named in every dropped flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    None = 0,
+    RewriteFailed = 1,
+    TunnelKeyFailed = 2,
+    NoTunnelEndpoint = 3,
+    NotIpv4 = 4,
+}
+
+impl DropReason {
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            0 => Some(Self::None),
+            1 => Some(Self::RewriteFailed),
+            2 => Some(Self::TunnelKeyFailed),
+            3 => Some(Self::NoTunnelEndpoint),
+            4 => Some(Self::NotIpv4),
+            _ => None,
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::None => "",
+            Self::RewriteFailed => "Ethernet header rewrite failed",
+            Self::TunnelKeyFailed => "VXLAN tunnel key could not be set",
+            Self::NoTunnelEndpoint => "no node owns the destination (not in the ipcache)",
+            Self::NotIpv4 => "not IPv4",
+        }
+    }
+}

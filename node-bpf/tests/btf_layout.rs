@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde::Deserialize;
 use weft_node_bpf::maps::{
-    EndpointCounterKey, EndpointInfo, EndpointKey, IpcacheEntry, IpcacheKey, NodeConfig,
+    EndpointCounterKey, EndpointInfo, EndpointKey, FlowEvent, IpcacheEntry, IpcacheKey, NodeConfig,
     TrafficCounters,
 };
 use weft_node_bpf::{HOST_OBJECT, POD_OBJECT};
@@ -142,6 +142,29 @@ fn map_types_match_the_c_structs() {
                 ("tunnel_ifindex", offset_of!(NodeConfig, tunnel_ifindex)),
                 ("node_ip", offset_of!(NodeConfig, node_ip)),
                 ("cluster_id", offset_of!(NodeConfig, cluster_id)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "flow_event",
+            size_of::<FlowEvent>(),
+            &[
+                ("timestamp_ns", offset_of!(FlowEvent, timestamp_ns)),
+                ("src_ip", offset_of!(FlowEvent, src_ip)),
+                ("dst_ip", offset_of!(FlowEvent, dst_ip)),
+                ("src_port", offset_of!(FlowEvent, src_port)),
+                ("dst_port", offset_of!(FlowEvent, dst_port)),
+                ("ifindex", offset_of!(FlowEvent, ifindex)),
+                ("length", offset_of!(FlowEvent, length)),
+                ("protocol", offset_of!(FlowEvent, protocol)),
+                ("verdict", offset_of!(FlowEvent, verdict)),
+                ("drop_reason", offset_of!(FlowEvent, drop_reason)),
+                ("tcp_flags", offset_of!(FlowEvent, tcp_flags)),
+                (
+                    "observation_point",
+                    offset_of!(FlowEvent, observation_point),
+                ),
+                ("pad", offset_of!(FlowEvent, pad)),
             ],
         );
     }

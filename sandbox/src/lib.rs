@@ -286,6 +286,10 @@ impl Sandbox {
             socket.display().to_string(),
             "--admin-addr".into(),
             "127.0.0.1:9962".into(),
+            "--observe-socket".into(),
+            dir.join("observe.sock").display().to_string(),
+            "--endpoint-directory".into(),
+            self.run_dir.join("endpoints.json").display().to_string(),
         ];
         if let Some(cgroup) = &cgroup {
             args.extend(["--cgroup-root".into(), cgroup.display().to_string()]);
@@ -661,7 +665,43 @@ impl Sandbox {
         run_dir.join("state.json")
     }
 
+    /// The Observe API socket of each node's agent.
+    pub fn observe_sockets(&self) -> Vec<(String, PathBuf)> {
+        self.plan
+            .nodes
+            .iter()
+            .map(|node| (node.name.clone(), self.node_dir(node).join("observe.sock")))
+            .collect()
+    }
+
+    /// Every pod of every cluster, for the agents to name the far end of flows (what the
+    /// Kubernetes endpoint watch gives them in a cluster).
+    fn write_endpoint_directory(&self) -> Result<(), SandboxError> {
+        let entries: Vec<serde_json::Value> = self
+            .pods
+            .iter()
+            .map(|pod| {
+                serde_json::json!({
+                    "ip": pod.ip, "cluster": pod.cluster, "namespace": pod.namespace,
+                    "pod": pod.name, "node": pod.node, "labels": pod.labels,
+                    "identity": weft_core::identity::ReservedIdentity::Init.id(),
+                })
+            })
+            .collect();
+        let path = self.run_dir.join("endpoints.json");
+        let temporary = path.with_extension("json.tmp");
+        let write_error = |reason: String| SandboxError::State {
+            what: "write",
+            path: path.clone(),
+            reason,
+        };
+        std::fs::write(&temporary, serde_json::to_vec(&entries).unwrap_or_default())
+            .map_err(|e| write_error(e.to_string()))?;
+        std::fs::rename(&temporary, &path).map_err(|e| write_error(e.to_string()))
+    }
+
     pub fn save(&self) -> Result<(), SandboxError> {
+        self.write_endpoint_directory()?;
         let path = Self::state_path(&self.run_dir);
         let state_error = |reason: String| SandboxError::State {
             what: "write",

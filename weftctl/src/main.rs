@@ -1,6 +1,7 @@
 //! `weftctl`: wiring only; each subcommand lives in its own module.
 
 mod crds;
+mod observe;
 mod sandbox;
 mod validate;
 
@@ -24,6 +25,8 @@ enum Command {
     /// Check Weft objects in YAML files against the CRD schemas and their CEL rules, offline,
     /// as the API server would.
     Validate(validate::ValidateArgs),
+    /// Show flows: what the datapath forwarded and dropped, between whom.
+    Observe(observe::ObserveArgs),
     /// Local mode: clusters of network namespaces on this machine, with real agents and CNI.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
@@ -45,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Command::Crds(args) => crds::run(&args),
         Command::Validate(args) => validate::run(&args),
         Command::Sandbox(command) => sandbox::run(command),
+        Command::Observe(args) => observe::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,7 +1,6 @@
 //! The agent's Unix socket for `weft-cni`: one JSON request per line, one JSON response per
 //! line. Requests are served one at a time, in order, because they change one node's state.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -10,30 +9,6 @@ use tokio::sync::Mutex;
 
 use crate::cni::api::{Request, Response};
 use crate::node::{NodeAgent, CNI_INVALID};
-
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen on the CNI socket {path}: {source}")]
-pub struct BindError {
-    path: PathBuf,
-    source: std::io::Error,
-}
-
-/// Binds the socket, replacing one a previous agent left behind.
-pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
-    let error = |source| BindError {
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(error)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(error(e)),
-    }
-    UnixListener::bind(path).map_err(error)
-}
 
 pub async fn serve(listener: UnixListener, agent: Arc<Mutex<NodeAgent>>) {
     loop {

@@ -1,0 +1,7 @@
+//! Weft's gRPC APIs, generated from `proto/`.
+
+/// The flow API each agent serves (`weft.observer.v1`).
+pub mod observer {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("weft.observer.v1");
+}

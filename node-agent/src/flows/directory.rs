@@ -1,0 +1,124 @@
+//! Who owns an address, for naming both ends of a flow. Local endpoints come from the agent's
+//! own records; everything else from a directory of the cluster's (and mesh's) endpoints — in
+//! local mode a file the sandbox keeps current, in Kubernetes mode the endpoint watch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+/// What flows say about one end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointMeta {
+    pub ip: Ipv4Addr,
+    pub cluster: String,
+    pub namespace: String,
+    pub pod: String,
+    pub node: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub identity: u32,
+}
+
+impl Default for EndpointMeta {
+    fn default() -> Self {
+        Self {
+            ip: Ipv4Addr::UNSPECIFIED,
+            cluster: String::new(),
+            namespace: String::new(),
+            pod: String::new(),
+            node: String::new(),
+            labels: BTreeMap::new(),
+            identity: 0,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Directory {
+    local: HashMap<Ipv4Addr, EndpointMeta>,
+    file: Option<PathBuf>,
+    file_modified: Option<SystemTime>,
+    known: HashMap<Ipv4Addr, EndpointMeta>,
+}
+
+impl Directory {
+    /// `file`: a JSON list of [`EndpointMeta`], re-read whenever it changes.
+    pub fn new(file: Option<PathBuf>) -> Self {
+        Self {
+            file,
+            ..Self::default()
+        }
+    }
+
+    pub fn set_local(&mut self, meta: EndpointMeta) {
+        self.local.insert(meta.ip, meta);
+    }
+
+    pub fn remove_local(&mut self, ip: Ipv4Addr) {
+        self.local.remove(&ip);
+    }
+
+    /// The directory's entry (richer: it has labels) or the local record.
+    pub fn lookup(&mut self, ip: Ipv4Addr) -> Option<EndpointMeta> {
+        self.refresh();
+        self.known.get(&ip).or_else(|| self.local.get(&ip)).cloned()
+    }
+
+    fn refresh(&mut self) {
+        let Some(path) = &self.file else {
+            return;
+        };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified.is_none() || modified == self.file_modified {
+            return;
+        }
+        match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                serde_json::from_slice::<Vec<EndpointMeta>>(&bytes).map_err(|e| e.to_string())
+            }) {
+            Ok(entries) => {
+                self.known = entries.into_iter().map(|meta| (meta.ip, meta)).collect();
+                self.file_modified = modified;
+            }
+            // A half-written file is retried on the next lookup; the old view stays.
+            Err(error) => {
+                tracing::debug!(%error, path = %path.display(), "endpoint directory unreadable")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(ip: &str, pod: &str) -> EndpointMeta {
+        EndpointMeta {
+            ip: ip.parse().expect("ip"),
+            pod: pod.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn local_records_answer_and_the_directory_file_wins_when_it_knows_more() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("endpoints.json");
+        let mut directory = Directory::new(Some(file.clone()));
+        directory.set_local(meta("10.1.1.1", "local-name"));
+        assert_eq!(
+            directory.lookup("10.1.1.1".parse().unwrap()).map(|m| m.pod),
+            Some("local-name".into())
+        );
+        assert_eq!(directory.lookup("10.1.2.1".parse().unwrap()), None);
+
+        let mut remote = meta("10.1.2.1", "remote");
+        remote.labels.insert("app".into(), "model".into());
+        std::fs::write(&file, serde_json::to_vec(&vec![remote.clone()]).unwrap()).expect("write");
+        assert_eq!(directory.lookup("10.1.2.1".parse().unwrap()), Some(remote));
+    }
+}

@@ -1,0 +1,179 @@
+//! Turns a datapath event into a flow a person can read: wall-clock time, protocol and flag
+//! names, and both ends named.
+
+use std::net::Ipv4Addr;
+
+use weft_api::observer::{Endpoint, Flow, ObservationPoint, Verdict};
+use weft_node_bpf::maps::{self, DropReason, FlowEvent, FlowVerdict};
+
+use crate::flows::directory::{Directory, EndpointMeta};
+
+/// Converts the datapath's CLOCK_MONOTONIC timestamps to Unix time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    realtime_minus_monotonic_ns: i64,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let read = |clock| {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime fills a valid timespec.
+            unsafe { libc::clock_gettime(clock, &mut ts) };
+            ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+        };
+        Self {
+            realtime_minus_monotonic_ns: read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC),
+        }
+    }
+
+    pub fn unix_nanos(&self, monotonic_ns: u64) -> i64 {
+        i64::try_from(monotonic_ns).unwrap_or(i64::MAX) + self.realtime_minus_monotonic_ns
+    }
+}
+
+/// Where this agent runs, named in every flow it reports.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub node: String,
+    pub cluster: String,
+}
+
+pub fn enrich(
+    event: &FlowEvent,
+    directory: &mut Directory,
+    origin: &Origin,
+    clock: &Clock,
+) -> Flow {
+    let source_ip = Ipv4Addr::from(u32::from_be(event.src_ip));
+    let destination_ip = Ipv4Addr::from(u32::from_be(event.dst_ip));
+    let endpoint = |meta: Option<EndpointMeta>| {
+        meta.map(|meta| Endpoint {
+            identity: meta.identity,
+            cluster_name: meta.cluster,
+            namespace: meta.namespace,
+            pod_name: meta.pod,
+            labels: meta
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+            node_name: meta.node,
+        })
+    };
+    let drop_reason = DropReason::from_number(event.drop_reason);
+    Flow {
+        time_unix_nano: clock.unix_nanos(event.timestamp_ns),
+        verdict: match FlowVerdict::from_number(event.verdict) {
+            Some(FlowVerdict::Forwarded) => Verdict::Forwarded as i32,
+            Some(FlowVerdict::Dropped) => Verdict::Dropped as i32,
+            None => Verdict::Unknown as i32,
+        },
+        drop_reason: u32::from(event.drop_reason),
+        drop_reason_desc: drop_reason
+            .map(|reason| reason.description().to_owned())
+            .unwrap_or_else(|| format!("unknown drop reason {}", event.drop_reason)),
+        source_ip: source_ip.to_string(),
+        destination_ip: destination_ip.to_string(),
+        protocol: protocol_name(event.protocol),
+        source_port: u32::from(event.src_port),
+        destination_port: u32::from(event.dst_port),
+        tcp_flags: if event.protocol == 6 {
+            tcp_flag_names(event.tcp_flags)
+        } else {
+            Vec::new()
+        },
+        source: endpoint(directory.lookup(source_ip)),
+        destination: endpoint(directory.lookup(destination_ip)),
+        observation_point: match maps::ObservationPoint::from_number(event.observation_point) {
+            Some(maps::ObservationPoint::FromEndpoint) => ObservationPoint::FromEndpoint as i32,
+            Some(maps::ObservationPoint::ToEndpoint) => ObservationPoint::ToEndpoint as i32,
+            Some(maps::ObservationPoint::ToOverlay) => ObservationPoint::ToOverlay as i32,
+            None => ObservationPoint::Unknown as i32,
+        },
+        node_name: origin.node.clone(),
+        length: event.length,
+    }
+}
+
+pub fn protocol_name(number: u8) -> String {
+    match number {
+        1 => "ICMP".into(),
+        6 => "TCP".into(),
+        17 => "UDP".into(),
+        other => format!("IP-{other}"),
+    }
+}
+
+pub fn tcp_flag_names(flags: u8) -> Vec<String> {
+    [
+        (0x02, "SYN"),
+        (0x10, "ACK"),
+        (0x01, "FIN"),
+        (0x04, "RST"),
+        (0x08, "PSH"),
+        (0x20, "URG"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name.to_owned())
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_becomes_a_flow_with_names_flags_and_time() {
+        let mut directory = Directory::new(None);
+        directory.set_local(EndpointMeta {
+            ip: "10.1.1.2".parse().unwrap(),
+            cluster: "east".into(),
+            namespace: "training".into(),
+            pod: "trainer-0".into(),
+            node: "n1".into(),
+            identity: 5,
+            ..Default::default()
+        });
+        let event = FlowEvent {
+            timestamp_ns: 1_000,
+            src_ip: u32::from(Ipv4Addr::new(10, 1, 1, 2)).to_be(),
+            dst_ip: u32::from(Ipv4Addr::new(10, 1, 2, 1)).to_be(),
+            src_port: 40000,
+            dst_port: 8080,
+            protocol: 6,
+            verdict: 1,
+            tcp_flags: 0x12,
+            observation_point: 1,
+            ..Default::default()
+        };
+        let origin = Origin {
+            node: "n1".into(),
+            cluster: "east".into(),
+        };
+        let clock = Clock {
+            realtime_minus_monotonic_ns: 5_000,
+        };
+        let flow = enrich(&event, &mut directory, &origin, &clock);
+        assert_eq!(flow.time_unix_nano, 6_000);
+        assert_eq!(
+            flow.source.as_ref().map(|s| s.pod_name.as_str()),
+            Some("trainer-0")
+        );
+        assert_eq!(flow.destination, None, "an unknown address stays unnamed");
+        assert_eq!(flow.tcp_flags, vec!["SYN", "ACK"]);
+        assert_eq!(
+            (flow.protocol.as_str(), flow.destination_port),
+            ("TCP", 8080)
+        );
+        assert_eq!(flow.verdict, Verdict::Forwarded as i32);
+        assert_eq!(
+            flow.observation_point,
+            ObservationPoint::FromEndpoint as i32
+        );
+    }
+}
