@@ -9,13 +9,14 @@ TOOLS_VENV := .tools/venv
 # Pinned: Helm v4's engine as a library (no helm binary needed) and Kubernetes' schemas.
 PY_TOOLS := helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.3
 
-.PHONY: help deps build crds demo test fmt-check clippy unit-test e2e-test clean
+.PHONY: help deps build crds demo test bench fmt-check clippy unit-test e2e-test clean
 
 help:
 	@echo "make demo   build Weft and show what works today"
 	@echo "make test   everything CI runs: format, clippy, unit and e2e tests"
 	@echo "make deps   install the system and Python tools the build and tests need"
 	@echo "make crds   regenerate crds/manifests and the chart's CRDs from the Rust types"
+	@echo "make bench  datapath benchmarks against a no-BPF baseline (root)"
 
 # Installs only what is missing, so repeated runs are quick and offline.
 deps:
@@ -45,16 +46,23 @@ fmt-check:
 clippy: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Every target selects the whole workspace: per-package selections unify features differently
+# and rebuild much of the dependency tree.
 unit-test: deps
-	$(CARGO) test --workspace --exclude weft-e2e
+	$(CARGO) test --workspace --lib --bins
 
 # Needs root: creates network namespaces and loads eBPF programs; cleans up after itself.
 # The sandbox tests run the real binaries (weft-agent, weft-cni, weftctl), so build them first.
 e2e-test: deps
 	$(CARGO) build --workspace --bins
-	$(CARGO) test -p weft-e2e
+	$(CARGO) test --workspace --test '*'
 
 test: fmt-check clippy unit-test e2e-test
+
+# Needs root, like the e2e tests. Prints Weft against a baseline measured in the same run.
+bench: deps
+	$(CARGO) build --release --workspace --bins
+	WEFT_BIN_DIR=$(CURDIR)/target/release $(CARGO) bench --workspace --bench datapath
 
 demo: deps
 	@scripts/demo.sh

@@ -31,16 +31,20 @@ sleep 0.5
 $weftctl sandbox exec trainer-0 -n training -- iperf3 -c "$(ip_of trainer-1)" -p 5201 -t 3 | grep -E 'sender|receiver'
 wait
 
+step "Their flows, as the datapath saw them (weftctl observe)"
+$weftctl observe --sandbox demo --namespace training --protocol TCP --last 8
+
 cat <<MSG
 
 The sandbox "demo" is still up. Explore it:
   $weftctl sandbox status                       clusters, nodes, pods (-o json for more)
+  $weftctl observe --follow                     flows as they happen (--pod, -n, -l, --port, -o json)
   $weftctl sandbox exec trainer-0 -n training -- bash     a shell inside a pod
   $weftctl sandbox apply -f FILE                add pods from Kubernetes YAML
   $weftctl validate -f my-policy.yaml           check your own policies
 Tear it down:
   $weftctl sandbox down
 
-Coming next (README, "Features"): flow observability (weftctl observe), identity-based
-policy, Maglev service load balancing, and the cluster mesh.
+Coming next (README, "Features"): identity-based policy with explainable verdicts,
+Maglev service load balancing, and the cluster mesh.
 MSG

@@ -151,3 +151,70 @@ pub fn run_in_pod(pod: &PodState, program: &str, args: &[&str]) -> std::process:
         .output()
         .expect("run command")
 }
+
+/// Flows from `weftctl observe -o json` for this sandbox, with extra filter arguments.
+pub fn observe(sandbox: &TestSandbox, filters: &[&str]) -> Vec<serde_json::Value> {
+    let output = std::process::Command::new(default_bin_dir().join("weftctl"))
+        .args([
+            "observe",
+            "--sandbox",
+            &sandbox.name,
+            "-o",
+            "json",
+            "--last",
+            "500",
+        ])
+        .args(filters)
+        .output()
+        .expect("run weftctl observe");
+    assert!(
+        output.status.success(),
+        "weftctl observe failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line per flow"))
+        .collect()
+}
+
+/// (source pod, destination pod, observation point, node) of a flow from [`observe`].
+pub fn flow_ends(flow: &serde_json::Value) -> (String, String, String, String) {
+    let flow = &flow["flow"];
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_owned();
+    (
+        text(&flow["source"]["pod_name"]),
+        text(&flow["destination"]["pod_name"]),
+        text(&flow["trace_observation_point"]),
+        text(&flow["node_name"]),
+    )
+}
+
+/// Asserts the TCP connection from pod `from` to pod `to` was observed leaving `from`'s node
+/// and arriving at `to`'s node, named at both ends.
+pub fn assert_connection_observed(sandbox: &TestSandbox, from: &PodState, to: &PodState) {
+    let flows = observe(
+        sandbox,
+        &[
+            "--pod",
+            &format!("{}/{}", to.namespace, to.name),
+            "--protocol",
+            "TCP",
+        ],
+    );
+    let seen: Vec<_> = flows.iter().map(flow_ends).collect();
+    for (point, node) in [("FROM_ENDPOINT", &from.node), ("TO_ENDPOINT", &to.node)] {
+        let expected = (
+            from.name.clone(),
+            to.name.clone(),
+            point.to_owned(),
+            node.clone(),
+        );
+        assert!(
+            seen.contains(&expected),
+            "{} -> {} not observed at {point} on {node}: {seen:?}",
+            from.name,
+            to.name
+        );
+    }
+}

@@ -1,7 +1,9 @@
 //! Pod connectivity in the sandbox, as a user sees it: real agents, real weft-cni, real
 //! packets between network namespaces.
 
-use weft_e2e::sandbox::{answered_by, http_get, run_in_pod, TestSandbox};
+use weft_e2e::sandbox::{
+    answered_by, assert_connection_observed, http_get, observe, run_in_pod, TestSandbox,
+};
 
 /// A pod with an HTTP port 8080, a TCP echo port 9000 and a UDP echo port 5353.
 fn pod(name: &str, node: &str) -> String {
@@ -31,6 +33,7 @@ fn assert_pods_talk(sandbox: &TestSandbox) {
             body.contains(&format!("\"client\":\"{}:", from.ip)),
             "{path}: the pod sees the real client address: {body}"
         );
+        assert_connection_observed(sandbox, from, to);
     }
 }
 
@@ -58,6 +61,20 @@ fn pods_and_nodes_reach_each_other() {
             http_get(&n1.netns, pod.ip, 8080).unwrap_or_else(|e| panic!("node -> {what}: {e}"));
         assert_eq!(answered_by(&body), pod.name, "node -> {what}");
     }
+    // The node's connection to the remote pod is observed where it is delivered; the node end
+    // is shown by its address.
+    let flows = observe(
+        &sandbox,
+        &["--pod", "default/b1", "--ip", &n1.ip.to_string()],
+    );
+    assert!(
+        flows.iter().any(|flow| {
+            flow["flow"]["IP"]["source"] == n1.ip.to_string()
+                && flow["flow"]["destination"]["pod_name"] == "b1"
+                && flow["flow"]["trace_observation_point"] == "TO_ENDPOINT"
+        }),
+        "node n1 -> b1 not observed: {flows:?}"
+    );
     // A pod reaches its own node and another node.
     for node in [&n1, &n2] {
         let ping = run_in_pod(a1, "ping", &["-c", "1", "-W", "2", &node.ip.to_string()]);
@@ -114,5 +131,6 @@ fn two_clusters_with_distinct_pod_cidrs_share_one_fabric() {
             .unwrap_or_else(|e| panic!("{} -> {}: {e}", from.cluster, to.cluster));
         let reply: serde_json::Value = serde_json::from_str(&body).expect("JSON answer");
         assert_eq!(reply["cluster"], to.cluster.as_str(), "{body}");
+        assert_connection_observed(&sandbox, from, to);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
-use weft_e2e::sandbox::{http_get, http_get_path, run_in_pod, TestSandbox};
+use weft_e2e::sandbox::{flow_ends, http_get, http_get_path, observe, run_in_pod, TestSandbox};
 use weft_sandbox::default_bin_dir;
 
 fn pod(name: &str, node: &str) -> String {
@@ -23,42 +23,6 @@ fn sandbox() -> TestSandbox {
     )
 }
 
-fn observe(sandbox: &TestSandbox, filters: &[&str]) -> Vec<Value> {
-    let output = Command::new(default_bin_dir().join("weftctl"))
-        .args([
-            "observe",
-            "--sandbox",
-            &sandbox.name,
-            "-o",
-            "json",
-            "--last",
-            "200",
-        ])
-        .args(filters)
-        .output()
-        .expect("run weftctl observe");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a JSON line per flow"))
-        .collect()
-}
-
-fn described(flow: &Value) -> (String, String, String, String) {
-    let flow = &flow["flow"];
-    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
-    (
-        text(&flow["source"]["pod_name"]),
-        text(&flow["destination"]["pod_name"]),
-        text(&flow["trace_observation_point"]),
-        text(&flow["node_name"]),
-    )
-}
-
 #[test]
 fn a_connection_appears_at_both_nodes_named_at_both_ends() {
     let sandbox = sandbox();
@@ -69,7 +33,7 @@ fn a_connection_appears_at_both_nodes_named_at_both_ends() {
     let syns: Vec<(String, String, String, String)> = flows
         .iter()
         .filter(|flow| flow["flow"]["l4"]["TCP"]["flags"] == serde_json::json!({"SYN": true}))
-        .map(described)
+        .map(flow_ends)
         .collect();
     assert!(
         syns.contains(&(
@@ -91,7 +55,7 @@ fn a_connection_appears_at_both_nodes_named_at_both_ends() {
     );
     let syn = flows
         .iter()
-        .find(|flow| described(flow).2 == "TO_ENDPOINT")
+        .find(|flow| flow_ends(flow).2 == "TO_ENDPOINT")
         .expect("a delivered flow");
     assert_eq!(syn["flow"]["verdict"], "FORWARDED");
     assert_eq!(syn["flow"]["source"]["namespace"], "shop");

@@ -373,52 +373,24 @@ impl Sandbox {
         let netns = self.plan.pod_netns(cluster, &pod.namespace, &pod.name);
         host::add_netns(&netns)?;
         let container_id = random_container_id();
-        let agent = self
-            .agents
-            .iter()
-            .find(|agent| agent.cluster == cluster && agent.node == pod.node)
-            .ok_or_else(|| SandboxError::Invalid(format!("node {} has no agent", pod.node)))?;
-        let conf = serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": "weft",
-            "type": "weft-cni",
-            "agentSocket": agent.cni_socket,
-        })
-        .to_string();
-        let envs = [
-            ("CNI_COMMAND", "ADD".to_owned()),
-            ("CNI_CONTAINERID", container_id.clone()),
-            ("CNI_NETNS", host::netns_path(&netns).display().to_string()),
-            ("CNI_IFNAME", "eth0".to_owned()),
-            (
-                "CNI_ARGS",
-                format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
-                    pod.namespace, pod.name
-                ),
-            ),
-            ("CNI_PATH", self.bin_dir.display().to_string()),
-        ];
         // As kubelet does: while the agent is away (CNI code 11, "try again later"), retry.
         let deadline = Instant::now() + CNI_RETRY_TIMEOUT;
-        let (output, result) = loop {
-            let output = host::run_in(
-                &self.bin_dir.join("weft-cni"),
-                &[],
-                &envs,
-                Some(&node.netns),
-                &conf,
+        let (succeeded, result) = loop {
+            let (succeeded, result) = self.run_cni(
+                "ADD",
+                &node,
+                &container_id,
+                &netns,
+                Some((&pod.namespace, &pod.name)),
             )?;
-            let result: serde_json::Value =
-                serde_json::from_slice(&output.stdout).unwrap_or_default();
             let try_again = result.get("code").and_then(|code| code.as_u64()) == Some(11);
-            if output.status.success() || !try_again || Instant::now() > deadline {
-                break (output, result);
+            if succeeded || !try_again || Instant::now() > deadline {
+                break (succeeded, result);
             }
             tracing::info!(pod = %pod.name, "the node's agent is unavailable; retrying");
             std::thread::sleep(CNI_RETRY_INTERVAL);
         };
-        if !output.status.success() {
+        if !succeeded {
             host::del_netns(&netns);
             return Err(SandboxError::Cni {
                 pod: format!("{}/{}", pod.namespace, pod.name),
@@ -427,7 +399,7 @@ impl Sandbox {
                     .or_else(|| result.get("msg"))
                     .and_then(|m| m.as_str())
                     .map(str::to_owned)
-                    .unwrap_or_else(|| String::from_utf8_lossy(&output.stderr).into_owned()),
+                    .unwrap_or_else(|| result.to_string()),
             });
         }
         let ip: Ipv4Addr = result
@@ -568,39 +540,18 @@ impl Sandbox {
 
     fn remove_pod(&self, pod: &PodState) -> Result<(), SandboxError> {
         host::stop_process(pod.server_pid);
-        if let Some(agent) = self
+        let has_agent = self
             .agents
             .iter()
-            .find(|agent| agent.cluster == pod.cluster && agent.node == pod.node)
-        {
-            if let Some(node) = self.plan.node(&pod.cluster, &pod.node) {
-                let conf = serde_json::json!({
-                    "cniVersion": "1.0.0", "name": "weft", "type": "weft-cni",
-                    "agentSocket": agent.cni_socket,
-                })
-                .to_string();
-                let envs = [
-                    ("CNI_COMMAND", "DEL".to_owned()),
-                    ("CNI_CONTAINERID", pod.container_id.clone()),
-                    (
-                        "CNI_NETNS",
-                        host::netns_path(&pod.netns).display().to_string(),
-                    ),
-                    ("CNI_IFNAME", "eth0".to_owned()),
-                ];
-                let output = host::run_in(
-                    &self.bin_dir.join("weft-cni"),
-                    &[],
-                    &envs,
-                    Some(&node.netns),
-                    &conf,
-                )?;
-                if !output.status.success() {
-                    return Err(SandboxError::Cni {
-                        pod: pod.name.clone(),
-                        message: String::from_utf8_lossy(&output.stdout).into_owned(),
-                    });
-                }
+            .any(|agent| agent.cluster == pod.cluster && agent.node == pod.node);
+        if let (true, Some(node)) = (has_agent, self.plan.node(&pod.cluster, &pod.node)) {
+            let (succeeded, result) =
+                self.run_cni("DEL", node, &pod.container_id, &pod.netns, None)?;
+            if !succeeded {
+                return Err(SandboxError::Cni {
+                    pod: pod.name.clone(),
+                    message: result.to_string(),
+                });
             }
         }
         if let Some(cgroup) = &pod.cgroup {
@@ -608,6 +559,56 @@ impl Sandbox {
         }
         host::del_netns(&pod.netns);
         Ok(())
+    }
+
+    /// Runs `weft-cni` for a pod as a container runtime would: in the node's network
+    /// namespace, with the `CNI_*` variables and the network configuration on stdin. Returns
+    /// whether it succeeded and what it printed (the result, or the CNI error).
+    fn run_cni(
+        &self,
+        command: &str,
+        node: &NodePlan,
+        container_id: &str,
+        pod_netns: &str,
+        pod: Option<(&str, &str)>,
+    ) -> Result<(bool, serde_json::Value), SandboxError> {
+        let agent = self
+            .agents
+            .iter()
+            .find(|agent| agent.cluster == node.cluster && agent.node == node.name)
+            .ok_or_else(|| SandboxError::Invalid(format!("node {} has no agent", node.name)))?;
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "weft",
+            "type": "weft-cni",
+            "agentSocket": agent.cni_socket,
+        })
+        .to_string();
+        let mut envs = vec![
+            ("CNI_COMMAND", command.to_owned()),
+            ("CNI_CONTAINERID", container_id.to_owned()),
+            (
+                "CNI_NETNS",
+                host::netns_path(pod_netns).display().to_string(),
+            ),
+            ("CNI_IFNAME", "eth0".to_owned()),
+            ("CNI_PATH", self.bin_dir.display().to_string()),
+        ];
+        if let Some((namespace, name)) = pod {
+            envs.push((
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
+            ));
+        }
+        let output = host::run_in(
+            &self.bin_dir.join("weft-cni"),
+            &[],
+            &envs,
+            Some(&node.netns),
+            &conf,
+        )?;
+        let result = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        Ok((output.status.success(), result))
     }
 
     fn cluster_name(&self, cluster: Option<&str>) -> Result<String, SandboxError> {
