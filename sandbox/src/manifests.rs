@@ -33,17 +33,6 @@ pub struct PodPort {
     pub name: Option<String>,
 }
 
-impl PodPort {
-    /// TCP ports named `http…` answer HTTP; other TCP ports echo; UDP ports echo datagrams.
-    pub fn is_http(&self) -> bool {
-        self.protocol == "TCP"
-            && self
-                .name
-                .as_deref()
-                .is_some_and(|name| name.starts_with("http"))
-    }
-}
-
 /// What the sandbox needs of a Pod.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxPod {
@@ -194,9 +183,8 @@ mod tests {
             (pod.namespace.as_str(), pod.name.as_str(), pod.node.as_str()),
             ("shop", "web", "n1")
         );
-        assert!(pod.ports[0].is_http());
+        assert_eq!(pod.ports[0].name.as_deref(), Some("http"));
         assert_eq!(pod.ports[1].protocol, "UDP");
-        assert!(!pod.ports[1].is_http());
     }
 
     #[test]
