@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -36,11 +36,18 @@ impl Default for EndpointMeta {
     }
 }
 
+/// A known address re-checks the file this often (its owner may have changed)...
+const RECHECK_KNOWN: Duration = Duration::from_secs(2);
+/// ...an unknown one this often (a new pod's first flows), so a burst of events costs a stat
+/// per interval, not per event.
+const RECHECK_UNKNOWN: Duration = Duration::from_millis(100);
+
 #[derive(Default)]
 pub struct Directory {
     local: HashMap<Ipv4Addr, EndpointMeta>,
     file: Option<PathBuf>,
     file_modified: Option<SystemTime>,
+    last_checked: Option<Instant>,
     known: HashMap<Ipv4Addr, EndpointMeta>,
 }
 
@@ -63,7 +70,18 @@ impl Directory {
 
     /// The directory's entry (richer: it has labels) or the local record.
     pub fn lookup(&mut self, ip: Ipv4Addr) -> Option<EndpointMeta> {
-        self.refresh();
+        let interval = if self.known.contains_key(&ip) {
+            RECHECK_KNOWN
+        } else {
+            RECHECK_UNKNOWN
+        };
+        if self
+            .last_checked
+            .is_none_or(|checked| checked.elapsed() >= interval)
+        {
+            self.last_checked = Some(Instant::now());
+            self.refresh();
+        }
         self.known.get(&ip).or_else(|| self.local.get(&ip)).cloned()
     }
 
@@ -119,6 +137,7 @@ mod tests {
         let mut remote = meta("10.1.2.1", "remote");
         remote.labels.insert("app".into(), "model".into());
         std::fs::write(&file, serde_json::to_vec(&vec![remote.clone()]).unwrap()).expect("write");
+        std::thread::sleep(RECHECK_UNKNOWN);
         assert_eq!(directory.lookup("10.1.2.1".parse().unwrap()), Some(remote));
     }
 }
