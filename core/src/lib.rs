@@ -7,4 +7,5 @@ pub mod admin;
 pub mod cluster;
 pub mod daemon;
 pub mod identity;
+pub mod policy;
 pub mod telemetry;

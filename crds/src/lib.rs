@@ -11,6 +11,7 @@ pub mod identity;
 pub mod manifests;
 pub mod peering;
 pub mod policy;
+pub mod policy_model;
 pub mod selector;
 pub mod status;
 pub mod validate;

@@ -1,0 +1,13 @@
+//! Network policy, independent of where it came from: the model (`model`), label selectors
+//! (`selector`), the reference semantics that decide a connection and name the deciding rule
+//! (`evaluate`). The compiler to datapath entries comes with enforcement.
+//!
+//! `WeftNetworkPolicy`, `WeftClusterwideNetworkPolicy` and Kubernetes `NetworkPolicy` are all
+//! converted to [`model::Policy`] (in `weft-crds`), so one set of semantics serves them all.
+
+pub mod evaluate;
+pub mod model;
+pub mod selector;
+
+/// Security labels carry the namespace and its labels under these keys (see `identity`).
+pub use crate::identity::{NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX};

@@ -1,0 +1,230 @@
+//! The policy model every source (Weft policies, Kubernetes NetworkPolicy) is converted to.
+
+use std::fmt;
+
+use ipnet::Ipv4Net;
+
+use crate::policy::selector::Selector;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        })
+    }
+}
+
+/// A connection's transport protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// A rule's protocol: one, or both (`ANY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProtocolMatch {
+    Tcp,
+    Udp,
+    Any,
+}
+
+impl ProtocolMatch {
+    pub fn matches(self, protocol: Protocol) -> bool {
+        matches!(
+            (self, protocol),
+            (Self::Any, _) | (Self::Tcp, Protocol::Tcp) | (Self::Udp, Protocol::Udp)
+        )
+    }
+}
+
+/// Ports a rule applies to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PortMatch {
+    /// `first..=last`; `0..=65535` is every port.
+    Range {
+        protocol: ProtocolMatch,
+        first: u16,
+        last: u16,
+    },
+    /// A named container port of the destination endpoint.
+    Named {
+        protocol: ProtocolMatch,
+        name: String,
+    },
+}
+
+/// Peers that are not pods of the cluster, or groups of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Entity {
+    World,
+    Host,
+    RemoteNode,
+    Cluster,
+    KubeApiserver,
+    Health,
+    Init,
+    All,
+}
+
+/// Who is at the other end.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// Endpoints whose security labels match (already scoped to a namespace where the policy
+    /// says so).
+    Endpoints(Selector),
+    /// Addresses outside the cluster in `cidr` but not in any of `except`.
+    Cidr {
+        cidr: Ipv4Net,
+        except: Vec<Ipv4Net>,
+    },
+    Entity(Entity),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// Which list of the policy a rule stands in, as the user wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Section {
+    Ingress,
+    Egress,
+    IngressDeny,
+    EgressDeny,
+}
+
+impl Section {
+    pub fn direction(self) -> Direction {
+        match self {
+            Self::Ingress | Self::IngressDeny => Direction::Ingress,
+            Self::Egress | Self::EgressDeny => Direction::Egress,
+        }
+    }
+
+    pub fn action(self) -> Action {
+        match self {
+            Self::Ingress | Self::Egress => Action::Allow,
+            Self::IngressDeny | Self::EgressDeny => Action::Deny,
+        }
+    }
+
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+            Self::IngressDeny => "ingressDeny",
+            Self::EgressDeny => "egressDeny",
+        }
+    }
+}
+
+/// One rule: any of `peers`, on any of `ports`. No peers means every peer; no ports means
+/// every port (as in Kubernetes NetworkPolicy).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub section: Section,
+    /// Position in its section, as the user wrote it.
+    pub index: usize,
+    pub peers: Vec<Peer>,
+    pub ports: Vec<PortMatch>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicyKind {
+    WeftNetworkPolicy,
+    WeftClusterwideNetworkPolicy,
+    NetworkPolicy,
+}
+
+/// Names a policy in verdicts and statuses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyId {
+    pub kind: PolicyKind,
+    /// `None` for cluster-scoped policies.
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl fmt::Display for PolicyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            PolicyKind::WeftNetworkPolicy => "WeftNetworkPolicy",
+            PolicyKind::WeftClusterwideNetworkPolicy => "WeftClusterwideNetworkPolicy",
+            PolicyKind::NetworkPolicy => "NetworkPolicy",
+        };
+        match &self.namespace {
+            Some(namespace) => write!(f, "{kind} {namespace}/{}", self.name),
+            None => write!(f, "{kind} {}", self.name),
+        }
+    }
+}
+
+/// A rule as verdicts name it: `WeftNetworkPolicy training/allow-nccl ingress[0]`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleRef {
+    pub policy: PolicyId,
+    pub section: Section,
+    pub index: usize,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}[{}]",
+            self.policy,
+            self.section.field(),
+            self.index
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub id: PolicyId,
+    /// The endpoints the policy applies to (already scoped to its namespace if namespaced).
+    pub subject: Selector,
+    pub rules: Vec<Rule>,
+    /// Whether selecting an endpoint isolates it in each direction.
+    pub isolates_ingress: bool,
+    pub isolates_egress: bool,
+}
+
+impl Policy {
+    pub fn isolates(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Ingress => self.isolates_ingress,
+            Direction::Egress => self.isolates_egress,
+        }
+    }
+
+    pub fn rule_ref(&self, rule: &Rule) -> RuleRef {
+        RuleRef {
+            policy: self.id.clone(),
+            section: rule.section,
+            index: rule.index,
+        }
+    }
+}
+
+/// How policy applies to endpoints (as Cilium's `--enable-policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EnforcementMode {
+    /// An endpoint selected by a policy that isolates a direction is default-deny there.
+    #[default]
+    Default,
+    /// Every endpoint is default-deny in both directions.
+    Always,
+    /// Nothing is enforced.
+    Never,
+}
