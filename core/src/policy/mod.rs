@@ -1,10 +1,11 @@
 //! Network policy, independent of where it came from: the model (`model`), label selectors
 //! (`selector`), the reference semantics that decide a connection and name the deciding rule
-//! (`evaluate`). The compiler to datapath entries comes with enforcement.
+//! (`evaluate`), and the compiler to what the datapath looks up (`compile`).
 //!
 //! `WeftNetworkPolicy`, `WeftClusterwideNetworkPolicy` and Kubernetes `NetworkPolicy` are all
 //! converted to [`model::Policy`] (in `weft-crds`), so one set of semantics serves them all.
 
+pub mod compile;
 pub mod evaluate;
 pub mod model;
 pub mod selector;

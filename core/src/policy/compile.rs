@@ -1,0 +1,803 @@
+//! Compiles policy into what the datapath looks up per packet, sized by rules, not by
+//! identities × rules (the product is what overflows Cilium's per-endpoint policy maps).
+//!
+//! Two tables:
+//! - **peer sets**, one entry per identity: the set of *peer selector slots* (distinct peers
+//!   named by any rule: an endpoint selector, a CIDR with its exceptions, an entity) that the
+//!   identity matches, as a bitmap of [`SELECTOR_CAPACITY`] bits;
+//! - **port entries**, per endpoint, direction and protocol: disjoint port intervals (each
+//!   expanded into LPM prefixes for the map), each with an `allow` and a `deny` bitmap of the
+//!   slots whose rules cover it.
+//!
+//! A packet's verdict: `peers = peer_set[identity]`, `entry = port_entry[endpoint, dir, proto,
+//! port]`; `peers & entry.deny` → denied, else `peers & entry.allow` → allowed, else denied if
+//! the endpoint is isolated in that direction. Entries: one per identity, plus per endpoint at
+//! most `2 × 16` prefixes per port-interval boundary its rules create.
+//!
+//! **Bound:** at most [`SELECTOR_CAPACITY`] distinct peer selectors per node. Beyond it
+//! compilation fails with [`CompileError::TooManySelectors`], which the agent reports in the
+//! policy's status and logs; it never installs a partial (and so wrongly allowing) policy.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::Ipv4Net;
+
+use crate::policy::evaluate::{entity_matches, NamedPorts, PeerKind, Verdict};
+use crate::policy::model::{
+    Action, Direction, EnforcementMode, Peer, Policy, PortMatch, Protocol, RuleRef,
+};
+use crate::policy::selector::Labels;
+
+/// Bits in a peer set; the number of distinct peer selectors a node can hold.
+pub const SELECTOR_CAPACITY: usize = 1024;
+const WORDS: usize = SELECTOR_CAPACITY / 64;
+
+/// A set of peer selector slots.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerSet(pub [u64; WORDS]);
+
+impl Default for PeerSet {
+    fn default() -> Self {
+        Self([0; WORDS])
+    }
+}
+
+impl std::fmt::Debug for PeerSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.slots()).finish()
+    }
+}
+
+impl PeerSet {
+    pub fn insert(&mut self, slot: usize) {
+        self.0[slot / 64] |= 1 << (slot % 64);
+    }
+
+    pub fn intersects(&self, other: &Self) -> bool {
+        self.0.iter().zip(other.0.iter()).any(|(a, b)| a & b != 0)
+    }
+
+    pub fn union(&mut self, other: &Self) {
+        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
+            *a |= b;
+        }
+    }
+
+    pub fn intersection(&self, other: &Self) -> Self {
+        let mut both = *self;
+        for (a, b) in both.0.iter_mut().zip(other.0.iter()) {
+            *a &= b;
+        }
+        both
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|word| *word == 0)
+    }
+
+    pub fn slots(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..SELECTOR_CAPACITY).filter(|slot| self.0[slot / 64] & (1 << (slot % 64)) != 0)
+    }
+}
+
+/// What an identity stands for, as far as selectors care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentityKind {
+    /// A pod, with its security labels.
+    Endpoint(Labels),
+    /// A reserved identity (host, world, remote node, …).
+    Reserved(PeerKind),
+    /// Addresses in this prefix that no longer listed prefix covers (CIDR identities, one per
+    /// prefix a policy names; addresses outside every listed prefix are `world`).
+    Cidr(Ipv4Net),
+}
+
+/// An endpoint on this node to compile for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInput {
+    pub id: u32,
+    pub labels: Labels,
+    pub named_ports: NamedPorts,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("the policies selecting endpoints on this node name {count} distinct peers; the datapath holds at most {SELECTOR_CAPACITY}: merge rules that name the same peers, or select fewer endpoints per node")]
+    TooManySelectors { count: usize },
+    #[error("{rule}: egress rules that name a port ({port:?}) are not supported by the datapath yet; use the port number")]
+    EgressNamedPort { rule: RuleRef, port: String },
+}
+
+/// One port interval's bitmaps, and which rules put each slot there (for naming the rule).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortEntry {
+    pub first: u16,
+    pub last: u16,
+    pub allow: PeerSet,
+    pub deny: PeerSet,
+    pub rules: BTreeMap<usize, BTreeSet<(ActionRank, RuleRef)>>,
+}
+
+/// Orders deny before allow when naming rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ActionRank {
+    Deny,
+    Allow,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    pub isolated_ingress: bool,
+    pub isolated_egress: bool,
+    /// Sorted, disjoint intervals per (direction, protocol); gaps fall to the default.
+    pub entries: BTreeMap<(Direction, Protocol), Vec<PortEntry>>,
+}
+
+impl EndpointPolicy {
+    pub fn isolated(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Ingress => self.isolated_ingress,
+            Direction::Egress => self.isolated_egress,
+        }
+    }
+
+    /// How many LPM map entries this endpoint needs.
+    pub fn map_entries(&self) -> usize {
+        self.entries
+            .values()
+            .flatten()
+            .map(|entry| port_prefixes(entry.first, entry.last).len())
+            .sum()
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    /// Slot → the peer it stands for.
+    pub selectors: Vec<Peer>,
+    pub peer_sets: BTreeMap<u32, PeerSet>,
+    pub endpoints: BTreeMap<u32, EndpointPolicy>,
+}
+
+impl Compiled {
+    /// The datapath's decision, computed the way the datapath computes it, with the rule
+    /// userspace names for it. `None` rule: decided by isolation (or its absence).
+    pub fn lookup(
+        &self,
+        endpoint: u32,
+        direction: Direction,
+        peer_identity: u32,
+        protocol: Protocol,
+        port: u16,
+    ) -> (Verdict, Option<RuleRef>) {
+        let Some(policy) = self.endpoints.get(&endpoint) else {
+            return (Verdict::Allowed, None);
+        };
+        let peers = self
+            .peer_sets
+            .get(&peer_identity)
+            .copied()
+            .unwrap_or_default();
+        let entry = policy
+            .entries
+            .get(&(direction, protocol))
+            .and_then(|entries| entries.iter().find(|e| (e.first..=e.last).contains(&port)));
+        if let Some(entry) = entry {
+            for (bits, rank, verdict) in [
+                (entry.deny, ActionRank::Deny, Verdict::Denied),
+                (entry.allow, ActionRank::Allow, Verdict::Allowed),
+            ] {
+                let hit = peers.intersection(&bits);
+                if !hit.is_empty() {
+                    let rule = hit
+                        .slots()
+                        .filter_map(|slot| entry.rules.get(&slot))
+                        .flatten()
+                        .filter(|(r, _)| *r == rank)
+                        .map(|(_, rule)| rule.clone())
+                        .min();
+                    return (verdict, rule);
+                }
+            }
+        }
+        if policy.isolated(direction) {
+            (Verdict::Denied, None)
+        } else {
+            (Verdict::Allowed, None)
+        }
+    }
+
+    /// Total LPM entries for all endpoints, plus one peer-set entry per identity.
+    pub fn map_entries(&self) -> (usize, usize) {
+        (
+            self.endpoints
+                .values()
+                .map(EndpointPolicy::map_entries)
+                .sum(),
+            self.peer_sets.len(),
+        )
+    }
+}
+
+fn cidr_identity_matches(prefix: &Ipv4Net, peer: &Peer) -> bool {
+    match peer {
+        Peer::Cidr { cidr, except } => {
+            cidr.contains(prefix) && !except.iter().any(|e| e.contains(prefix))
+        }
+        Peer::Entity(entity) => entity_matches(*entity, &PeerKind::World),
+        Peer::Endpoints(_) => false,
+    }
+}
+
+fn identity_matches(kind: &IdentityKind, peer: &Peer) -> bool {
+    match kind {
+        IdentityKind::Endpoint(labels) => match peer {
+            Peer::Endpoints(selector) => selector.matches(labels),
+            Peer::Entity(entity) => entity_matches(*entity, &PeerKind::Endpoint(labels.clone())),
+            Peer::Cidr { .. } => false,
+        },
+        // `world` stands for addresses outside every listed prefix: only a /0 covers them.
+        IdentityKind::Reserved(PeerKind::World) => match peer {
+            Peer::Cidr { cidr, .. } => cidr.prefix_len() == 0,
+            Peer::Entity(entity) => entity_matches(*entity, &PeerKind::World),
+            Peer::Endpoints(_) => false,
+        },
+        IdentityKind::Reserved(kind) => match peer {
+            Peer::Entity(entity) => entity_matches(*entity, kind),
+            _ => false,
+        },
+        IdentityKind::Cidr(prefix) => cidr_identity_matches(prefix, peer),
+    }
+}
+
+/// The CIDR prefixes policies name (each needs its own identity in the ipcache).
+pub fn policy_prefixes(policies: &[Policy]) -> BTreeSet<Ipv4Net> {
+    policies
+        .iter()
+        .flat_map(|policy| &policy.rules)
+        .flat_map(|rule| &rule.peers)
+        .filter_map(|peer| match peer {
+            Peer::Cidr { cidr, except } => {
+                Some(std::iter::once(*cidr).chain(except.iter().copied()))
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// A rule's contribution to one port range: (first, last, action, its peer slots, the rule).
+type RangeRule = (u16, u16, ActionRank, PeerSet, RuleRef);
+
+/// Compiles `policies` for the node's `endpoints`, against every known identity.
+pub fn compile(
+    policies: &[Policy],
+    mode: EnforcementMode,
+    endpoints: &[EndpointInput],
+    identities: &BTreeMap<u32, IdentityKind>,
+) -> Result<Compiled, CompileError> {
+    let mut compiled = Compiled::default();
+    let all_peers = Peer::Entity(crate::policy::model::Entity::All);
+    // Slots are handed out on first use; past the bitmap's width compilation stops at once.
+    let slot_of = |peer: &Peer, selectors: &mut Vec<Peer>| -> Result<usize, CompileError> {
+        let slot = match selectors.iter().position(|known| known == peer) {
+            Some(slot) => slot,
+            None => {
+                selectors.push(peer.clone());
+                selectors.len() - 1
+            }
+        };
+        if slot >= SELECTOR_CAPACITY {
+            return Err(CompileError::TooManySelectors {
+                count: selectors.len(),
+            });
+        }
+        Ok(slot)
+    };
+    for endpoint in endpoints {
+        let selecting: Vec<&Policy> = policies
+            .iter()
+            .filter(|policy| policy.subject.matches(&endpoint.labels))
+            .collect();
+        let mut result = EndpointPolicy {
+            isolated_ingress: mode == EnforcementMode::Always
+                || (mode == EnforcementMode::Default
+                    && selecting.iter().any(|p| p.isolates_ingress)),
+            isolated_egress: mode == EnforcementMode::Always
+                || (mode == EnforcementMode::Default
+                    && selecting.iter().any(|p| p.isolates_egress)),
+            entries: BTreeMap::new(),
+        };
+        if mode == EnforcementMode::Never {
+            compiled.endpoints.insert(endpoint.id, result);
+            continue;
+        }
+        // (direction, protocol) → [(first, last, action, slots, rule)]
+        let mut ranges: BTreeMap<(Direction, Protocol), Vec<RangeRule>> = BTreeMap::new();
+        for policy in &selecting {
+            for rule in &policy.rules {
+                let direction = rule.section.direction();
+                let mut slots = PeerSet::default();
+                if rule.peers.is_empty() {
+                    slots.insert(slot_of(&all_peers, &mut compiled.selectors)?);
+                }
+                for peer in &rule.peers {
+                    slots.insert(slot_of(peer, &mut compiled.selectors)?);
+                }
+                let rank = match rule.section.action() {
+                    Action::Deny => ActionRank::Deny,
+                    Action::Allow => ActionRank::Allow,
+                };
+                let every_port = [PortMatch::Range {
+                    protocol: crate::policy::model::ProtocolMatch::Any,
+                    first: 0,
+                    last: u16::MAX,
+                }];
+                let ports = if rule.ports.is_empty() {
+                    &every_port[..]
+                } else {
+                    &rule.ports[..]
+                };
+                for port in ports {
+                    let (protocol, first, last) = match port {
+                        PortMatch::Range {
+                            protocol,
+                            first,
+                            last,
+                        } => (*protocol, *first, *last),
+                        PortMatch::Named { protocol, name } => {
+                            if direction == Direction::Egress {
+                                return Err(CompileError::EgressNamedPort {
+                                    rule: policy.rule_ref(rule),
+                                    port: name.clone(),
+                                });
+                            }
+                            match endpoint.named_ports.get(name) {
+                                Some((named_protocol, number))
+                                    if protocol.matches(*named_protocol) =>
+                                {
+                                    let only = match named_protocol {
+                                        Protocol::Tcp => crate::policy::model::ProtocolMatch::Tcp,
+                                        Protocol::Udp => crate::policy::model::ProtocolMatch::Udp,
+                                    };
+                                    (only, *number, *number)
+                                }
+                                // This endpoint has no such port: the rule opens nothing here.
+                                _ => continue,
+                            }
+                        }
+                    };
+                    for transport in [Protocol::Tcp, Protocol::Udp] {
+                        if protocol.matches(transport) {
+                            ranges.entry((direction, transport)).or_default().push((
+                                first,
+                                last,
+                                rank,
+                                slots,
+                                policy.rule_ref(rule),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for (key, list) in ranges {
+            result.entries.insert(key, disjoint(&list));
+        }
+        compiled.endpoints.insert(endpoint.id, result);
+    }
+    for (identity, kind) in identities {
+        let mut set = PeerSet::default();
+        for (slot, peer) in compiled.selectors.iter().enumerate() {
+            if identity_matches(kind, peer) {
+                set.insert(slot);
+            }
+        }
+        compiled.peer_sets.insert(*identity, set);
+    }
+    Ok(compiled)
+}
+
+/// Splits overlapping ranges into disjoint intervals, each with the union of what covers it;
+/// neighbours with equal contents merge.
+fn disjoint(ranges: &[RangeRule]) -> Vec<PortEntry> {
+    let mut bounds: BTreeSet<u32> = BTreeSet::new();
+    for (first, last, ..) in ranges {
+        bounds.insert(u32::from(*first));
+        bounds.insert(u32::from(*last) + 1);
+    }
+    let bounds: Vec<u32> = bounds.into_iter().collect();
+    let mut entries: Vec<PortEntry> = Vec::new();
+    for window in bounds.windows(2) {
+        let (start, end) = (window[0], window[1] - 1);
+        let mut entry = PortEntry {
+            first: start as u16,
+            last: end as u16,
+            ..PortEntry::default()
+        };
+        for (first, last, rank, slots, rule) in ranges {
+            if u32::from(*first) <= start && end <= u32::from(*last) {
+                match rank {
+                    ActionRank::Deny => entry.deny.union(slots),
+                    ActionRank::Allow => entry.allow.union(slots),
+                }
+                for slot in slots.slots() {
+                    entry
+                        .rules
+                        .entry(slot)
+                        .or_default()
+                        .insert((*rank, rule.clone()));
+                }
+            }
+        }
+        if entry.allow.is_empty() && entry.deny.is_empty() {
+            continue;
+        }
+        match entries.last_mut() {
+            Some(previous)
+                if u32::from(previous.last) + 1 == start
+                    && previous.allow == entry.allow
+                    && previous.deny == entry.deny
+                    && previous.rules == entry.rules =>
+            {
+                previous.last = entry.last;
+            }
+            _ => entries.push(entry),
+        }
+    }
+    entries
+}
+
+/// The LPM prefixes (port, prefix length over the 16 port bits) covering `first..=last`.
+pub fn port_prefixes(first: u16, last: u16) -> Vec<(u16, u8)> {
+    let mut prefixes = Vec::new();
+    let (mut start, end) = (u32::from(first), u32::from(last));
+    while start <= end {
+        // The largest aligned block starting at `start` that stays within `end`.
+        let mut size = if start == 0 {
+            1 << 16
+        } else {
+            1u32 << start.trailing_zeros().min(16)
+        };
+        while start + size - 1 > end {
+            size >>= 1;
+        }
+        prefixes.push((start as u16, 16 - size.trailing_zeros() as u8));
+        start += size;
+    }
+    prefixes
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::policy::evaluate::{decide, Connection, PeerView, Reason, SubjectView};
+    use crate::policy::model::{Entity, PolicyId, PolicyKind, ProtocolMatch, Rule, Section};
+    use crate::policy::selector::Selector;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn app(name: &str) -> Selector {
+        Selector::from_labels(&labels(&[("app", name)]))
+    }
+
+    fn ports(protocol: ProtocolMatch, first: u16, last: u16) -> PortMatch {
+        PortMatch::Range {
+            protocol,
+            first,
+            last,
+        }
+    }
+
+    fn policy(name: &str, subject: Selector, rules: Vec<Rule>, isolates: (bool, bool)) -> Policy {
+        Policy {
+            id: PolicyId {
+                kind: PolicyKind::WeftNetworkPolicy,
+                namespace: Some("ml".into()),
+                name: name.into(),
+            },
+            subject,
+            rules,
+            isolates_ingress: isolates.0,
+            isolates_egress: isolates.1,
+        }
+    }
+
+    fn rule(section: Section, index: usize, peers: Vec<Peer>, ports: Vec<PortMatch>) -> Rule {
+        Rule {
+            section,
+            index,
+            peers,
+            ports,
+        }
+    }
+
+    fn scenario() -> (Vec<Policy>, Vec<EndpointInput>, BTreeMap<u32, IdentityKind>) {
+        let cidr = |s: &str| s.parse::<Ipv4Net>().expect("cidr");
+        let policies = vec![
+            policy(
+                "trainers",
+                app("trainer"),
+                vec![
+                    rule(
+                        Section::Ingress,
+                        0,
+                        vec![Peer::Endpoints(app("trainer"))],
+                        vec![ports(ProtocolMatch::Tcp, 29400, 29500)],
+                    ),
+                    rule(
+                        Section::Ingress,
+                        1,
+                        vec![Peer::Entity(Entity::Host)],
+                        vec![],
+                    ),
+                    rule(
+                        Section::Egress,
+                        0,
+                        vec![Peer::Cidr {
+                            cidr: cidr("10.0.0.0/8"),
+                            except: vec![cidr("10.1.0.0/16")],
+                        }],
+                        vec![ports(ProtocolMatch::Tcp, 443, 443)],
+                    ),
+                    rule(
+                        Section::Egress,
+                        1,
+                        vec![Peer::Endpoints(app("trainer"))],
+                        vec![ports(ProtocolMatch::Any, 29000, 29999)],
+                    ),
+                ],
+                (true, true),
+            ),
+            policy(
+                "no-ssh-anywhere",
+                Selector::all(),
+                vec![rule(
+                    Section::IngressDeny,
+                    0,
+                    vec![],
+                    vec![ports(ProtocolMatch::Tcp, 22, 22)],
+                )],
+                (false, false),
+            ),
+            policy(
+                "model",
+                app("model"),
+                vec![
+                    rule(
+                        Section::Ingress,
+                        0,
+                        vec![Peer::Endpoints(app("gateway")), Peer::Entity(Entity::World)],
+                        vec![PortMatch::Named {
+                            protocol: ProtocolMatch::Tcp,
+                            name: "http".into(),
+                        }],
+                    ),
+                    rule(
+                        Section::IngressDeny,
+                        0,
+                        vec![Peer::Cidr {
+                            cidr: cidr("0.0.0.0/0"),
+                            except: vec![],
+                        }],
+                        vec![ports(ProtocolMatch::Tcp, 8000, 8100)],
+                    ),
+                    rule(
+                        Section::Egress,
+                        0,
+                        vec![],
+                        vec![ports(ProtocolMatch::Udp, 53, 53)],
+                    ),
+                ],
+                (true, true),
+            ),
+        ];
+        let named = NamedPorts::from([("http".into(), (Protocol::Tcp, 8080))]);
+        let endpoints = vec![
+            EndpointInput {
+                id: 1,
+                labels: labels(&[("app", "trainer")]),
+                named_ports: NamedPorts::new(),
+            },
+            EndpointInput {
+                id: 2,
+                labels: labels(&[("app", "model")]),
+                named_ports: named,
+            },
+            EndpointInput {
+                id: 3,
+                labels: labels(&[("app", "gateway")]),
+                named_ports: NamedPorts::new(),
+            },
+        ];
+        let mut identities = BTreeMap::from([
+            (1, IdentityKind::Reserved(PeerKind::Host)),
+            (2, IdentityKind::Reserved(PeerKind::World)),
+            (6, IdentityKind::Reserved(PeerKind::RemoteNode)),
+            (7, IdentityKind::Reserved(PeerKind::KubeApiserver)),
+            (300, IdentityKind::Endpoint(labels(&[("app", "trainer")]))),
+            (301, IdentityKind::Endpoint(labels(&[("app", "model")]))),
+            (302, IdentityKind::Endpoint(labels(&[("app", "gateway")]))),
+        ]);
+        for (index, prefix) in policy_prefixes(&policies).into_iter().enumerate() {
+            identities.insert(16_777_216 + index as u32, IdentityKind::Cidr(prefix));
+        }
+        (policies, endpoints, identities)
+    }
+
+    /// An address the identity stands for: inside its prefix and no more specific listed one.
+    fn address_of(kind: &IdentityKind, identities: &BTreeMap<u32, IdentityKind>) -> PeerView {
+        let more_specific = |ip: Ipv4Addr, prefix: &Ipv4Net| {
+            identities.values().any(|other| matches!(other, IdentityKind::Cidr(p) if p != prefix && p.prefix_len() > prefix.prefix_len() && p.contains(&ip)))
+        };
+        let (kind, ip) = match kind {
+            IdentityKind::Endpoint(labels) => (PeerKind::Endpoint(labels.clone()), None),
+            IdentityKind::Reserved(PeerKind::World) => {
+                (PeerKind::World, Some(Ipv4Addr::new(203, 0, 113, 7)))
+            }
+            IdentityKind::Reserved(kind) => (kind.clone(), None),
+            IdentityKind::Cidr(prefix) => {
+                let ip = prefix
+                    .hosts()
+                    .find(|ip| !more_specific(*ip, prefix))
+                    .expect("an address of the prefix");
+                (PeerKind::World, Some(ip))
+            }
+        };
+        PeerView {
+            kind,
+            ip,
+            named_ports: NamedPorts::new(),
+        }
+    }
+
+    #[test]
+    fn the_compiled_datapath_agrees_with_the_reference_semantics() {
+        let (policies, endpoints, identities) = scenario();
+        let compiled = compile(&policies, EnforcementMode::Default, &endpoints, &identities)
+            .expect("compiles");
+        let ports = [
+            0, 21, 22, 53, 80, 443, 8000, 8080, 8100, 8101, 29000, 29399, 29400, 29450, 29500,
+            29501, 29999, 65535,
+        ];
+        let mut checked = 0;
+        for endpoint in &endpoints {
+            let subject = SubjectView {
+                labels: endpoint.labels.clone(),
+                named_ports: endpoint.named_ports.clone(),
+            };
+            for (identity, kind) in &identities {
+                let peer = address_of(kind, &identities);
+                for direction in [Direction::Ingress, Direction::Egress] {
+                    for protocol in [Protocol::Tcp, Protocol::Udp] {
+                        for port in ports {
+                            let expected = decide(
+                                &policies,
+                                EnforcementMode::Default,
+                                &subject,
+                                &peer,
+                                &Connection {
+                                    direction,
+                                    protocol,
+                                    port,
+                                },
+                            );
+                            let (verdict, rule) =
+                                compiled.lookup(endpoint.id, direction, *identity, protocol, port);
+                            let expected_rule = match &expected.reason {
+                                Reason::Rule(rule) => Some(rule.clone()),
+                                _ => None,
+                            };
+                            assert_eq!(
+                                (verdict, rule),
+                                (expected.verdict, expected_rule),
+                                "endpoint {} peer {identity} ({kind:?}) {direction} {protocol:?}/{port}",
+                                endpoint.id
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 1000, "{checked} connections checked");
+    }
+
+    #[test]
+    fn map_entries_grow_with_rules_not_with_identities() {
+        let (policies, endpoints, _) = scenario();
+        let many: BTreeMap<u32, IdentityKind> = (0..10_000)
+            .map(|i| {
+                (
+                    1000 + i,
+                    IdentityKind::Endpoint(labels(&[
+                        ("app", if i % 2 == 0 { "trainer" } else { "other" }),
+                        ("replica", &i.to_string()),
+                    ])),
+                )
+            })
+            .collect();
+        let few: BTreeMap<u32, IdentityKind> =
+            many.iter().take(10).map(|(k, v)| (*k, v.clone())).collect();
+        let with_few = compile(&policies, EnforcementMode::Default, &endpoints, &few).expect("few");
+        let with_many =
+            compile(&policies, EnforcementMode::Default, &endpoints, &many).expect("many");
+        assert_eq!(
+            with_few.map_entries().0,
+            with_many.map_entries().0,
+            "per-endpoint entries do not depend on identities"
+        );
+        assert_eq!(
+            with_many.map_entries().1,
+            10_000,
+            "one peer-set entry per identity"
+        );
+    }
+
+    #[test]
+    fn too_many_distinct_peers_is_a_clear_error_not_a_partial_policy() {
+        let rules: Vec<Rule> = (0..=SELECTOR_CAPACITY)
+            .map(|i| {
+                rule(
+                    Section::Ingress,
+                    i,
+                    vec![Peer::Endpoints(app(&format!("client-{i}")))],
+                    vec![],
+                )
+            })
+            .collect();
+        let policies = vec![policy("huge", Selector::all(), rules, (true, false))];
+        let endpoints = vec![EndpointInput {
+            id: 1,
+            labels: labels(&[("app", "x")]),
+            named_ports: NamedPorts::new(),
+        }];
+        let error = compile(
+            &policies,
+            EnforcementMode::Default,
+            &endpoints,
+            &BTreeMap::new(),
+        )
+        .expect_err("over the bound");
+        assert_eq!(
+            error,
+            CompileError::TooManySelectors {
+                count: SELECTOR_CAPACITY + 1
+            }
+        );
+        assert!(error.to_string().contains("at most 1024"), "{error}");
+    }
+
+    #[test]
+    fn port_ranges_become_exact_lpm_prefixes() {
+        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
+        for (first, last) in [
+            (29400u16, 29500u16),
+            (1, 1023),
+            (8000, 8100),
+            (65535, 65535),
+            (0, 0),
+            (1024, 65535),
+        ] {
+            let prefixes = port_prefixes(first, last);
+            let covered: Vec<u32> = prefixes
+                .iter()
+                .flat_map(|(port, len)| {
+                    let size = 1u32 << (16 - u32::from(*len));
+                    u32::from(*port)..u32::from(*port) + size
+                })
+                .collect();
+            let expected: Vec<u32> = (u32::from(first)..=u32::from(last)).collect();
+            assert_eq!(covered, expected, "{first}..={last} as {prefixes:?}");
+            assert!(prefixes.len() <= 32);
+        }
+    }
+}
