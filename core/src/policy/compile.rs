@@ -470,23 +470,13 @@ pub fn port_prefixes(first: u16, last: u16) -> Vec<(u16, u8)> {
 
 #[cfg(test)]
 mod tests {
+    use crate::policy::fixtures::{app, labels, rule};
     use std::net::Ipv4Addr;
 
     use super::*;
     use crate::policy::evaluate::{decide, Connection, PeerView, Reason, SubjectView};
     use crate::policy::model::{Entity, PolicyId, PolicyKind, ProtocolMatch, Rule, Section};
     use crate::policy::selector::Selector;
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn app(name: &str) -> Selector {
-        Selector::from_labels(&labels(&[("app", name)]))
-    }
 
     fn ports(protocol: ProtocolMatch, first: u16, last: u16) -> PortMatch {
         PortMatch::Range {
@@ -507,15 +497,6 @@ mod tests {
             rules,
             isolates_ingress: isolates.0,
             isolates_egress: isolates.1,
-        }
-    }
-
-    fn rule(section: Section, index: usize, peers: Vec<Peer>, ports: Vec<PortMatch>) -> Rule {
-        Rule {
-            section,
-            index,
-            peers,
-            ports,
         }
     }
 

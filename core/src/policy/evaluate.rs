@@ -306,34 +306,15 @@ pub fn explain(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::fixtures::{app, labels, rule};
     use crate::policy::model::{PolicyKind, PortMatch, ProtocolMatch, Rule, Section};
     use crate::policy::selector::Selector;
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn app(name: &str) -> Selector {
-        Selector::from_labels(&labels(&[("app", name)]))
-    }
 
     fn tcp(first: u16, last: u16) -> PortMatch {
         PortMatch::Range {
             protocol: ProtocolMatch::Tcp,
             first,
             last,
-        }
-    }
-
-    fn rule(section: Section, index: usize, peers: Vec<Peer>, ports: Vec<PortMatch>) -> Rule {
-        Rule {
-            section,
-            index,
-            peers,
-            ports,
         }
     }
 

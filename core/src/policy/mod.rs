@@ -7,6 +7,8 @@
 
 pub mod compile;
 pub mod evaluate;
+#[cfg(test)]
+mod fixtures;
 pub mod model;
 pub mod selector;
 
