@@ -126,10 +126,6 @@ impl Datapath {
         })
     }
 
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
-    }
-
     /// Attaches the pod programs to a pod's host-side veth (in the calling thread's network
     /// namespace): `from_container` on ingress, `to_container` on egress. The links are pinned,
     /// replacing links pinned for an earlier device of the same name.

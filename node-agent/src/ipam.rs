@@ -88,10 +88,6 @@ impl Ipam {
         Ok(Self { path, state })
     }
 
-    pub fn cidr(&self) -> Ipv4Net {
-        self.state.cidr
-    }
-
     /// The address held by `owner`, allocating one if it holds none (so a retried CNI ADD
     /// gets the same address).
     pub fn allocate(&mut self, owner: &str) -> Result<Ipv4Addr, IpamError> {
@@ -131,13 +127,6 @@ impl Ipam {
             .allocations
             .iter()
             .find_map(|(address, holder)| (holder == owner).then_some(*address))
-    }
-
-    pub fn allocations(&self) -> impl Iterator<Item = (Ipv4Addr, &str)> {
-        self.state
-            .allocations
-            .iter()
-            .map(|(address, owner)| (*address, owner.as_str()))
     }
 
     /// Writes the new state durably (temp file, fsync, rename), then adopts it; on failure

@@ -112,14 +112,6 @@ impl NodeAgent {
         Ok(agent)
     }
 
-    pub fn datapath_mut(&mut self) -> &mut Datapath {
-        &mut self.datapath
-    }
-
-    pub fn endpoints(&self) -> impl Iterator<Item = &EndpointRecord> {
-        self.endpoints.values()
-    }
-
     pub fn handle(&mut self, request: Request) -> Response {
         let container_id = match &request {
             Request::Allocate { container_id, .. }
