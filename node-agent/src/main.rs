@@ -37,6 +37,8 @@ enum RoutingMode {
 const TUNNEL_DEVICE: &str = "weft_vxlan";
 /// VXLAN's UDP port (Linux's default, as Cilium and Flannel use).
 const TUNNEL_PORT: u16 = 8472;
+/// How often assigned identities are applied to local endpoints.
+const IDENTITY_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// VXLAN adds 50 bytes of headers.
 const TUNNEL_OVERHEAD: u32 = 50;
 
@@ -242,6 +244,21 @@ async fn main() -> anyhow::Result<()> {
     )
     .context("opening the node's state")?;
     let agent = Arc::new(tokio::sync::Mutex::new(agent));
+    // Identities come from the cluster (the sandbox's directory in local mode); apply them to
+    // this node's endpoints as they are assigned or change.
+    let identities = {
+        let agent = Arc::clone(&agent);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDENTITY_SYNC_INTERVAL);
+            loop {
+                tick.tick().await;
+                let mut agent = agent.lock().await;
+                if let Err(error) = tokio::task::block_in_place(|| agent.sync_identities()) {
+                    tracing::warn!(%error, "cannot apply endpoint identities");
+                }
+            }
+        })
+    };
     let listener = weft_agent::unix_socket::bind(&args.cni_socket)?;
     tracing::info!(socket = %args.cni_socket.display(), "serving CNI requests");
     let cni = tokio::spawn(server::serve(listener, agent));
@@ -251,6 +268,7 @@ async fn main() -> anyhow::Result<()> {
     // Maps and links are pinned: pods keep forwarding until an agent starts again.
     tracing::info!("weft-agent stopping; the datapath stays in place");
     cni.abort();
+    identities.abort();
     observer.abort();
     reader.abort();
     admin.abort();

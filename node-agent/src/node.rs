@@ -194,6 +194,36 @@ impl NodeAgent {
         Ok(Response::Registered)
     }
 
+    /// Applies identities the cluster assigned (the directory) to this node's endpoints: the
+    /// endpoint map and the ipcache get the new number, and the record keeps it across restarts.
+    /// Returns how many endpoints changed.
+    pub fn sync_identities(&mut self) -> Result<usize, NodeError> {
+        let assigned: Vec<(String, u32)> = {
+            let mut directory = self.directory();
+            self.endpoints
+                .values()
+                .filter_map(|record| {
+                    let meta = directory.lookup(record.ip)?;
+                    let same_pod =
+                        meta.namespace == record.pod.namespace && meta.pod == record.pod.name;
+                    (same_pod && meta.identity != record.identity)
+                        .then(|| (record.container_id.clone(), meta.identity))
+                })
+                .collect()
+        };
+        for (container_id, identity) in &assigned {
+            let Some(mut record) = self.endpoints.get(container_id).cloned() else {
+                continue;
+            };
+            record.identity = *identity;
+            self.program_endpoint(&record)?;
+            self.save(&record)?;
+            tracing::info!(ip = %record.ip, identity, "endpoint identity updated");
+            self.endpoints.insert(container_id.clone(), record);
+        }
+        Ok(assigned.len())
+    }
+
     fn directory(&self) -> std::sync::MutexGuard<'_, Directory> {
         self.directory
             .lock()

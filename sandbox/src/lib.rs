@@ -21,6 +21,8 @@ use crate::config::{ConfigError, SandboxConfig};
 use crate::host::HostError;
 use crate::manifests::{ManifestError, Manifests, PodPort, SandboxPod};
 use crate::plan::{NodePlan, Plan, FABRIC_BRIDGE, FABRIC_PREFIX};
+use weft_core::cluster::ClusterId;
+use weft_core::identity::{IdentityAllocator, IdentityError, LabelFilter, SecurityLabels};
 
 /// Every sandbox keeps its state, logs, sockets and private bpffs below here.
 pub const RUN_ROOT: &str = "/run/weft-sandbox";
@@ -103,6 +105,8 @@ pub struct PodState {
     pub ports: Vec<PodPort>,
     pub server_pid: u32,
     pub cgroup: Option<PathBuf>,
+    /// The pod's security identity, allocated by the sandbox as the operator would.
+    pub identity: u32,
 }
 
 /// A running sandbox, as persisted in `<run dir>/state.json`.
@@ -117,6 +121,9 @@ pub struct Sandbox {
     pub pods: Vec<PodState>,
     /// Objects other than Pods and Namespaces, per cluster (Services, policies, …).
     pub objects: BTreeMap<String, Vec<serde_json::Value>>,
+    /// Namespaces and their labels, per cluster.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, BTreeMap<String, BTreeMap<String, String>>>,
 }
 
 impl Sandbox {
@@ -174,6 +181,10 @@ impl Sandbox {
             agents: Vec::new(),
             pods: Vec::new(),
             objects: BTreeMap::new(),
+            namespaces: manifests
+                .iter()
+                .map(|(cluster, read)| (cluster.clone(), read.namespaces.clone()))
+                .collect(),
         };
         // From here on, a failure leaves state that `down` can clean up.
         sandbox.save()?;
@@ -370,6 +381,7 @@ impl Sandbox {
                 pod.namespace, pod.name
             )));
         }
+        let identity = self.acquire_identity(cluster, node.cluster_id, pod)?;
         let netns = self.plan.pod_netns(cluster, &pod.namespace, &pod.name);
         host::add_netns(&netns)?;
         let container_id = random_container_id();
@@ -471,8 +483,72 @@ impl Sandbox {
             ports: pod.ports.clone(),
             server_pid,
             cgroup,
+            identity,
         });
         Ok(())
+    }
+
+    fn identities_path(&self, cluster: &str) -> PathBuf {
+        self.run_dir
+            .join("identities")
+            .join(format!("{cluster}.json"))
+    }
+
+    /// The pod's identity, counting it as a user, from the cluster's persisted allocator (the
+    /// operator's job in a cluster; the sandbox's here).
+    fn acquire_identity(
+        &self,
+        cluster: &str,
+        cluster_id: u16,
+        pod: &SandboxPod,
+    ) -> Result<u32, SandboxError> {
+        let path = self.identities_path(cluster);
+        let id = ClusterId::new(u64::from(cluster_id))
+            .map_err(|e| SandboxError::Invalid(e.to_string()))?;
+        let identity_error =
+            |e: IdentityError| SandboxError::Invalid(format!("identity allocation failed: {e}"));
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let mut allocator = IdentityAllocator::load_or_new(&path, id).map_err(identity_error)?;
+        let namespace_labels = self
+            .namespaces
+            .get(cluster)
+            .and_then(|namespaces| namespaces.get(&pod.namespace))
+            .cloned()
+            .unwrap_or_default();
+        let labels = SecurityLabels::for_pod(
+            &pod.namespace,
+            &pod.labels,
+            &namespace_labels,
+            &LabelFilter::default(),
+        );
+        let identity = allocator.acquire(&labels).map_err(identity_error)?;
+        allocator.save(&path).map_err(identity_error)?;
+        Ok(identity)
+    }
+
+    fn release_identity(&self, pod: &PodState) {
+        let Some(cluster_id) = self
+            .plan
+            .nodes
+            .iter()
+            .find(|n| n.cluster == pod.cluster)
+            .map(|n| n.cluster_id)
+        else {
+            return;
+        };
+        let path = self.identities_path(&pod.cluster);
+        let released = ClusterId::new(u64::from(cluster_id))
+            .map_err(|e| e.to_string())
+            .and_then(|id| IdentityAllocator::load_or_new(&path, id).map_err(|e| e.to_string()))
+            .and_then(|mut allocator| {
+                allocator.release(pod.identity).map_err(|e| e.to_string())?;
+                allocator.save(&path).map_err(|e| e.to_string())
+            });
+        if let Err(error) = released {
+            tracing::warn!(%error, pod = %pod.name, "cannot release the pod's identity");
+        }
     }
 
     /// Adds the Pods (and keeps the other objects) of a manifest file to a cluster.
@@ -485,6 +561,17 @@ impl Sandbox {
         let mut read = Manifests::default();
         read.add_file(file)?;
         let mut created = Vec::new();
+        if !read.namespaces.is_empty() {
+            let namespaces = read.namespaces.clone();
+            let target = cluster.clone();
+            self.commit(|fresh| {
+                fresh
+                    .namespaces
+                    .entry(target)
+                    .or_default()
+                    .extend(namespaces)
+            })?;
+        }
         for pod in &read.pods {
             self.create_pod(&cluster, pod)?;
             if let Some(state) = self.pods.last().cloned() {
@@ -558,6 +645,7 @@ impl Sandbox {
             host::remove_cgroup_tree(cgroup);
         }
         host::del_netns(&pod.netns);
+        self.release_identity(pod);
         Ok(())
     }
 
@@ -685,7 +773,7 @@ impl Sandbox {
                 serde_json::json!({
                     "ip": pod.ip, "cluster": pod.cluster, "namespace": pod.namespace,
                     "pod": pod.name, "node": pod.node, "labels": pod.labels,
-                    "identity": weft_core::identity::ReservedIdentity::Init.id(),
+                    "identity": pod.identity,
                 })
             })
             .collect();

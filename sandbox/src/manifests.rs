@@ -45,7 +45,8 @@ pub struct SandboxPod {
 
 #[derive(Clone, Debug, Default)]
 pub struct Manifests {
-    pub namespaces: Vec<String>,
+    /// Namespace → its labels (they are part of its pods' identities).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub pods: Vec<SandboxPod>,
     /// Every other object, as read (Services, policies, …).
     pub others: Vec<Value>,
@@ -90,7 +91,14 @@ impl Manifests {
                     .pointer("/metadata/name")
                     .and_then(Value::as_str)
                     .ok_or("a Namespace needs metadata.name")?;
-                self.namespaces.push(name.to_owned());
+                let labels = document
+                    .pointer("/metadata/labels")
+                    .cloned()
+                    .map(serde_json::from_value::<BTreeMap<String, String>>)
+                    .transpose()
+                    .map_err(|e| format!("namespace {name}: labels must be strings: {e}"))?
+                    .unwrap_or_default();
+                self.namespaces.insert(name.to_owned(), labels);
             }
             Some("Pod") => self.pods.push(sandbox_pod(document)?),
             Some(_) => self.others.push(document),
@@ -172,11 +180,17 @@ mod tests {
         let file = dir.path().join("app.yaml");
         std::fs::write(
             &file,
-            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  labels: {app: web}\nspec:\n  nodeName: n1\n  containers:\n  - name: web\n    image: weft/echo\n    ports:\n    - {name: http, containerPort: 8080}\n    - {containerPort: 5353, protocol: UDP}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{port: 80}]}\n",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: retail}}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  labels: {app: web}\nspec:\n  nodeName: n1\n  containers:\n  - name: web\n    image: weft/echo\n    ports:\n    - {name: http, containerPort: 8080}\n    - {containerPort: 5353, protocol: UDP}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{port: 80}]}\n",
         )
         .expect("write");
         let manifests = Manifests::read(&[dir.path().to_owned()]).expect("read");
-        assert_eq!(manifests.namespaces, vec!["shop"]);
+        assert_eq!(
+            manifests
+                .namespaces
+                .get("shop")
+                .and_then(|labels| labels.get("team")),
+            Some(&"retail".to_owned())
+        );
         assert_eq!(manifests.others.len(), 1);
         let pod = &manifests.pods[0];
         assert_eq!(

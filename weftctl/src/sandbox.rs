@@ -205,9 +205,7 @@ fn status_json(sandbox: &Sandbox) -> serde_json::Value {
                         serde_json::json!({
                             "namespace": p.namespace, "name": p.name, "node": p.node,
                             "ip": p.ip, "labels": p.labels, "ports": p.ports,
-                            // Identities are allocated by the policy engine; until then every
-                            // endpoint carries the reserved `init` identity.
-                            "identity": weft_core::identity::ReservedIdentity::Init.id(),
+                            "identity": p.identity,
                         })
                     })
                     .collect();
@@ -252,7 +250,7 @@ fn print_table(sandbox: &Sandbox) {
             pod.name,
             pod.node,
             pod.ip.to_string(),
-            weft_core::identity::ReservedIdentity::Init.name()
+            pod.identity
         );
     }
 }

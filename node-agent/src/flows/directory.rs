@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -36,17 +37,18 @@ impl Default for EndpointMeta {
     }
 }
 
-/// A known address re-checks the file this often (its owner may have changed)...
+/// A known address re-checks the file this often (its owner may have changed). An unknown one
+/// checks every time (a new pod's first flows must be named); misses are bounded by the rate at
+/// which the datapath reports flows.
 const RECHECK_KNOWN: Duration = Duration::from_secs(2);
-/// ...an unknown one this often (a new pod's first flows), so a burst of events costs a stat
-/// per interval, not per event.
-const RECHECK_UNKNOWN: Duration = Duration::from_millis(100);
 
 #[derive(Default)]
 pub struct Directory {
     local: HashMap<Ipv4Addr, EndpointMeta>,
     file: Option<PathBuf>,
-    file_modified: Option<SystemTime>,
+    /// (inode, modification time) of the version read: writers replace the file by rename, so
+    /// the inode tells rewrites apart even within one timestamp tick.
+    file_version: Option<(u64, SystemTime)>,
     last_checked: Option<Instant>,
     known: HashMap<Ipv4Addr, EndpointMeta>,
 }
@@ -70,15 +72,11 @@ impl Directory {
 
     /// The directory's entry (richer: it has labels) or the local record.
     pub fn lookup(&mut self, ip: Ipv4Addr) -> Option<EndpointMeta> {
-        let interval = if self.known.contains_key(&ip) {
-            RECHECK_KNOWN
-        } else {
-            RECHECK_UNKNOWN
-        };
-        if self
-            .last_checked
-            .is_none_or(|checked| checked.elapsed() >= interval)
-        {
+        let fresh_enough = self.known.contains_key(&ip)
+            && self
+                .last_checked
+                .is_some_and(|checked| checked.elapsed() < RECHECK_KNOWN);
+        if !fresh_enough {
             self.last_checked = Some(Instant::now());
             self.refresh();
         }
@@ -89,8 +87,10 @@ impl Directory {
         let Some(path) = &self.file else {
             return;
         };
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        if modified.is_none() || modified == self.file_modified {
+        let version = std::fs::metadata(path)
+            .and_then(|m| Ok((m.ino(), m.modified()?)))
+            .ok();
+        if version.is_none() || version == self.file_version {
             return;
         }
         match std::fs::read(path)
@@ -100,7 +100,7 @@ impl Directory {
             }) {
             Ok(entries) => {
                 self.known = entries.into_iter().map(|meta| (meta.ip, meta)).collect();
-                self.file_modified = modified;
+                self.file_version = version;
             }
             // A half-written file is retried on the next lookup; the old view stays.
             Err(error) => {
@@ -137,7 +137,6 @@ mod tests {
         let mut remote = meta("10.1.2.1", "remote");
         remote.labels.insert("app".into(), "model".into());
         std::fs::write(&file, serde_json::to_vec(&vec![remote.clone()]).unwrap()).expect("write");
-        std::thread::sleep(RECHECK_UNKNOWN);
         assert_eq!(directory.lookup("10.1.2.1".parse().unwrap()), Some(remote));
     }
 }
