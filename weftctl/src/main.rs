@@ -2,6 +2,7 @@
 
 mod crds;
 mod observe;
+mod policy;
 mod sandbox;
 mod validate;
 
@@ -25,6 +26,9 @@ enum Command {
     /// Check Weft objects in YAML files against the CRD schemas and their CEL rules, offline,
     /// as the API server would.
     Validate(validate::ValidateArgs),
+    /// What policies say: validity, and why a connection would pass or not.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Show flows: what the datapath forwarded and dropped, between whom.
     Observe(observe::ObserveArgs),
     /// Local mode: clusters of network namespaces on this machine, with real agents and CNI.
@@ -49,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Validate(args) => validate::run(&args),
         Command::Sandbox(command) => sandbox::run(command),
         Command::Observe(args) => observe::run(&args),
+        Command::Policy(command) => policy::run(command),
     };
     match result {
         Ok(code) => code,
