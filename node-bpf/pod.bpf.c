@@ -17,6 +17,8 @@ int from_container(struct __sk_buff *skb)
 	ip = ipv4_header(skb);
 	if (!ip)
 		return TCX_NEXT; /* ARP and anything not IPv4: the kernel handles it */
+	if (enforce(skb, ip, skb->ifindex, POLICY_EGRESS, OBS_FROM_ENDPOINT))
+		return TCX_DROP;
 	report_flow(skb, ip, skb->ifindex, OBS_FROM_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
 
 	dst_ep = lookup_endpoint(ip->daddr);
@@ -40,10 +42,14 @@ int to_container(struct __sk_buff *skb)
 {
 	struct iphdr *ip;
 
-	count_packet(skb->ifindex, DIRECTION_TO_ENDPOINT, skb->len);
 	ip = ipv4_header(skb);
-	if (ip)
-		report_flow(skb, ip, skb->ifindex, OBS_TO_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
+	if (ip && enforce(skb, ip, skb->ifindex, POLICY_INGRESS, OBS_TO_ENDPOINT))
+		return TCX_DROP;
+	/* Counted once policy let it through: what the pod received. */
+	count_packet(skb->ifindex, DIRECTION_TO_ENDPOINT, skb->len);
+	if (!ip)
+		return TCX_NEXT;
+	report_flow(skb, ip, skb->ifindex, OBS_TO_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
 	return TCX_NEXT;
 }
 

@@ -28,6 +28,7 @@ enum drop_reason {
 	DROP_TUNNEL_KEY_FAILED = 2,  /* could not set the VXLAN tunnel key */
 	DROP_NO_TUNNEL_ENDPOINT = 3, /* routed to the tunnel, but no node owns the address */
 	DROP_NOT_IPV4 = 4,           /* not IPv4 where only IPv4 is carried */
+	DROP_POLICY_DENIED = 5,      /* a policy denied it (the agent names the rule) */
 };
 
 struct flow_event {
@@ -80,6 +81,19 @@ struct {
 #define TCP_FLAG_RST 0x04
 
 /* Reads ports and TCP flags behind an IPv4 header; zeros when absent or truncated. */
+static __always_inline void read_l4(struct __sk_buff *skb, struct iphdr *ip, struct flow_event *ev);
+
+/* The ports of a packet (host byte order; zeros when not TCP/UDP). */
+static __always_inline void packet_ports(struct __sk_buff *skb, struct iphdr *ip, __u16 *sport,
+					 __u16 *dport)
+{
+	struct flow_event ev = {};
+
+	read_l4(skb, ip, &ev);
+	*sport = ev.src_port;
+	*dport = ev.dst_port;
+}
+
 static __always_inline void read_l4(struct __sk_buff *skb, struct iphdr *ip, struct flow_event *ev)
 {
 	void *data_end = (void *)(long)skb->data_end;

@@ -6,7 +6,9 @@
 #include "config.h"
 #include "counters.h"
 #include "endpoints.h"
+#include "conntrack.h"
 #include "flows.h"
+#include "policy.h"
 #include "ipcache.h"
 
 /* The IPv4 header of an Ethernet frame, or NULL when it is not IPv4 or is truncated. */
@@ -24,6 +26,35 @@ static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
 	return ip;
 }
 
+/* The identity of the address at the other end; addresses the node knows nothing of are the
+ * world (reserved identity 2). */
+static __always_inline __u32 peer_identity(__u32 ip)
+{
+	struct ipcache_entry *entry = lookup_ipcache(ip);
+
+	return entry ? entry->identity : 2;
+}
+
+/* Applies `endpoint`'s policy in `direction` to a packet, remembering allowed connections.
+ * Returns 1 when the packet must be dropped (and reports it). */
+static __always_inline int enforce(struct __sk_buff *skb, struct iphdr *ip, __u32 endpoint,
+				   __u8 direction, __u8 observation_point)
+{
+	__u16 sport = 0, dport = 0;
+	__u32 peer;
+
+	packet_ports(skb, ip, &sport, &dport);
+	if (ct_is_reply(ip->saddr, ip->daddr, sport, dport, ip->protocol))
+		return 0;
+	peer = peer_identity(direction == POLICY_EGRESS ? ip->daddr : ip->saddr);
+	if (policy_denies(endpoint, direction, peer, ip->protocol, dport)) {
+		report_flow(skb, ip, endpoint, observation_point, VERDICT_DROPPED, DROP_POLICY_DENIED);
+		return 1;
+	}
+	ct_remember(ip->saddr, ip->daddr, sport, dport, ip->protocol, bpf_ktime_get_ns());
+	return 0;
+}
+
 /* Hands the packet straight to a local pod: its eth0 receives it as if from its gateway. The
  * peer's host-side egress hook does not run on this path, so the delivery is counted here. */
 static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, struct iphdr *ip,
@@ -31,7 +62,9 @@ static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, struct iph
 {
 	__u32 len = skb->len;
 
-	/* Reported before the rewrite: storing bytes invalidates the header pointers. */
+	/* Checked and reported before the rewrite: storing bytes invalidates header pointers. */
+	if (enforce(skb, ip, ep->ifindex, POLICY_INGRESS, OBS_TO_ENDPOINT))
+		return TCX_DROP;
 	report_flow(skb, ip, ep->ifindex, OBS_TO_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
 	if (bpf_skb_store_bytes(skb, 0, ep->mac, ETH_ALEN, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, ETH_ALEN, ep->node_mac, ETH_ALEN, 0) < 0)

@@ -229,6 +229,7 @@ pub enum DropReason {
     TunnelKeyFailed = 2,
     NoTunnelEndpoint = 3,
     NotIpv4 = 4,
+    PolicyDenied = 5,
 }
 
 impl DropReason {
@@ -239,6 +240,7 @@ impl DropReason {
             2 => Some(Self::TunnelKeyFailed),
             3 => Some(Self::NoTunnelEndpoint),
             4 => Some(Self::NotIpv4),
+            5 => Some(Self::PolicyDenied),
             _ => None,
         }
     }
@@ -250,6 +252,96 @@ impl DropReason {
             Self::TunnelKeyFailed => "VXLAN tunnel key could not be set",
             Self::NoTunnelEndpoint => "no node owns the destination (not in the ipcache)",
             Self::NotIpv4 => "not IPv4",
+            Self::PolicyDenied => "denied by policy",
         }
     }
 }
+
+/// Names of the policy maps (`lib/policy.h`) and the conntrack table (`lib/conntrack.h`).
+pub const POLICY_PEER_SETS: &str = "policy_peer_sets";
+pub const POLICY_ENTRIES: &str = "policy_entries";
+pub const ENDPOINT_POLICIES: &str = "endpoint_policies";
+pub const CONNTRACK: &str = "conntrack";
+
+/// Words in a peer set: 1,024 peer selectors (`PEER_SET_WORDS`).
+pub const PEER_SET_WORDS: usize = 16;
+/// Bits of a policy key fixed before the port: endpoint, direction, protocol.
+pub const POLICY_KEY_FIXED_BITS: u32 = 48;
+/// `POLICY_PROTO_OTHER`: the protocol key of everything but TCP and UDP.
+pub const POLICY_PROTO_OTHER: u8 = 0;
+
+/// `struct peer_set`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerSet {
+    pub words: [u64; PEER_SET_WORDS],
+}
+
+/// `enum policy_direction`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyDirection {
+    Ingress = 0,
+    Egress = 1,
+}
+
+/// `struct policy_key` (aya's LPM key wraps the part after the prefix length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyKey {
+    pub prefixlen: u32,
+    pub endpoint: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    /// Network byte order.
+    pub port: u16,
+}
+
+/// The part of [`PolicyKey`] after the prefix length, as aya's `lpm_trie::Key` holds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyKeyData {
+    pub endpoint: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    /// Network byte order.
+    pub port: u16,
+}
+
+/// `struct policy_entry`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyEntry {
+    pub allow: PeerSet,
+    pub deny: PeerSet,
+}
+
+/// `struct endpoint_policy`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    pub isolated_ingress: u8,
+    pub isolated_egress: u8,
+    pub pad: [u8; 2],
+}
+
+/// `struct ct_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtKey {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+
+// SAFETY: repr(C), integers and byte arrays only, no implicit padding (tests/btf_layout.rs).
+unsafe impl aya::Pod for PeerSet {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyKeyData {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyEntry {}
+// SAFETY: as above.
+unsafe impl aya::Pod for EndpointPolicy {}

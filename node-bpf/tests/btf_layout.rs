@@ -7,8 +7,8 @@ use std::process::Command;
 
 use serde::Deserialize;
 use weft_node_bpf::maps::{
-    EndpointCounterKey, EndpointInfo, EndpointKey, FlowEvent, IpcacheEntry, IpcacheKey, NodeConfig,
-    TrafficCounters,
+    CtKey, EndpointCounterKey, EndpointInfo, EndpointKey, EndpointPolicy, FlowEvent, IpcacheEntry,
+    IpcacheKey, NodeConfig, PeerSet, PolicyEntry, PolicyKey, PolicyKeyData, TrafficCounters,
 };
 use weft_node_bpf::{HOST_OBJECT, POD_OBJECT};
 
@@ -165,6 +165,71 @@ fn map_types_match_the_c_structs() {
                     offset_of!(FlowEvent, observation_point),
                 ),
                 ("pad", offset_of!(FlowEvent, pad)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "peer_set",
+            size_of::<PeerSet>(),
+            &[("words", offset_of!(PeerSet, words))],
+        );
+        assert_layout(
+            &btf,
+            "policy_key",
+            size_of::<PolicyKey>(),
+            &[
+                ("prefixlen", offset_of!(PolicyKey, prefixlen)),
+                ("endpoint", offset_of!(PolicyKey, endpoint)),
+                ("direction", offset_of!(PolicyKey, direction)),
+                ("protocol", offset_of!(PolicyKey, protocol)),
+                ("port", offset_of!(PolicyKey, port)),
+            ],
+        );
+        assert_eq!(
+            size_of::<aya::maps::lpm_trie::Key<PolicyKeyData>>(),
+            size_of::<PolicyKey>(),
+            "aya's LPM key over PolicyKeyData must be the C key"
+        );
+        assert_eq!(
+            offset_of!(PolicyKey, endpoint) - 4,
+            offset_of!(PolicyKeyData, endpoint)
+        );
+        assert_layout(
+            &btf,
+            "policy_entry",
+            size_of::<PolicyEntry>(),
+            &[
+                ("allow", offset_of!(PolicyEntry, allow)),
+                ("deny", offset_of!(PolicyEntry, deny)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "endpoint_policy",
+            size_of::<EndpointPolicy>(),
+            &[
+                (
+                    "isolated_ingress",
+                    offset_of!(EndpointPolicy, isolated_ingress),
+                ),
+                (
+                    "isolated_egress",
+                    offset_of!(EndpointPolicy, isolated_egress),
+                ),
+                ("pad", offset_of!(EndpointPolicy, pad)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "ct_key",
+            size_of::<CtKey>(),
+            &[
+                ("src_ip", offset_of!(CtKey, src_ip)),
+                ("dst_ip", offset_of!(CtKey, dst_ip)),
+                ("src_port", offset_of!(CtKey, src_port)),
+                ("dst_port", offset_of!(CtKey, dst_port)),
+                ("protocol", offset_of!(CtKey, protocol)),
+                ("pad", offset_of!(CtKey, pad)),
             ],
         );
     }

@@ -328,17 +328,24 @@ pub fn compile(
                     Action::Deny => ActionRank::Deny,
                     Action::Allow => ActionRank::Allow,
                 };
-                let every_port = [PortMatch::Range {
-                    protocol: crate::policy::model::ProtocolMatch::Any,
-                    first: 0,
-                    last: u16::MAX,
-                }];
-                let ports = if rule.ports.is_empty() {
-                    &every_port[..]
-                } else {
-                    &rule.ports[..]
-                };
-                for port in ports {
+                if rule.ports.is_empty() {
+                    // Every port of TCP and UDP, and every other protocol (port 0).
+                    for (transport, last) in [
+                        (Protocol::Tcp, u16::MAX),
+                        (Protocol::Udp, u16::MAX),
+                        (Protocol::Other, 0),
+                    ] {
+                        ranges.entry((direction, transport)).or_default().push((
+                            0,
+                            last,
+                            rank,
+                            slots,
+                            policy.rule_ref(rule),
+                        ));
+                    }
+                    continue;
+                }
+                for port in &rule.ports {
                     let (protocol, first, last) = match port {
                         PortMatch::Range {
                             protocol,
@@ -359,6 +366,7 @@ pub fn compile(
                                     let only = match named_protocol {
                                         Protocol::Tcp => crate::policy::model::ProtocolMatch::Tcp,
                                         Protocol::Udp => crate::policy::model::ProtocolMatch::Udp,
+                                        Protocol::Other => continue,
                                     };
                                     (only, *number, *number)
                                 }
@@ -657,8 +665,12 @@ mod tests {
             for (identity, kind) in &identities {
                 let peer = address_of(kind, &identities);
                 for direction in [Direction::Ingress, Direction::Egress] {
-                    for protocol in [Protocol::Tcp, Protocol::Udp] {
-                        for port in ports {
+                    for (protocol, ports) in [
+                        (Protocol::Tcp, &ports[..]),
+                        (Protocol::Udp, &ports[..]),
+                        (Protocol::Other, &[0][..]),
+                    ] {
+                        for &port in ports {
                             let expected = decide(
                                 &policies,
                                 EnforcementMode::Default,

@@ -26,6 +26,8 @@ impl fmt::Display for Direction {
 pub enum Protocol {
     Tcp,
     Udp,
+    /// Any other IP protocol (ICMP, …). Only rules without ports match it, as in Cilium.
+    Other,
 }
 
 /// A rule's protocol: one, or both (`ANY`).
