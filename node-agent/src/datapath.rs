@@ -15,8 +15,10 @@ use aya::programs::LinkOrder;
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use weft_node_bpf::maps::{
-    Direction, EndpointCounterKey, EndpointInfo, EndpointKey, IpcacheEntry, NodeConfig,
-    TrafficCounters, ENDPOINTS, ENDPOINT_COUNTERS, FLOW_EVENTS, IPCACHE, NODE_CONFIG,
+    Direction, EndpointCounterKey, EndpointInfo, EndpointKey, EndpointPolicy, IpcacheEntry,
+    NodeConfig, PeerSet, PolicyEntry, PolicyKeyData, TrafficCounters, ENDPOINTS, ENDPOINT_COUNTERS,
+    ENDPOINT_POLICIES, FLOW_EVENTS, IPCACHE, NODE_CONFIG, POLICY_ENTRIES, POLICY_KEY_FIXED_BITS,
+    POLICY_PEER_SETS,
 };
 use weft_node_bpf::{programs, HOST_OBJECT, POD_OBJECT};
 
@@ -261,6 +263,94 @@ impl Datapath {
             .map_mut(IPCACHE)
             .ok_or(DatapathError::MissingMap(IPCACHE))?;
         LpmTrie::try_from(map).map_err(map_error(IPCACHE))
+    }
+
+    pub fn upsert_peer_set(&mut self, identity: u32, set: PeerSet) -> Result<(), DatapathError> {
+        let map = self
+            .pod
+            .map_mut(POLICY_PEER_SETS)
+            .ok_or(DatapathError::MissingMap(POLICY_PEER_SETS))?;
+        let mut sets: HashMap<&mut MapData, u32, PeerSet> =
+            HashMap::try_from(map).map_err(map_error(POLICY_PEER_SETS))?;
+        sets.insert(identity, set, 0)
+            .map_err(map_error(POLICY_PEER_SETS))
+    }
+
+    pub fn remove_peer_set(&mut self, identity: u32) -> Result<(), DatapathError> {
+        let map = self
+            .pod
+            .map_mut(POLICY_PEER_SETS)
+            .ok_or(DatapathError::MissingMap(POLICY_PEER_SETS))?;
+        let mut sets: HashMap<&mut MapData, u32, PeerSet> =
+            HashMap::try_from(map).map_err(map_error(POLICY_PEER_SETS))?;
+        match sets.remove(&identity) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(map_error(POLICY_PEER_SETS)(error)),
+        }
+    }
+
+    fn policy_entries(
+        &mut self,
+    ) -> Result<LpmTrie<&mut MapData, PolicyKeyData, PolicyEntry>, DatapathError> {
+        let map = self
+            .pod
+            .map_mut(POLICY_ENTRIES)
+            .ok_or(DatapathError::MissingMap(POLICY_ENTRIES))?;
+        LpmTrie::try_from(map).map_err(map_error(POLICY_ENTRIES))
+    }
+
+    /// `port_bits` of `data.port` (network byte order) are significant.
+    pub fn upsert_policy_entry(
+        &mut self,
+        data: PolicyKeyData,
+        port_bits: u8,
+        entry: PolicyEntry,
+    ) -> Result<(), DatapathError> {
+        let key = LpmKey::new(POLICY_KEY_FIXED_BITS + u32::from(port_bits), data);
+        self.policy_entries()?
+            .insert(&key, entry, 0)
+            .map_err(map_error(POLICY_ENTRIES))
+    }
+
+    pub fn remove_policy_entry(
+        &mut self,
+        data: PolicyKeyData,
+        port_bits: u8,
+    ) -> Result<(), DatapathError> {
+        let key = LpmKey::new(POLICY_KEY_FIXED_BITS + u32::from(port_bits), data);
+        match self.policy_entries()?.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(map_error(POLICY_ENTRIES)(error)),
+        }
+    }
+
+    pub fn upsert_endpoint_policy(
+        &mut self,
+        ifindex: u32,
+        state: EndpointPolicy,
+    ) -> Result<(), DatapathError> {
+        let map = self
+            .pod
+            .map_mut(ENDPOINT_POLICIES)
+            .ok_or(DatapathError::MissingMap(ENDPOINT_POLICIES))?;
+        let mut states: HashMap<&mut MapData, u32, EndpointPolicy> =
+            HashMap::try_from(map).map_err(map_error(ENDPOINT_POLICIES))?;
+        states
+            .insert(ifindex, state, 0)
+            .map_err(map_error(ENDPOINT_POLICIES))
+    }
+
+    pub fn remove_endpoint_policy(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        let map = self
+            .pod
+            .map_mut(ENDPOINT_POLICIES)
+            .ok_or(DatapathError::MissingMap(ENDPOINT_POLICIES))?;
+        let mut states: HashMap<&mut MapData, u32, EndpointPolicy> =
+            HashMap::try_from(map).map_err(map_error(ENDPOINT_POLICIES))?;
+        match states.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(map_error(ENDPOINT_POLICIES)(error)),
+        }
     }
 
     /// The flow event ring buffer, for the one reader the agent runs.

@@ -8,4 +8,5 @@ pub mod ipam;
 pub mod kernel;
 pub mod netlink;
 pub mod node;
+pub mod policy;
 pub mod unix_socket;

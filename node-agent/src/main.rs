@@ -119,6 +119,10 @@ struct Args {
     /// identity) that names the far end of flows; kept current by the sandbox in local mode.
     #[arg(long)]
     endpoint_directory: Option<PathBuf>,
+    /// A JSON list of the cluster's policy objects (WeftNetworkPolicy,
+    /// WeftClusterwideNetworkPolicy, NetworkPolicy); kept current by the sandbox in local mode.
+    #[arg(long)]
+    policy_file: Option<PathBuf>,
     /// How many recent flows the agent keeps for Observe clients.
     #[arg(long, default_value_t = 4096)]
     flow_buffer: usize,
@@ -213,7 +217,9 @@ async fn main() -> anyhow::Result<()> {
     let directory = Arc::new(Mutex::new(Directory::new(args.endpoint_directory.clone())));
     let flow_events = datapath.take_flow_events()?;
     let store = Arc::new(FlowStore::new(args.flow_buffer));
+    let policy_in_force = Arc::new(Mutex::new(None));
     let pipeline = FlowPipeline {
+        policy: Arc::clone(&policy_in_force),
         directory: Arc::clone(&directory),
         store: Arc::clone(&store),
         metrics: flow_metrics,
@@ -239,6 +245,15 @@ async fn main() -> anyhow::Result<()> {
             mtu: pod_mtu,
             origin,
             directory,
+            policy_file: args.policy_file.clone(),
+            policy_in_force,
+            node_ip,
+            peers: args
+                .peers
+                .iter()
+                .filter(|peer| peer.node_ip != node_ip)
+                .map(|peer| (peer.node_ip, peer.pod_cidr))
+                .collect(),
         },
         datapath,
     )
@@ -255,6 +270,9 @@ async fn main() -> anyhow::Result<()> {
                 let mut agent = agent.lock().await;
                 if let Err(error) = tokio::task::block_in_place(|| agent.sync_identities()) {
                     tracing::warn!(%error, "cannot apply endpoint identities");
+                }
+                if let Err(error) = tokio::task::block_in_place(|| agent.sync_policy()) {
+                    tracing::warn!(%error, "cannot apply policy");
                 }
             }
         })

@@ -16,6 +16,7 @@ use crate::datapath::{Datapath, DatapathError};
 use crate::flows::directory::{Directory, EndpointMeta};
 use crate::flows::enrich::Origin;
 use crate::ipam::{Ipam, IpamError};
+use crate::policy::{PolicyEngine, PolicyInputs};
 use std::sync::{Arc, Mutex};
 
 /// CNI error code for "try again later" (spec 1.0, well-known code 11).
@@ -55,6 +56,9 @@ pub struct NodeAgent {
     mtu: u32,
     origin: Origin,
     directory: Arc<Mutex<Directory>>,
+    policy: PolicyEngine,
+    node_ip: Ipv4Addr,
+    peers: Vec<(Ipv4Addr, Ipv4Net)>,
 }
 
 /// What the node agent is configured with.
@@ -66,6 +70,13 @@ pub struct NodeSettings {
     pub origin: Origin,
     /// Where local endpoints are named for flows.
     pub directory: Arc<Mutex<Directory>>,
+    /// The cluster's policies (local mode: a file the sandbox keeps current).
+    pub policy_file: Option<PathBuf>,
+    /// Where the compiled policy in force is published (for naming rules in flows).
+    pub policy_in_force: Arc<Mutex<Option<weft_core::policy::compile::Compiled>>>,
+    pub node_ip: Ipv4Addr,
+    /// (node IP, pod CIDR) of every other node.
+    pub peers: Vec<(Ipv4Addr, Ipv4Net)>,
 }
 
 impl NodeAgent {
@@ -98,6 +109,9 @@ impl NodeAgent {
             mtu: settings.mtu,
             origin: settings.origin,
             directory: settings.directory,
+            policy: PolicyEngine::new(settings.policy_file, settings.policy_in_force),
+            node_ip: settings.node_ip,
+            peers: settings.peers,
         };
         let adopted: Vec<EndpointRecord> = agent.endpoints.values().cloned().collect();
         for record in &adopted {
@@ -224,6 +238,26 @@ impl NodeAgent {
         Ok(assigned.len())
     }
 
+    /// Brings policy enforcement in line with the cluster's policies, identities and this
+    /// node's endpoints.
+    pub fn sync_policy(&mut self) -> Result<(), NodeError> {
+        let (generation, directory) = self.directory().all();
+        let local: Vec<(u32, Ipv4Addr, String)> = self
+            .endpoints
+            .values()
+            .map(|record| (record.host_ifindex, record.ip, record.pod.namespace.clone()))
+            .collect();
+        let inputs = PolicyInputs {
+            local,
+            directory: &directory,
+            directory_generation: generation,
+            node_ip: self.node_ip,
+            peers: &self.peers,
+        };
+        self.policy.sync(&mut self.datapath, &inputs)?;
+        Ok(())
+    }
+
     fn directory(&self) -> std::sync::MutexGuard<'_, Directory> {
         self.directory
             .lock()
@@ -239,6 +273,8 @@ impl NodeAgent {
             node: self.origin.node.clone(),
             labels: Default::default(),
             identity: record.identity,
+            security_labels: Default::default(),
+            named_ports: Default::default(),
         });
         self.datapath.upsert_endpoint(
             record.ip,

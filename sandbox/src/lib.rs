@@ -301,6 +301,8 @@ impl Sandbox {
             dir.join("observe.sock").display().to_string(),
             "--endpoint-directory".into(),
             self.run_dir.join("endpoints.json").display().to_string(),
+            "--policy-file".into(),
+            self.policy_file(&node.cluster).display().to_string(),
         ];
         if let Some(cgroup) = &cgroup {
             args.extend(["--cgroup-root".into(), cgroup.display().to_string()]);
@@ -610,6 +612,33 @@ impl Sandbox {
         let mut read = Manifests::default();
         read.add_file(file)?;
         let mut deleted = Vec::new();
+        let identity = |object: &serde_json::Value| {
+            (
+                object["kind"].as_str().unwrap_or_default().to_owned(),
+                object
+                    .pointer("/metadata/namespace")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+                object
+                    .pointer("/metadata/name")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        };
+        let doomed: Vec<_> = read.others.iter().map(identity).collect();
+        if !doomed.is_empty() {
+            let target = cluster.clone();
+            self.commit(|fresh| {
+                if let Some(objects) = fresh.objects.get_mut(&target) {
+                    objects.retain(|object| !doomed.contains(&identity(object)));
+                }
+            })?;
+            for (kind, _, name) in &doomed {
+                deleted.push(format!("{}/{name} deleted", kind.to_lowercase()));
+            }
+        }
         for pod in &read.pods {
             let Some(index) = self.pods.iter().position(|p| {
                 p.cluster == cluster && p.namespace == pod.namespace && p.name == pod.name
@@ -763,6 +792,69 @@ impl Sandbox {
             .collect()
     }
 
+    /// The labels policies select a pod by: its labels (minus the ignore list), its namespace
+    /// and its namespace's labels.
+    pub fn security_labels(&self, pod: &PodState) -> BTreeMap<String, String> {
+        let namespace_labels = self
+            .namespaces
+            .get(&pod.cluster)
+            .and_then(|namespaces| namespaces.get(&pod.namespace))
+            .cloned()
+            .unwrap_or_default();
+        SecurityLabels::for_pod(
+            &pod.namespace,
+            &pod.labels,
+            &namespace_labels,
+            &LabelFilter::default(),
+        )
+        .into_map()
+    }
+
+    fn policy_file(&self, cluster: &str) -> PathBuf {
+        self.run_dir
+            .join("policies")
+            .join(format!("{cluster}.json"))
+    }
+
+    /// Each cluster's policies, for its agents (what the policy watch gives them in a cluster).
+    fn write_policy_files(&self) -> Result<(), SandboxError> {
+        let mut clusters: Vec<&str> = self.plan.nodes.iter().map(|n| n.cluster.as_str()).collect();
+        clusters.dedup();
+        for cluster in clusters {
+            let policies: Vec<&serde_json::Value> = self
+                .objects
+                .get(cluster)
+                .into_iter()
+                .flatten()
+                .filter(|object| {
+                    matches!(
+                        object["kind"].as_str(),
+                        Some(
+                            "WeftNetworkPolicy" | "WeftClusterwideNetworkPolicy" | "NetworkPolicy"
+                        )
+                    )
+                })
+                .collect();
+            let path = self.policy_file(cluster);
+            let write_error = |reason: String| SandboxError::State {
+                what: "write",
+                path: path.clone(),
+                reason,
+            };
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| write_error(e.to_string()))?;
+            }
+            let temporary = path.with_extension("json.tmp");
+            std::fs::write(
+                &temporary,
+                serde_json::to_vec(&policies).unwrap_or_default(),
+            )
+            .map_err(|e| write_error(e.to_string()))?;
+            std::fs::rename(&temporary, &path).map_err(|e| write_error(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// Every pod of every cluster, for the agents to name the far end of flows (what the
     /// Kubernetes endpoint watch gives them in a cluster).
     fn write_endpoint_directory(&self) -> Result<(), SandboxError> {
@@ -774,6 +866,10 @@ impl Sandbox {
                     "ip": pod.ip, "cluster": pod.cluster, "namespace": pod.namespace,
                     "pod": pod.name, "node": pod.node, "labels": pod.labels,
                     "identity": pod.identity,
+                    "security_labels": self.security_labels(pod),
+                    "named_ports": pod.ports.iter().filter_map(|port| {
+                        Some((port.name.clone()?, (port.protocol.clone(), port.port)))
+                    }).collect::<BTreeMap<_, _>>(),
                 })
             })
             .collect();
@@ -791,6 +887,7 @@ impl Sandbox {
 
     pub fn save(&self) -> Result<(), SandboxError> {
         self.write_endpoint_directory()?;
+        self.write_policy_files()?;
         let path = Self::state_path(&self.run_dir);
         let state_error = |reason: String| SandboxError::State {
             what: "write",

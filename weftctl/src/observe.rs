@@ -191,6 +191,9 @@ fn summary(flow: &Flow) -> String {
     };
     if Verdict::try_from(flow.verdict) == Ok(Verdict::Dropped) {
         summary.push_str(&format!(" (drop: {})", flow.drop_reason_desc));
+        if !flow.denied_by.is_empty() {
+            summary.push_str(&format!(" by {}", flow.denied_by.join("; ")));
+        }
     }
     summary
 }
@@ -257,6 +260,13 @@ fn hubble_json(flow: &Flow) -> serde_json::Value {
     if Verdict::try_from(flow.verdict) == Ok(Verdict::Dropped) {
         body["drop_reason"] = flow.drop_reason.into();
         body["drop_reason_desc"] = flow.drop_reason_desc.clone().into();
+        if !flow.denied_by.is_empty() {
+            let key = match ObservationPoint::try_from(flow.observation_point) {
+                Ok(ObservationPoint::FromEndpoint) => "egress_denied_by",
+                _ => "ingress_denied_by",
+            };
+            body[key] = flow.denied_by.clone().into();
+        }
     }
     serde_json::json!({"flow": body, "node_name": flow.node_name, "time": time})
 }

@@ -1,13 +1,11 @@
 //! `weftctl policy …`: what the policies in a sandbox say — their validity, and the verdict and
 //! deciding rules for a connection.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context as _};
 use serde_json::Value;
-use weft_core::identity::{LabelFilter, SecurityLabels};
 use weft_core::policy::evaluate::{
     explain, Decision, End, NamedPorts, PeerKind, PeerView, Reason, Verdict,
 };
@@ -36,9 +34,6 @@ pub enum PolicyCommand {
         sandbox: Option<String>,
     },
 }
-
-const NOT_ENFORCED: &str =
-    "note: the datapath does not enforce policy in this release; this is what the policies decide";
 
 struct Checked {
     cluster: String,
@@ -96,22 +91,6 @@ fn decode_error(error: &serde_json::Error) -> PolicyError {
     }
 }
 
-fn security_labels(sandbox: &Sandbox, pod: &PodState) -> BTreeMap<String, String> {
-    let namespace_labels = sandbox
-        .namespaces
-        .get(&pod.cluster)
-        .and_then(|namespaces| namespaces.get(&pod.namespace))
-        .cloned()
-        .unwrap_or_default();
-    SecurityLabels::for_pod(
-        &pod.namespace,
-        &pod.labels,
-        &namespace_labels,
-        &LabelFilter::default(),
-    )
-    .into_map()
-}
-
 fn named_ports(pod: &PodState) -> NamedPorts {
     pod.ports
         .iter()
@@ -154,7 +133,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                             .pods
                             .iter()
                             .filter(|pod| pod.cluster == policy.cluster)
-                            .filter(|pod| model.subject.matches(&security_labels(&sandbox, pod)))
+                            .filter(|pod| model.subject.matches(&sandbox.security_labels(pod)))
                             .count();
                         println!(
                             "{:<10} {:<30} {:<34} {:<6} {:<9} -",
@@ -172,7 +151,6 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                     ),
                 }
             }
-            println!("{NOT_ENFORCED}");
             // Like `weftctl validate`: usable as a CI gate.
             Ok(if any_invalid {
                 ExitCode::from(1)
@@ -190,7 +168,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 .filter_map(|p| p.outcome.ok())
                 .collect();
             let from_end = End::Endpoint {
-                labels: security_labels(&sandbox, client),
+                labels: sandbox.security_labels(client),
                 ip: Some(client.ip),
                 named_ports: named_ports(client),
             };
@@ -237,8 +215,13 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 protocol,
                 port,
             );
+            let protocol_name = match protocol {
+                Protocol::Tcp => "TCP",
+                Protocol::Udp => "UDP",
+                Protocol::Other => "other",
+            };
             println!(
-                "{}/{} -> {to_name}:{port}/{protocol:?}",
+                "{}/{} -> {to_name}:{port}/{protocol_name}",
                 client.namespace, client.name
             );
             print_half(
@@ -254,7 +237,6 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                     Verdict::Denied => "DENIED",
                 }
             );
-            println!("{NOT_ENFORCED}");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -262,7 +244,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
 
 fn pod_end(sandbox: &Sandbox, pod: &PodState) -> End {
     End::Endpoint {
-        labels: security_labels(sandbox, pod),
+        labels: sandbox.security_labels(pod),
         ip: Some(pod.ip),
         named_ports: named_ports(pod),
     }

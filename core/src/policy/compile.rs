@@ -129,6 +129,8 @@ pub enum ActionRank {
 pub struct EndpointPolicy {
     pub isolated_ingress: bool,
     pub isolated_egress: bool,
+    /// The policies that isolate the endpoint in each direction (named when nothing allowed).
+    pub isolated_by: BTreeMap<Direction, Vec<crate::policy::model::PolicyId>>,
     /// Sorted, disjoint intervals per (direction, protocol); gaps fall to the default.
     pub entries: BTreeMap<(Direction, Protocol), Vec<PortEntry>>,
 }
@@ -307,6 +309,17 @@ pub fn compile(
                 || (mode == EnforcementMode::Default
                     && selecting.iter().any(|p| p.isolates_egress)),
             entries: BTreeMap::new(),
+            isolated_by: [Direction::Ingress, Direction::Egress]
+                .into_iter()
+                .map(|direction| {
+                    let ids = selecting
+                        .iter()
+                        .filter(|p| p.isolates(direction))
+                        .map(|p| p.id.clone())
+                        .collect();
+                    (direction, ids)
+                })
+                .collect(),
         };
         if mode == EnforcementMode::Never {
             compiled.endpoints.insert(endpoint.id, result);

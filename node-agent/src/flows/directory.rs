@@ -21,6 +21,12 @@ pub struct EndpointMeta {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub identity: u32,
+    /// The labels policies select on: pod labels, namespace and namespace labels.
+    #[serde(default)]
+    pub security_labels: BTreeMap<String, String>,
+    /// Named container ports: name → (protocol, port).
+    #[serde(default)]
+    pub named_ports: BTreeMap<String, (String, u16)>,
 }
 
 impl Default for EndpointMeta {
@@ -33,6 +39,8 @@ impl Default for EndpointMeta {
             node: String::new(),
             labels: BTreeMap::new(),
             identity: 0,
+            security_labels: BTreeMap::new(),
+            named_ports: BTreeMap::new(),
         }
     }
 }
@@ -51,6 +59,8 @@ pub struct Directory {
     file_version: Option<(u64, SystemTime)>,
     last_checked: Option<Instant>,
     known: HashMap<Ipv4Addr, EndpointMeta>,
+    /// Bumped whenever the directory's contents were re-read.
+    generation: u64,
 }
 
 impl Directory {
@@ -83,6 +93,13 @@ impl Directory {
         self.known.get(&ip).or_else(|| self.local.get(&ip)).cloned()
     }
 
+    /// Every endpoint the directory knows (re-reading it if it changed), and its generation.
+    pub fn all(&mut self) -> (u64, Vec<EndpointMeta>) {
+        self.refresh();
+        self.last_checked = Some(Instant::now());
+        (self.generation, self.known.values().cloned().collect())
+    }
+
     fn refresh(&mut self) {
         let Some(path) = &self.file else {
             return;
@@ -100,6 +117,7 @@ impl Directory {
             }) {
             Ok(entries) => {
                 self.known = entries.into_iter().map(|meta| (meta.ip, meta)).collect();
+                self.generation += 1;
                 self.file_version = version;
             }
             // A half-written file is retried on the next lookup; the old view stays.

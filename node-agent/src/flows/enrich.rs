@@ -4,6 +4,8 @@
 use std::net::Ipv4Addr;
 
 use weft_api::observer::{Endpoint, Flow, ObservationPoint, Verdict};
+use weft_core::policy::compile::Compiled;
+use weft_core::policy::model::{Direction, Protocol};
 use weft_node_bpf::maps::{self, DropReason, FlowEvent, FlowVerdict};
 
 use crate::flows::directory::{Directory, EndpointMeta};
@@ -42,11 +44,41 @@ pub struct Origin {
     pub cluster: String,
 }
 
+/// The rule (or isolating policies) behind a policy drop, from the policy in force.
+fn denied_by(event: &FlowEvent, compiled: &Compiled, peer_identity: u32) -> Vec<String> {
+    let direction = match maps::ObservationPoint::from_number(event.observation_point) {
+        Some(maps::ObservationPoint::FromEndpoint) => Direction::Egress,
+        _ => Direction::Ingress,
+    };
+    let protocol = match event.protocol {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        _ => Protocol::Other,
+    };
+    let (_, rule) = compiled.lookup(
+        event.ifindex,
+        direction,
+        peer_identity,
+        protocol,
+        event.dst_port,
+    );
+    match rule {
+        Some(rule) => vec![rule.to_string()],
+        None => compiled
+            .endpoints
+            .get(&event.ifindex)
+            .and_then(|policy| policy.isolated_by.get(&direction))
+            .map(|ids| ids.iter().map(|id| format!("default deny: {id}")).collect())
+            .unwrap_or_default(),
+    }
+}
+
 pub fn enrich(
     event: &FlowEvent,
     directory: &mut Directory,
     origin: &Origin,
     clock: &Clock,
+    compiled: Option<&Compiled>,
 ) -> Flow {
     let source_ip = Ipv4Addr::from(u32::from_be(event.src_ip));
     let destination_ip = Ipv4Addr::from(u32::from_be(event.dst_ip));
@@ -65,6 +97,20 @@ pub fn enrich(
         })
     };
     let drop_reason = DropReason::from_number(event.drop_reason);
+    let source = directory.lookup(source_ip);
+    let destination = directory.lookup(destination_ip);
+    let denied_by = match (drop_reason, compiled) {
+        (Some(DropReason::PolicyDenied), Some(compiled)) => {
+            let peer = match maps::ObservationPoint::from_number(event.observation_point) {
+                Some(maps::ObservationPoint::FromEndpoint) => &destination,
+                _ => &source,
+            };
+            // An address nobody claims is the world.
+            let peer_identity = peer.as_ref().map(|m| m.identity).unwrap_or(2);
+            denied_by(event, compiled, peer_identity)
+        }
+        _ => Vec::new(),
+    };
     Flow {
         time_unix_nano: clock.unix_nanos(event.timestamp_ns),
         verdict: match FlowVerdict::from_number(event.verdict) {
@@ -86,8 +132,8 @@ pub fn enrich(
         } else {
             Vec::new()
         },
-        source: endpoint(directory.lookup(source_ip)),
-        destination: endpoint(directory.lookup(destination_ip)),
+        source: endpoint(source),
+        destination: endpoint(destination),
         observation_point: match maps::ObservationPoint::from_number(event.observation_point) {
             Some(maps::ObservationPoint::FromEndpoint) => ObservationPoint::FromEndpoint as i32,
             Some(maps::ObservationPoint::ToEndpoint) => ObservationPoint::ToEndpoint as i32,
@@ -96,6 +142,7 @@ pub fn enrich(
         },
         node_name: origin.node.clone(),
         length: event.length,
+        denied_by,
     }
 }
 
@@ -158,7 +205,7 @@ mod tests {
         let clock = Clock {
             realtime_minus_monotonic_ns: 5_000,
         };
-        let flow = enrich(&event, &mut directory, &origin, &clock);
+        let flow = enrich(&event, &mut directory, &origin, &clock, None);
         assert_eq!(flow.time_unix_nano, 6_000);
         assert_eq!(
             flow.source.as_ref().map(|s| s.pod_name.as_str()),

@@ -20,6 +20,8 @@ pub struct FlowPipeline {
     pub metrics: FlowMetrics,
     pub origin: Origin,
     pub clock: Clock,
+    /// The policy in force, to name the rule behind a policy drop.
+    pub policy: Arc<Mutex<Option<weft_core::policy::compile::Compiled>>>,
 }
 
 impl FlowPipeline {
@@ -33,7 +35,17 @@ impl FlowPipeline {
                 .directory
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner());
-            enrich(&event, &mut directory, &self.origin, &self.clock)
+            let policy = self
+                .policy
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            enrich(
+                &event,
+                &mut directory,
+                &self.origin,
+                &self.clock,
+                policy.as_ref(),
+            )
         };
         self.metrics.observe(&flow);
         self.store.push(flow);

@@ -1,0 +1,381 @@
+//! Policy enforcement on this node: reads the cluster's policies, keeps the last good version
+//! of any that turns invalid, compiles them for this node's endpoints against every known
+//! identity, and writes the datapath's policy maps and identity-bearing ipcache entries.
+//!
+//! Updates are ordered so a change never opens a gap: new entries first, then isolation flags,
+//! then stale entries removed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+use weft_core::identity::ReservedIdentity;
+use weft_core::policy::compile::{
+    compile, policy_prefixes, port_prefixes, Compiled, EndpointInput, IdentityKind,
+};
+use weft_core::policy::evaluate::{NamedPorts, PeerKind};
+use weft_core::policy::model::{Direction, EnforcementMode, Policy, Protocol};
+use weft_crds::policy_model::{self, PolicyError};
+use weft_node_bpf::maps::{
+    EndpointPolicy, IpcacheEntry, PeerSet, PolicyDirection, PolicyEntry, PolicyKeyData,
+    PEER_SET_WORDS, POLICY_PROTO_OTHER,
+};
+
+use crate::datapath::{Datapath, DatapathError};
+use crate::flows::directory::EndpointMeta;
+
+/// First identity number for CIDR prefixes named by policies (local scope, as Cilium's).
+pub const CIDR_IDENTITY_BASE: u32 = 1 << 24;
+
+/// The policies in force on the node and what was written for them.
+pub struct PolicyEngine {
+    file: Option<PathBuf>,
+    file_version: Option<(u64, SystemTime)>,
+    /// Key `Kind namespace/name` → the last valid version.
+    last_good: BTreeMap<String, Policy>,
+    /// Policies whose current version is invalid, and why.
+    pub problems: BTreeMap<String, PolicyError>,
+    installed: Installed,
+    last_inputs: Option<u64>,
+    /// The compiled policy, for naming the rule behind a dropped flow.
+    pub compiled: Arc<Mutex<Option<Compiled>>>,
+}
+
+#[derive(Default)]
+struct Installed {
+    peer_sets: BTreeSet<u32>,
+    entries: BTreeSet<(u32, u8, u8, u16, u8)>,
+    endpoints: BTreeSet<u32>,
+    ipcache: BTreeSet<Ipv4Net>,
+}
+
+/// What the node knows besides policies: its endpoints and the cluster's.
+pub struct PolicyInputs<'a> {
+    /// (host veth ifindex, IP, namespace) of each local endpoint.
+    pub local: Vec<(u32, Ipv4Addr, String)>,
+    pub directory: &'a [EndpointMeta],
+    pub directory_generation: u64,
+    pub node_ip: Ipv4Addr,
+    /// (node IP, pod CIDR) of every other node.
+    pub peers: &'a [(Ipv4Addr, Ipv4Net)],
+}
+
+fn protocol_number(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Other => POLICY_PROTO_OTHER,
+    }
+}
+
+fn peer_set(set: &weft_core::policy::compile::PeerSet) -> PeerSet {
+    let mut words = [0u64; PEER_SET_WORDS];
+    words.copy_from_slice(&set.0[..PEER_SET_WORDS]);
+    PeerSet { words }
+}
+
+impl PolicyEngine {
+    pub fn new(file: Option<PathBuf>, compiled: Arc<Mutex<Option<Compiled>>>) -> Self {
+        Self {
+            file,
+            file_version: None,
+            last_good: BTreeMap::new(),
+            problems: BTreeMap::new(),
+            installed: Installed::default(),
+            last_inputs: None,
+            compiled,
+        }
+    }
+
+    /// Re-reads the policy file if it changed. Returns whether the policy set changed.
+    fn reload(&mut self) -> bool {
+        let Some(path) = &self.file else {
+            return false;
+        };
+        let version = std::fs::metadata(path)
+            .and_then(|m| Ok((m.ino(), m.modified()?)))
+            .ok();
+        if version == self.file_version {
+            return false;
+        }
+        let objects: Vec<Value> = match std::fs::read(path)
+            .map(|bytes| serde_json::from_slice(&bytes))
+        {
+            Ok(Ok(objects)) => objects,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, path = %path.display(), "policy file unreadable; keeping the policies in force");
+                return false;
+            }
+            // No file yet: no policies.
+            Err(_) => Vec::new(),
+        };
+        self.file_version = version;
+        let mut seen = BTreeSet::new();
+        for object in objects {
+            let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+            let name = format!(
+                "{kind} {}/{}",
+                object["metadata"]["namespace"].as_str().unwrap_or("-"),
+                object["metadata"]["name"].as_str().unwrap_or("?")
+            );
+            let converted = match kind.as_str() {
+                "WeftNetworkPolicy" => serde_json::from_value(object)
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| policy_model::weft_policy(&p).map_err(|e| e.to_string())),
+                "WeftClusterwideNetworkPolicy" => serde_json::from_value(object)
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| policy_model::clusterwide_policy(&p).map_err(|e| e.to_string())),
+                "NetworkPolicy" => serde_json::from_value(object)
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| policy_model::kubernetes_policy(&p).map_err(|e| e.to_string())),
+                _ => continue,
+            };
+            seen.insert(name.clone());
+            match converted {
+                Ok(policy) => {
+                    self.problems.remove(&name);
+                    self.last_good.insert(name, policy);
+                }
+                Err(message) => {
+                    // The last good version (if any) stays in force.
+                    tracing::warn!(policy = %name, %message, "invalid policy; its last good version stays in force");
+                    self.problems.insert(
+                        name,
+                        PolicyError {
+                            field: "spec".into(),
+                            reason: policy_model::InvalidReason::BadSelector,
+                            message,
+                        },
+                    );
+                }
+            }
+        }
+        self.last_good.retain(|name, _| seen.contains(name));
+        self.problems.retain(|name, _| seen.contains(name));
+        true
+    }
+
+    /// Brings the datapath in line with the policies and inputs; does nothing when neither
+    /// changed since the last call.
+    pub fn sync(
+        &mut self,
+        datapath: &mut Datapath,
+        inputs: &PolicyInputs<'_>,
+    ) -> Result<(), DatapathError> {
+        let reloaded = self.reload();
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            inputs.directory_generation.hash(&mut hasher);
+            inputs.local.hash(&mut hasher);
+            self.file_version.map(|(ino, _)| ino).hash(&mut hasher);
+            hasher.finish()
+        };
+        if !reloaded && self.last_inputs == Some(fingerprint) {
+            return Ok(());
+        }
+        self.last_inputs = Some(fingerprint);
+
+        let policies: Vec<Policy> = self.last_good.values().cloned().collect();
+        let by_ip: BTreeMap<Ipv4Addr, &EndpointMeta> =
+            inputs.directory.iter().map(|m| (m.ip, m)).collect();
+        let endpoints: Vec<EndpointInput> = inputs
+            .local
+            .iter()
+            .map(|(ifindex, ip, namespace)| {
+                let meta = by_ip.get(ip);
+                let mut labels = meta.map(|m| m.security_labels.clone()).unwrap_or_default();
+                labels
+                    .entry(weft_core::policy::NAMESPACE_LABEL.to_owned())
+                    .or_insert_with(|| namespace.clone());
+                EndpointInput {
+                    id: *ifindex,
+                    labels,
+                    named_ports: meta.map(|m| named_ports(m)).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let mut identities: BTreeMap<u32, IdentityKind> = inputs
+            .directory
+            .iter()
+            .map(|meta| {
+                (
+                    meta.identity,
+                    IdentityKind::Endpoint(meta.security_labels.clone()),
+                )
+            })
+            .collect();
+        for (reserved, kind) in [
+            (ReservedIdentity::Host, PeerKind::Host),
+            (ReservedIdentity::World, PeerKind::World),
+            (ReservedIdentity::RemoteNode, PeerKind::RemoteNode),
+            (ReservedIdentity::KubeApiserver, PeerKind::KubeApiserver),
+            (ReservedIdentity::Health, PeerKind::Health),
+            (ReservedIdentity::Init, PeerKind::Init),
+        ] {
+            identities.insert(reserved.id(), IdentityKind::Reserved(kind));
+        }
+        let prefixes: Vec<Ipv4Net> = policy_prefixes(&policies).into_iter().collect();
+        for (index, prefix) in prefixes.iter().enumerate() {
+            identities.insert(
+                CIDR_IDENTITY_BASE + index as u32,
+                IdentityKind::Cidr(*prefix),
+            );
+        }
+        let compiled = match compile(&policies, EnforcementMode::Default, &endpoints, &identities) {
+            Ok(compiled) => compiled,
+            Err(error) => {
+                tracing::error!(%error, "policy does not compile; the policy in force stays");
+                return Ok(());
+            }
+        };
+
+        // The ipcache names every address policy may ask about.
+        let mut ipcache: BTreeMap<Ipv4Net, IpcacheEntry> = BTreeMap::new();
+        let local_ips: BTreeSet<Ipv4Addr> = inputs.local.iter().map(|(_, ip, _)| *ip).collect();
+        for meta in inputs
+            .directory
+            .iter()
+            .filter(|m| !local_ips.contains(&m.ip))
+        {
+            if let Some((node_ip, _)) = inputs
+                .peers
+                .iter()
+                .find(|(_, cidr)| cidr.contains(&meta.ip))
+            {
+                ipcache.insert(
+                    Ipv4Net::from(meta.ip),
+                    IpcacheEntry {
+                        identity: meta.identity,
+                        tunnel_endpoint: u32::from(*node_ip).to_be(),
+                    },
+                );
+            }
+        }
+        for (node_ip, _) in inputs.peers {
+            ipcache.insert(
+                Ipv4Net::from(*node_ip),
+                IpcacheEntry {
+                    identity: ReservedIdentity::RemoteNode.id(),
+                    tunnel_endpoint: 0,
+                },
+            );
+        }
+        ipcache.insert(
+            Ipv4Net::from(inputs.node_ip),
+            IpcacheEntry {
+                identity: ReservedIdentity::Host.id(),
+                tunnel_endpoint: 0,
+            },
+        );
+        for (index, prefix) in prefixes.iter().enumerate() {
+            ipcache.entry(*prefix).or_insert(IpcacheEntry {
+                identity: CIDR_IDENTITY_BASE + index as u32,
+                tunnel_endpoint: 0,
+            });
+        }
+
+        let mut installed = Installed::default();
+        for (prefix, entry) in &ipcache {
+            datapath.upsert_ipcache(*prefix, *entry)?;
+            installed.ipcache.insert(*prefix);
+        }
+        for (identity, set) in &compiled.peer_sets {
+            datapath.upsert_peer_set(*identity, peer_set(set))?;
+            installed.peer_sets.insert(*identity);
+        }
+        for (endpoint, policy) in &compiled.endpoints {
+            for ((direction, protocol), entries) in &policy.entries {
+                let direction = match direction {
+                    Direction::Ingress => PolicyDirection::Ingress,
+                    Direction::Egress => PolicyDirection::Egress,
+                } as u8;
+                let protocol = protocol_number(*protocol);
+                for entry in entries {
+                    for (port, bits) in port_prefixes(entry.first, entry.last) {
+                        let data = PolicyKeyData {
+                            endpoint: *endpoint,
+                            direction,
+                            protocol,
+                            port: port.to_be(),
+                        };
+                        datapath.upsert_policy_entry(
+                            data,
+                            bits,
+                            PolicyEntry {
+                                allow: peer_set(&entry.allow),
+                                deny: peer_set(&entry.deny),
+                            },
+                        )?;
+                        installed
+                            .entries
+                            .insert((*endpoint, direction, protocol, port, bits));
+                    }
+                }
+            }
+        }
+        for (endpoint, policy) in &compiled.endpoints {
+            datapath.upsert_endpoint_policy(
+                *endpoint,
+                EndpointPolicy {
+                    isolated_ingress: u8::from(policy.isolated_ingress),
+                    isolated_egress: u8::from(policy.isolated_egress),
+                    pad: [0; 2],
+                },
+            )?;
+            installed.endpoints.insert(*endpoint);
+        }
+        // Stale state goes last.
+        for endpoint in self.installed.endpoints.difference(&installed.endpoints) {
+            datapath.remove_endpoint_policy(*endpoint)?;
+        }
+        for (endpoint, direction, protocol, port, bits) in
+            self.installed.entries.difference(&installed.entries)
+        {
+            datapath.remove_policy_entry(
+                PolicyKeyData {
+                    endpoint: *endpoint,
+                    direction: *direction,
+                    protocol: *protocol,
+                    port: port.to_be(),
+                },
+                *bits,
+            )?;
+        }
+        for identity in self.installed.peer_sets.difference(&installed.peer_sets) {
+            datapath.remove_peer_set(*identity)?;
+        }
+        for prefix in self.installed.ipcache.difference(&installed.ipcache) {
+            datapath.remove_ipcache(*prefix)?;
+        }
+        let (entries, sets) = compiled.map_entries();
+        tracing::info!(
+            policies = policies.len(),
+            policy_entries = entries,
+            peer_sets = sets,
+            "policy in force"
+        );
+        self.installed = installed;
+        *self.compiled.lock().unwrap_or_else(|p| p.into_inner()) = Some(compiled);
+        Ok(())
+    }
+}
+
+fn named_ports(meta: &EndpointMeta) -> NamedPorts {
+    meta.named_ports
+        .iter()
+        .map(|(name, (protocol, port))| {
+            let protocol = if protocol.eq_ignore_ascii_case("UDP") {
+                Protocol::Udp
+            } else {
+                Protocol::Tcp
+            };
+            (name.clone(), (protocol, *port))
+        })
+        .collect()
+}
