@@ -199,6 +199,68 @@ fn a_denied_connection_names_what_denied_it_in_flows() {
                 })
     });
     assert!(named, "{drops:?}");
+
+    // Allowed flows name the rule that allowed them.
+    let gateway = sandbox.pod("gateway").clone();
+    assert!(connects(&gateway.netns, SocketAddr::from((model.ip, 8080))));
+    let allowed = observe(
+        &sandbox,
+        &[
+            "--verdict",
+            "FORWARDED",
+            "--pod",
+            "inference/model",
+            "--port",
+            "8080",
+        ],
+    );
+    assert!(
+        allowed.iter().any(
+            |flow| flow["flow"]["ingress_allowed_by"]
+                .as_array()
+                .is_some_and(|by| by
+                    .iter()
+                    .any(|rule| rule == "NetworkPolicy inference/model-from-ml ingress[0]"))
+        ),
+        "{allowed:?}"
+    );
+}
+
+#[test]
+fn an_invalid_update_keeps_the_last_good_enforcement() {
+    let sandbox = sandbox();
+    wait_for_enforcement(&sandbox);
+    let (trainer_0, trainer_1, debug) = (
+        sandbox.pod("trainer-0").clone(),
+        sandbox.pod("trainer-1").clone(),
+        sandbox.pod("debug").clone(),
+    );
+    // The same policy, now with a CIDR the schema lets through but no datapath can honour.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broken = dir.path().join("nccl.yaml");
+    std::fs::write(&broken, "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {name: nccl, namespace: training}\nspec:\n  endpointSelector: {matchLabels: {app: trainer}}\n  ingress:\n  - fromCIDR: ['999.0.0.0/8']\n").expect("write");
+    let mut handle = weft_sandbox::Sandbox::load(Some(&sandbox.name)).expect("state");
+    handle.apply(None, &broken).expect("apply");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        connects(&trainer_0.netns, SocketAddr::from((trainer_1.ip, 29400))),
+        "the last good version still allows NCCL"
+    );
+    assert!(
+        !connects(&debug.netns, SocketAddr::from((trainer_1.ip, 29400))),
+        "and still isolates the trainers"
+    );
+    let status = Command::new(default_bin_dir().join("weftctl"))
+        .args(["policy", "status", "--sandbox", &sandbox.name])
+        .output()
+        .expect("weftctl policy status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(!status.status.success());
+    assert!(
+        text.lines()
+            .any(|l| l.contains("training/nccl") && l.contains("BadCIDR")),
+        "{text}"
+    );
 }
 
 #[test]

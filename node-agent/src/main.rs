@@ -22,6 +22,7 @@ use weft_core::admin::Readiness;
 use weft_core::cluster::ClusterArgs;
 use weft_core::daemon::{shutdown_signal, start_admin};
 use weft_core::identity::ReservedIdentity;
+use weft_core::policy::model::EnforcementMode;
 use weft_core::telemetry::LogArgs;
 use weft_node_bpf::maps::{IpcacheEntry, NodeConfig, RoutingMode as MapRoutingMode};
 
@@ -31,6 +32,13 @@ enum RoutingMode {
     Native,
     /// Pod traffic between nodes is encapsulated in VXLAN.
     Tunnel,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Enforcement {
+    Default,
+    Always,
+    Never,
 }
 
 /// The name of the VXLAN device in tunnel mode.
@@ -123,6 +131,10 @@ struct Args {
     /// WeftClusterwideNetworkPolicy, NetworkPolicy); kept current by the sandbox in local mode.
     #[arg(long)]
     policy_file: Option<PathBuf>,
+    /// How policy applies: `default` (an endpoint selected by a policy that isolates a
+    /// direction is default-deny there), `always` (every endpoint is default-deny), `never`.
+    #[arg(long, value_enum, default_value_t = Enforcement::Default)]
+    enforcement: Enforcement,
     /// How many recent flows the agent keeps for Observe clients.
     #[arg(long, default_value_t = 4096)]
     flow_buffer: usize,
@@ -247,6 +259,11 @@ async fn main() -> anyhow::Result<()> {
             directory,
             policy_file: args.policy_file.clone(),
             policy_in_force,
+            enforcement: match args.enforcement {
+                Enforcement::Default => EnforcementMode::Default,
+                Enforcement::Always => EnforcementMode::Always,
+                Enforcement::Never => EnforcementMode::Never,
+            },
             node_ip,
             peers: args
                 .peers

@@ -72,6 +72,8 @@ pub struct NodeSettings {
     pub directory: Arc<Mutex<Directory>>,
     /// The cluster's policies (local mode: a file the sandbox keeps current).
     pub policy_file: Option<PathBuf>,
+    /// How policy applies: `Default` (selected endpoints are isolated), `Always`, `Never`.
+    pub enforcement: weft_core::policy::model::EnforcementMode,
     /// Where the compiled policy in force is published (for naming rules in flows).
     pub policy_in_force: Arc<Mutex<Option<weft_core::policy::compile::Compiled>>>,
     pub node_ip: Ipv4Addr,
@@ -109,7 +111,11 @@ impl NodeAgent {
             mtu: settings.mtu,
             origin: settings.origin,
             directory: settings.directory,
-            policy: PolicyEngine::new(settings.policy_file, settings.policy_in_force),
+            policy: PolicyEngine::new(
+                settings.policy_file,
+                settings.enforcement,
+                settings.policy_in_force,
+            ),
             node_ip: settings.node_ip,
             peers: settings.peers,
         };

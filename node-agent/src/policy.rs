@@ -34,6 +34,7 @@ pub const CIDR_IDENTITY_BASE: u32 = 1 << 24;
 
 /// The policies in force on the node and what was written for them.
 pub struct PolicyEngine {
+    mode: EnforcementMode,
     file: Option<PathBuf>,
     file_version: Option<(u64, SystemTime)>,
     /// Key `Kind namespace/name` → the last valid version.
@@ -80,8 +81,13 @@ fn peer_set(set: &weft_core::policy::compile::PeerSet) -> PeerSet {
 }
 
 impl PolicyEngine {
-    pub fn new(file: Option<PathBuf>, compiled: Arc<Mutex<Option<Compiled>>>) -> Self {
+    pub fn new(
+        file: Option<PathBuf>,
+        mode: EnforcementMode,
+        compiled: Arc<Mutex<Option<Compiled>>>,
+    ) -> Self {
         Self {
+            mode,
             file,
             file_version: None,
             last_good: BTreeMap::new(),
@@ -227,7 +233,7 @@ impl PolicyEngine {
                 IdentityKind::Cidr(*prefix),
             );
         }
-        let compiled = match compile(&policies, EnforcementMode::Default, &endpoints, &identities) {
+        let compiled = match compile(&policies, self.mode, &endpoints, &identities) {
             Ok(compiled) => compiled,
             Err(error) => {
                 tracing::error!(%error, "policy does not compile; the policy in force stays");

@@ -31,6 +31,8 @@ const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
 const CNI_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
 const CNI_RETRY_INTERVAL: Duration = Duration::from_millis(250);
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an identity no pod uses is kept (a pod recreated soon gets its number back).
+const IDENTITY_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -526,6 +528,7 @@ impl Sandbox {
             &LabelFilter::default(),
         );
         let identity = allocator.acquire(&labels).map_err(identity_error)?;
+        allocator.collect_garbage(std::time::SystemTime::now(), IDENTITY_GRACE);
         allocator.save(&path).map_err(identity_error)?;
         Ok(identity)
     }
@@ -546,6 +549,7 @@ impl Sandbox {
             .and_then(|id| IdentityAllocator::load_or_new(&path, id).map_err(|e| e.to_string()))
             .and_then(|mut allocator| {
                 allocator.release(pod.identity).map_err(|e| e.to_string())?;
+                allocator.collect_garbage(std::time::SystemTime::now(), IDENTITY_GRACE);
                 allocator.save(&path).map_err(|e| e.to_string())
             });
         if let Err(error) = released {
@@ -592,12 +596,19 @@ impl Sandbox {
                 .unwrap_or("?");
             created.push(format!("{}/{name} recorded", kind.to_lowercase()));
         }
+        // As `kubectl apply`: an object with the same kind, namespace and name is replaced.
         self.commit(|fresh| {
-            fresh
-                .objects
-                .entry(cluster.clone())
-                .or_default()
-                .extend(read.others.iter().cloned())
+            let objects = fresh.objects.entry(cluster.clone()).or_default();
+            for object in &read.others {
+                let key = object_key(object);
+                match objects
+                    .iter_mut()
+                    .find(|existing| object_key(existing) == key)
+                {
+                    Some(existing) => *existing = object.clone(),
+                    None => objects.push(object.clone()),
+                }
+            }
         })?;
         Ok(created)
     }
@@ -612,27 +623,12 @@ impl Sandbox {
         let mut read = Manifests::default();
         read.add_file(file)?;
         let mut deleted = Vec::new();
-        let identity = |object: &serde_json::Value| {
-            (
-                object["kind"].as_str().unwrap_or_default().to_owned(),
-                object
-                    .pointer("/metadata/namespace")
-                    .and_then(|n| n.as_str())
-                    .unwrap_or_default()
-                    .to_owned(),
-                object
-                    .pointer("/metadata/name")
-                    .and_then(|n| n.as_str())
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
-        };
-        let doomed: Vec<_> = read.others.iter().map(identity).collect();
+        let doomed: Vec<_> = read.others.iter().map(object_key).collect();
         if !doomed.is_empty() {
             let target = cluster.clone();
             self.commit(|fresh| {
                 if let Some(objects) = fresh.objects.get_mut(&target) {
-                    objects.retain(|object| !doomed.contains(&identity(object)));
+                    objects.retain(|object| !doomed.contains(&object_key(object)));
                 }
             })?;
             for (kind, _, name) in &doomed {
@@ -995,6 +991,22 @@ impl Sandbox {
         }
         removed
     }
+}
+
+/// What names an object: kind, namespace, name.
+fn object_key(object: &serde_json::Value) -> (String, String, String) {
+    let text = |pointer: &str| {
+        object
+            .pointer(pointer)
+            .and_then(|value| value.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (
+        text("/kind"),
+        text("/metadata/namespace"),
+        text("/metadata/name"),
+    )
 }
 
 /// Names of sandboxes with a state file.

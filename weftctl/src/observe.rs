@@ -257,6 +257,13 @@ fn hubble_json(flow: &Flow) -> serde_json::Value {
             .map(|p| p.as_str_name()).unwrap_or("OBSERVATION_POINT_UNKNOWN"),
         "Summary": summary(flow),
     });
+    if !flow.allowed_by.is_empty() {
+        let key = match ObservationPoint::try_from(flow.observation_point) {
+            Ok(ObservationPoint::FromEndpoint) => "egress_allowed_by",
+            _ => "ingress_allowed_by",
+        };
+        body[key] = flow.allowed_by.clone().into();
+    }
     if Verdict::try_from(flow.verdict) == Ok(Verdict::Dropped) {
         body["drop_reason"] = flow.drop_reason.into();
         body["drop_reason_desc"] = flow.drop_reason_desc.clone().into();

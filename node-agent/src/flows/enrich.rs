@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use weft_api::observer::{Endpoint, Flow, ObservationPoint, Verdict};
 use weft_core::policy::compile::Compiled;
+use weft_core::policy::evaluate::Verdict as PolicyVerdict;
 use weft_core::policy::model::{Direction, Protocol};
 use weft_node_bpf::maps::{self, DropReason, FlowEvent, FlowVerdict};
 
@@ -44,32 +45,43 @@ pub struct Origin {
     pub cluster: String,
 }
 
-/// The rule (or isolating policies) behind a policy drop, from the policy in force.
-fn denied_by(event: &FlowEvent, compiled: &Compiled, peer_identity: u32) -> Vec<String> {
+/// What the policy in force says about this flow: the rule that allowed it, or for a policy
+/// drop the rule that denied it (or the policies isolating the endpoint when nothing allowed).
+fn decided_by(
+    event: &FlowEvent,
+    compiled: &Compiled,
+    peer_identity: u32,
+) -> (Vec<String>, Vec<String>) {
     let direction = match maps::ObservationPoint::from_number(event.observation_point) {
         Some(maps::ObservationPoint::FromEndpoint) => Direction::Egress,
-        _ => Direction::Ingress,
+        Some(maps::ObservationPoint::ToEndpoint) => Direction::Ingress,
+        _ => return (Vec::new(), Vec::new()),
     };
     let protocol = match event.protocol {
         6 => Protocol::Tcp,
         17 => Protocol::Udp,
         _ => Protocol::Other,
     };
-    let (_, rule) = compiled.lookup(
+    let (verdict, rule) = compiled.lookup(
         event.ifindex,
         direction,
         peer_identity,
         protocol,
         event.dst_port,
     );
-    match rule {
-        Some(rule) => vec![rule.to_string()],
-        None => compiled
-            .endpoints
-            .get(&event.ifindex)
-            .and_then(|policy| policy.isolated_by.get(&direction))
-            .map(|ids| ids.iter().map(|id| format!("default deny: {id}")).collect())
-            .unwrap_or_default(),
+    match (verdict, rule) {
+        (PolicyVerdict::Allowed, Some(rule)) => (vec![rule.to_string()], Vec::new()),
+        (PolicyVerdict::Denied, Some(rule)) => (Vec::new(), vec![rule.to_string()]),
+        (PolicyVerdict::Denied, None) => (
+            Vec::new(),
+            compiled
+                .endpoints
+                .get(&event.ifindex)
+                .and_then(|policy| policy.isolated_by.get(&direction))
+                .map(|ids| ids.iter().map(|id| format!("default deny: {id}")).collect())
+                .unwrap_or_default(),
+        ),
+        (PolicyVerdict::Allowed, None) => (Vec::new(), Vec::new()),
     }
 }
 
@@ -99,17 +111,29 @@ pub fn enrich(
     let drop_reason = DropReason::from_number(event.drop_reason);
     let source = directory.lookup(source_ip);
     let destination = directory.lookup(destination_ip);
-    let denied_by = match (drop_reason, compiled) {
-        (Some(DropReason::PolicyDenied), Some(compiled)) => {
+    let (allowed_by, denied_by) = match compiled {
+        Some(compiled) => {
             let peer = match maps::ObservationPoint::from_number(event.observation_point) {
                 Some(maps::ObservationPoint::FromEndpoint) => &destination,
                 _ => &source,
             };
             // An address nobody claims is the world.
             let peer_identity = peer.as_ref().map(|m| m.identity).unwrap_or(2);
-            denied_by(event, compiled, peer_identity)
+            let (allowed, denied) = decided_by(event, compiled, peer_identity);
+            // Only a policy drop is explained by policy.
+            let denied = if drop_reason == Some(DropReason::PolicyDenied) {
+                denied
+            } else {
+                Vec::new()
+            };
+            let allowed = if event.verdict == FlowVerdict::Forwarded as u8 {
+                allowed
+            } else {
+                Vec::new()
+            };
+            (allowed, denied)
         }
-        _ => Vec::new(),
+        None => (Vec::new(), Vec::new()),
     };
     Flow {
         time_unix_nano: clock.unix_nanos(event.timestamp_ns),
@@ -143,6 +167,7 @@ pub fn enrich(
         node_name: origin.node.clone(),
         length: event.length,
         denied_by,
+        allowed_by,
     }
 }
 
