@@ -5,13 +5,13 @@
 //! second (what netperf's TCP_RR measures; netperf is not packaged here). Each measurement runs
 //! ROUNDS times alternating baseline and Weft; medians are compared.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use weft_e2e::measure::{median, tcp_rr};
 use weft_e2e::netns::{unique_prefix, NetNs};
-use weft_e2e::sandbox::{in_netns, TestSandbox};
+use weft_e2e::sandbox::TestSandbox;
 use weft_sandbox::{default_bin_dir, host};
 
 const ROUNDS: usize = 3;
@@ -186,29 +186,6 @@ fn tcp_stream(client: &str, server: &str, server_ip: &str) -> f64 {
         / 1e9
 }
 
-/// One-byte request/response transactions per second from `client` to a TCP echo server.
-fn tcp_rr(client: &str, server_ip: &str, port: u16) -> f64 {
-    let target = format!("{server_ip}:{port}");
-    in_netns(client, || {
-        let mut stream = TcpStream::connect(&target).expect("connect to the echo server");
-        stream.set_nodelay(true).expect("nodelay");
-        let mut byte = [0u8; 1];
-        let started = Instant::now();
-        let mut transactions = 0u64;
-        while started.elapsed() < Duration::from_secs(SECONDS) {
-            stream.write_all(b"x").expect("send");
-            stream.read_exact(&mut byte).expect("receive");
-            transactions += 1;
-        }
-        transactions as f64 / started.elapsed().as_secs_f64()
-    })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
-
 fn main() {
     // `cargo bench` passes --bench; there is nothing to filter.
     let baseline = Baseline::build().expect("baseline namespaces");
@@ -247,8 +224,12 @@ fn main() {
                 &baseline.server_ip,
             ));
             weft_stream.push(tcp_stream(&a.netns, &b.netns, &b.ip.to_string()));
-            base_rr.push(tcp_rr(&baseline.client, &baseline.server_ip, 9000));
-            weft_rr.push(tcp_rr(&a.netns, &b.ip.to_string(), 9000));
+            base_rr.push(tcp_rr(
+                &baseline.client,
+                SocketAddr::new(baseline.server_ip.parse().expect("ip"), 9000),
+                SECONDS,
+            ));
+            weft_rr.push(tcp_rr(&a.netns, SocketAddr::from((b.ip, 9000)), SECONDS));
         }
         results.push((
             mode,

@@ -1,5 +1,6 @@
 //! Test beds on real network namespaces, cleaned up when dropped (also when a test panics).
 
 pub mod bpffs;
+pub mod measure;
 pub mod netns;
 pub mod sandbox;

@@ -291,39 +291,11 @@ impl PolicyEngine {
             datapath.upsert_ipcache(*prefix, *entry)?;
             installed.ipcache.insert(*prefix);
         }
-        for (identity, set) in &compiled.peer_sets {
-            datapath.upsert_peer_set(*identity, peer_set(set))?;
-            installed.peer_sets.insert(*identity);
-        }
-        for (endpoint, policy) in &compiled.endpoints {
-            for ((direction, protocol), entries) in &policy.entries {
-                let direction = match direction {
-                    Direction::Ingress => PolicyDirection::Ingress,
-                    Direction::Egress => PolicyDirection::Egress,
-                } as u8;
-                let protocol = protocol_number(*protocol);
-                for entry in entries {
-                    for (port, bits) in port_prefixes(entry.first, entry.last) {
-                        let data = PolicyKeyData {
-                            endpoint: *endpoint,
-                            direction,
-                            protocol,
-                            port: port.to_be(),
-                        };
-                        datapath.upsert_policy_entry(
-                            data,
-                            bits,
-                            PolicyEntry {
-                                allow: peer_set(&entry.allow),
-                                deny: peer_set(&entry.deny),
-                            },
-                        )?;
-                        installed
-                            .entries
-                            .insert((*endpoint, direction, protocol, port, bits));
-                    }
-                }
-            }
+        let written = write_allows(datapath, &compiled, &mut installed);
+        if let Err(error) = &written {
+            // Fail closed: isolate what the policy isolates even though some allow entries are
+            // missing (a full map, say), so the gap denies instead of allowing.
+            tracing::error!(%error, "policy entries could not all be written; isolating the selected endpoints with the entries that were");
         }
         for (endpoint, policy) in &compiled.endpoints {
             datapath.upsert_endpoint_policy(
@@ -335,6 +307,16 @@ impl PolicyEngine {
                 },
             )?;
             installed.endpoints.insert(*endpoint);
+        }
+        if let Err(error) = written {
+            // Keep what is installed so a later sync can finish the job; nothing stale is
+            // removed while the new policy is incomplete.
+            self.installed.entries.extend(installed.entries);
+            self.installed.peer_sets.extend(installed.peer_sets);
+            self.installed.endpoints.extend(installed.endpoints);
+            self.installed.ipcache.extend(installed.ipcache);
+            self.last_inputs = None;
+            return Err(error);
         }
         // Stale state goes last.
         for endpoint in self.installed.endpoints.difference(&installed.endpoints) {
@@ -370,6 +352,49 @@ impl PolicyEngine {
         *self.compiled.lock().unwrap_or_else(|p| p.into_inner()) = Some(compiled);
         Ok(())
     }
+}
+
+/// Peer sets and port entries: everything that allows or denies, before isolation is set.
+fn write_allows(
+    datapath: &mut Datapath,
+    compiled: &Compiled,
+    installed: &mut Installed,
+) -> Result<(), DatapathError> {
+    for (identity, set) in &compiled.peer_sets {
+        datapath.upsert_peer_set(*identity, peer_set(set))?;
+        installed.peer_sets.insert(*identity);
+    }
+    for (endpoint, policy) in &compiled.endpoints {
+        for ((direction, protocol), entries) in &policy.entries {
+            let direction = match direction {
+                Direction::Ingress => PolicyDirection::Ingress,
+                Direction::Egress => PolicyDirection::Egress,
+            } as u8;
+            let protocol = protocol_number(*protocol);
+            for entry in entries {
+                for (port, bits) in port_prefixes(entry.first, entry.last) {
+                    let data = PolicyKeyData {
+                        endpoint: *endpoint,
+                        direction,
+                        protocol,
+                        port: port.to_be(),
+                    };
+                    datapath.upsert_policy_entry(
+                        data,
+                        bits,
+                        PolicyEntry {
+                            allow: peer_set(&entry.allow),
+                            deny: peer_set(&entry.deny),
+                        },
+                    )?;
+                    installed
+                        .entries
+                        .insert((*endpoint, direction, protocol, port, bits));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn named_ports(meta: &EndpointMeta) -> NamedPorts {
