@@ -1,11 +1,12 @@
-//! `weft-operator`: wiring only. Reconcilers live in library modules as they land; see
-//! `docs/architecture.md`.
+//! `weft-operator`: wiring only; the reconcilers are in the library.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use clap::Parser;
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use prometheus_client::registry::Registry;
 use weft_core::admin::Readiness;
 use weft_core::cluster::ClusterArgs;
@@ -27,10 +28,16 @@ struct Args {
     /// Take part in leader election so that only one replica reconciles at a time.
     #[arg(long)]
     leader_elect: bool,
+    /// A kubeconfig to run against a cluster from outside it; in a pod, the in-cluster
+    /// configuration is used.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Two TLS providers are compiled in (through dependencies); choose before any client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     args.log.init()?;
     tracing::info!(
@@ -44,12 +51,28 @@ async fn main() -> anyhow::Result<()> {
     let admin = start_admin(args.admin_addr, readiness.clone(), registry)
         .await
         .context("starting the admin endpoint")?;
-    // No controllers are wired in this release (README, "Features"): the process serves its
-    // admin endpoint so that the chart's probes and rollout behave as they will later.
-    tracing::warn!("no reconcilers are wired in this release; serving health and metrics only");
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .context("using the kubeconfig")?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given (--kubeconfig) and not running in a pod")?,
+    };
+    let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
+    if args.leader_elect {
+        tracing::warn!("leader election is not implemented yet: every replica reconciles (status writes are idempotent server-side applies)");
+    }
+    let controllers = tokio::spawn(weft_operator::policy_controller::run(client));
     readiness.set_ready(true);
+    tracing::info!("reconciling WeftNetworkPolicy and WeftClusterwideNetworkPolicy statuses");
     shutdown_signal().await;
     tracing::info!("weft-operator stopping");
+    controllers.abort();
     admin.abort();
     Ok(())
 }
