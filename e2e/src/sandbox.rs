@@ -218,3 +218,21 @@ pub fn assert_connection_observed(sandbox: &TestSandbox, from: &PodState, to: &P
         );
     }
 }
+
+/// Whether an echo exchange with `target` completes from `netns`, trying up to `tries` times
+/// (so a loaded machine's slow first packet is not taken for a drop; a drop fails every try).
+pub fn echo_reachable(netns: &str, target: SocketAddr, tries: usize) -> bool {
+    (0..tries).any(|_| {
+        in_netns(netns, || {
+            let Ok(mut stream) = TcpStream::connect_timeout(&target, Duration::from_millis(700))
+            else {
+                return false;
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(700)));
+            let mut reply = [0u8; 2];
+            stream.write_all(b"hi").is_ok()
+                && stream.read_exact(&mut reply).is_ok()
+                && &reply == b"hi"
+        })
+    })
+}

@@ -2,12 +2,11 @@
 //! from a namespace, allow from pods with a label, allow a port range, and egress denied to a
 //! CIDR (to a host outside the cluster, on the fabric).
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weft_e2e::sandbox::{in_netns, TestSandbox};
+use weft_e2e::sandbox::{echo_reachable, TestSandbox};
 use weft_sandbox::{default_bin_dir, host};
 
 /// An address on the fabric that belongs to no node and no pod: the world, to the cluster.
@@ -63,20 +62,8 @@ spec:
     - ipBlock: {cidr: 0.0.0.0/0, except: [172.30.255.254/32]}
 ";
 
-/// Whether an echo exchange completes; a few tries, so a loaded machine's slow first packet
-/// is not taken for a drop.
 fn connects(netns: &str, target: SocketAddr) -> bool {
-    (0..3).any(|_| {
-        in_netns(netns, || {
-            let Ok(mut stream) = TcpStream::connect_timeout(&target, Duration::from_millis(700))
-            else {
-                return false;
-            };
-            let _ = stream.set_read_timeout(Some(Duration::from_millis(700)));
-            let mut reply = [0u8; 2];
-            stream.write_all(b"hi").is_ok() && stream.read_exact(&mut reply).is_ok()
-        })
-    })
+    echo_reachable(netns, target, 3)
 }
 
 struct Outside(Child);

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use weft_e2e::sandbox::{in_netns, observe, TestSandbox};
+use weft_e2e::sandbox::{echo_reachable, in_netns, observe, TestSandbox};
 use weft_sandbox::default_bin_dir;
 
 fn pod(name: &str, namespace: &str, app: &str, node: &str) -> String {
@@ -69,16 +69,8 @@ fn sandbox() -> TestSandbox {
     )
 }
 
-/// Whether a TCP exchange with the pod's echo server completes from `netns`.
 fn connects(netns: &str, target: SocketAddr) -> bool {
-    in_netns(netns, || {
-        let Ok(mut stream) = TcpStream::connect_timeout(&target, Duration::from_millis(700)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(700)));
-        let mut reply = [0u8; 2];
-        stream.write_all(b"hi").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"hi"
-    })
+    echo_reachable(netns, target, 1)
 }
 
 fn explained(sandbox: &TestSandbox, from: &str, to: &str, port: u16) -> bool {

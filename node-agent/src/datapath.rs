@@ -193,6 +193,28 @@ impl Datapath {
             .join(format!("{direction}_{interface}"))
     }
 
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, DatapathError> {
+        let map = self
+            .pod
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        HashMap::try_from(map).map_err(map_error(name))
+    }
+
+    fn lpm_trie<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<LpmTrie<&mut MapData, K, V>, DatapathError> {
+        let map = self
+            .pod
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        LpmTrie::try_from(map).map_err(map_error(name))
+    }
+
     pub fn configure(&mut self, config: NodeConfig) -> Result<(), DatapathError> {
         let map = self
             .pod
@@ -209,26 +231,14 @@ impl Datapath {
         ip: Ipv4Addr,
         info: EndpointInfo,
     ) -> Result<(), DatapathError> {
-        self.endpoints()?
+        self.hash_map(ENDPOINTS)?
             .insert(EndpointKey::new(ip), info, 0)
             .map_err(map_error(ENDPOINTS))
     }
 
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        match self.endpoints()?.remove(&EndpointKey::new(ip)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(error) => Err(map_error(ENDPOINTS)(error)),
-        }
-    }
-
-    fn endpoints(
-        &mut self,
-    ) -> Result<HashMap<&mut MapData, EndpointKey, EndpointInfo>, DatapathError> {
-        let map = self
-            .pod
-            .map_mut(ENDPOINTS)
-            .ok_or(DatapathError::MissingMap(ENDPOINTS))?;
-        HashMap::try_from(map).map_err(map_error(ENDPOINTS))
+        let mut endpoints: HashMap<_, EndpointKey, EndpointInfo> = self.hash_map(ENDPOINTS)?;
+        removed(ENDPOINTS, endpoints.remove(&EndpointKey::new(ip)))
     }
 
     /// Records what the node knows about `prefix`: its identity and the node it lives behind.
@@ -241,7 +251,7 @@ impl Datapath {
             u32::from(prefix.prefix_len()),
             u32::from(prefix.network()).to_be(),
         );
-        self.ipcache()?
+        self.lpm_trie(IPCACHE)?
             .insert(&key, entry, 0)
             .map_err(map_error(IPCACHE))
     }
@@ -251,52 +261,19 @@ impl Datapath {
             u32::from(prefix.prefix_len()),
             u32::from(prefix.network()).to_be(),
         );
-        match self.ipcache()?.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(error) => Err(map_error(IPCACHE)(error)),
-        }
-    }
-
-    fn ipcache(&mut self) -> Result<LpmTrie<&mut MapData, u32, IpcacheEntry>, DatapathError> {
-        let map = self
-            .pod
-            .map_mut(IPCACHE)
-            .ok_or(DatapathError::MissingMap(IPCACHE))?;
-        LpmTrie::try_from(map).map_err(map_error(IPCACHE))
+        let mut ipcache: LpmTrie<_, u32, IpcacheEntry> = self.lpm_trie(IPCACHE)?;
+        removed(IPCACHE, ipcache.remove(&key))
     }
 
     pub fn upsert_peer_set(&mut self, identity: u32, set: PeerSet) -> Result<(), DatapathError> {
-        let map = self
-            .pod
-            .map_mut(POLICY_PEER_SETS)
-            .ok_or(DatapathError::MissingMap(POLICY_PEER_SETS))?;
-        let mut sets: HashMap<&mut MapData, u32, PeerSet> =
-            HashMap::try_from(map).map_err(map_error(POLICY_PEER_SETS))?;
-        sets.insert(identity, set, 0)
+        self.hash_map(POLICY_PEER_SETS)?
+            .insert(identity, set, 0)
             .map_err(map_error(POLICY_PEER_SETS))
     }
 
     pub fn remove_peer_set(&mut self, identity: u32) -> Result<(), DatapathError> {
-        let map = self
-            .pod
-            .map_mut(POLICY_PEER_SETS)
-            .ok_or(DatapathError::MissingMap(POLICY_PEER_SETS))?;
-        let mut sets: HashMap<&mut MapData, u32, PeerSet> =
-            HashMap::try_from(map).map_err(map_error(POLICY_PEER_SETS))?;
-        match sets.remove(&identity) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(error) => Err(map_error(POLICY_PEER_SETS)(error)),
-        }
-    }
-
-    fn policy_entries(
-        &mut self,
-    ) -> Result<LpmTrie<&mut MapData, PolicyKeyData, PolicyEntry>, DatapathError> {
-        let map = self
-            .pod
-            .map_mut(POLICY_ENTRIES)
-            .ok_or(DatapathError::MissingMap(POLICY_ENTRIES))?;
-        LpmTrie::try_from(map).map_err(map_error(POLICY_ENTRIES))
+        let mut sets: HashMap<_, u32, PeerSet> = self.hash_map(POLICY_PEER_SETS)?;
+        removed(POLICY_PEER_SETS, sets.remove(&identity))
     }
 
     /// `port_bits` of `data.port` (network byte order) are significant.
@@ -307,7 +284,7 @@ impl Datapath {
         entry: PolicyEntry,
     ) -> Result<(), DatapathError> {
         let key = LpmKey::new(POLICY_KEY_FIXED_BITS + u32::from(port_bits), data);
-        self.policy_entries()?
+        self.lpm_trie(POLICY_ENTRIES)?
             .insert(&key, entry, 0)
             .map_err(map_error(POLICY_ENTRIES))
     }
@@ -318,10 +295,8 @@ impl Datapath {
         port_bits: u8,
     ) -> Result<(), DatapathError> {
         let key = LpmKey::new(POLICY_KEY_FIXED_BITS + u32::from(port_bits), data);
-        match self.policy_entries()?.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(error) => Err(map_error(POLICY_ENTRIES)(error)),
-        }
+        let mut entries: LpmTrie<_, PolicyKeyData, PolicyEntry> = self.lpm_trie(POLICY_ENTRIES)?;
+        removed(POLICY_ENTRIES, entries.remove(&key))
     }
 
     pub fn upsert_endpoint_policy(
@@ -329,28 +304,14 @@ impl Datapath {
         ifindex: u32,
         state: EndpointPolicy,
     ) -> Result<(), DatapathError> {
-        let map = self
-            .pod
-            .map_mut(ENDPOINT_POLICIES)
-            .ok_or(DatapathError::MissingMap(ENDPOINT_POLICIES))?;
-        let mut states: HashMap<&mut MapData, u32, EndpointPolicy> =
-            HashMap::try_from(map).map_err(map_error(ENDPOINT_POLICIES))?;
-        states
+        self.hash_map(ENDPOINT_POLICIES)?
             .insert(ifindex, state, 0)
             .map_err(map_error(ENDPOINT_POLICIES))
     }
 
     pub fn remove_endpoint_policy(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        let map = self
-            .pod
-            .map_mut(ENDPOINT_POLICIES)
-            .ok_or(DatapathError::MissingMap(ENDPOINT_POLICIES))?;
-        let mut states: HashMap<&mut MapData, u32, EndpointPolicy> =
-            HashMap::try_from(map).map_err(map_error(ENDPOINT_POLICIES))?;
-        match states.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(error) => Err(map_error(ENDPOINT_POLICIES)(error)),
-        }
+        let mut states: HashMap<_, u32, EndpointPolicy> = self.hash_map(ENDPOINT_POLICIES)?;
+        removed(ENDPOINT_POLICIES, states.remove(&ifindex))
     }
 
     /// The flow event ring buffer, for the one reader the agent runs.
@@ -385,6 +346,17 @@ impl Datapath {
             sent: sum(Direction::FromEndpoint)?,
             received: sum(Direction::ToEndpoint)?,
         })
+    }
+}
+
+/// A removal of something already gone is not an error (deletes are idempotent).
+fn removed(
+    name: &'static str,
+    result: Result<(), aya::maps::MapError>,
+) -> Result<(), DatapathError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(error) => Err(map_error(name)(error)),
     }
 }
 
