@@ -40,17 +40,24 @@ static __always_inline __u32 peer_identity(__u32 ip)
 static __always_inline int enforce(struct __sk_buff *skb, struct iphdr *ip, __u32 endpoint,
 				   __u8 direction, __u8 observation_point)
 {
+	struct endpoint_policy *state;
 	__u16 sport = 0, dport = 0;
 	__u32 peer;
 
 	packet_ports(skb, ip, &sport, &dport);
 	if (ct_is_reply(ip->saddr, ip->daddr, sport, dport, ip->protocol))
 		return 0;
+	/* Endpoints no policy selects skip the identity and policy lookups; their connections
+	 * are still remembered, so replies pass once a policy isolates them. */
+	state = endpoint_policy_of(endpoint);
+	if (!state)
+		goto allowed;
 	peer = peer_identity(direction == POLICY_EGRESS ? ip->daddr : ip->saddr);
-	if (policy_denies(endpoint, direction, peer, ip->protocol, dport)) {
+	if (policy_denies(state, endpoint, direction, peer, ip->protocol, dport)) {
 		report_flow(skb, ip, endpoint, observation_point, VERDICT_DROPPED, DROP_POLICY_DENIED);
 		return 1;
 	}
+allowed:
 	ct_remember(ip->saddr, ip->daddr, sport, dport, ip->protocol, bpf_ktime_get_ns());
 	return 0;
 }

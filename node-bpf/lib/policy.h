@@ -70,20 +70,24 @@ static __always_inline __u8 policy_protocol(__u8 ip_protocol)
 	return (ip_protocol == 6 || ip_protocol == 17) ? ip_protocol : POLICY_PROTO_OTHER;
 }
 
-/* Whether `endpoint` may exchange this packet with a peer of `peer_identity`. An endpoint with
- * no policy state is not isolated: everything passes. */
-static __always_inline int policy_denies(__u32 endpoint, __u8 direction, __u32 peer_identity,
-					 __u8 ip_protocol, __u16 port)
+/* The endpoint's policy state; NULL when no policy selects it (nothing is isolated). */
+static __always_inline struct endpoint_policy *endpoint_policy_of(__u32 endpoint)
 {
-	struct endpoint_policy *state = bpf_map_lookup_elem(&endpoint_policies, &endpoint);
+	return bpf_map_lookup_elem(&endpoint_policies, &endpoint);
+}
+
+/* Whether an endpoint with policy `state` may not exchange this packet with a peer of
+ * `peer_identity`. */
+static __always_inline int policy_denies(struct endpoint_policy *state, __u32 endpoint,
+					 __u8 direction, __u32 peer_identity, __u8 ip_protocol,
+					 __u16 port)
+{
 	struct policy_key key = {};
 	struct policy_entry *entry;
 	struct peer_set *peers;
 	__u8 protocol;
 	int i;
 
-	if (!state)
-		return 0;
 	protocol = policy_protocol(ip_protocol);
 	key.prefixlen = 64;
 	key.endpoint = endpoint;
