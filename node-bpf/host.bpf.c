@@ -7,15 +7,50 @@ SEC("classifier")
 int from_network(struct __sk_buff *skb)
 {
 	struct endpoint_info *ep;
+	struct node_config *cfg;
+	struct lb_nat original = {};
+	struct lb_tuple reply = {};
 	struct iphdr *ip;
+	int lb;
 
 	ip = ipv4_header(skb);
 	if (!ip)
 		return TCX_NEXT;
+	/* A backend's reply to a connection this node translated (and SNATed). */
+	if (lb_reverse_lookup(skb, ip, &reply, &original))
+		return forward_service_reply(skb, ip, &reply, &original);
+
+	/* NodePort (and service addresses routed here) from outside the node: translated per
+	 * packet, with this node as the source when the backend lives elsewhere. */
+	cfg = get_node_config();
+	lb = lb_translate_forward(skb, ip, cfg ? cfg->node_ip : 0);
+	if (lb != LB_NOT_A_SERVICE) {
+		ip = ipv4_header(skb);
+		if (!ip)
+			return TCX_DROP;
+		/* Nothing to balance to on a node port: the node's own stack refuses at once (TCP
+		 * RST, ICMP port unreachable), as no socket listens there. */
+		if (lb == LB_NO_BACKEND && cfg && lb_is_node_address(ip->daddr, cfg))
+			return TCX_NEXT;
+		if (lb != LB_TRANSLATED) {
+			report_flow(skb, ip, skb->ifindex, OBS_FROM_NETWORK, VERDICT_DROPPED,
+				    lb == LB_NO_BACKEND ? DROP_NO_SERVICE_BACKEND
+							: DROP_SERVICE_NAT_FAILED);
+			/* Refused at once: the SYN goes back out where it came from as an RST. */
+			if (lb == LB_NO_BACKEND && lb_refuse_syn(skb) == 0)
+				return bpf_redirect(skb->ifindex, 0);
+			return TCX_DROP;
+		}
+		ep = lookup_endpoint(ip->daddr);
+		if (ep)
+			return deliver_to_endpoint(skb, ip, ep, NULL, NULL);
+		return forward_off_node(skb, ip, 0);
+	}
+
 	ep = lookup_endpoint(ip->daddr);
 	if (!ep)
 		return TCX_NEXT;
-	return deliver_to_endpoint(skb, ip, ep);
+	return deliver_to_endpoint(skb, ip, ep, NULL, NULL);
 }
 
 /* Egress of the VXLAN device. Pod traffic arrives here already addressed (from_container set

@@ -10,20 +10,46 @@ int from_container(struct __sk_buff *skb)
 	struct ipcache_entry *remote;
 	struct node_config *cfg;
 	struct endpoint_info *src_ep;
+	struct lb_nat original = {};
+	struct lb_tuple reply = {};
 	struct iphdr *ip;
+	int lb;
 
 	count_packet(skb->ifindex, DIRECTION_FROM_ENDPOINT, skb->len);
 
 	ip = ipv4_header(skb);
 	if (!ip)
 		return TCX_NEXT; /* ARP and anything not IPv4: the kernel handles it */
+	/* Sockets are balanced at connect() (sock.bpf.c); this catches what they did not, e.g.
+	 * pods outside the hooked cgroup. Policy then sees the backend, as it would otherwise. */
+	lb = lb_translate_forward(skb, ip, 0);
+	if (lb != LB_NOT_A_SERVICE) {
+		ip = ipv4_header(skb);
+		if (!ip)
+			return TCX_DROP;
+		if (lb != LB_TRANSLATED) {
+			report_flow(skb, ip, skb->ifindex, OBS_FROM_ENDPOINT, VERDICT_DROPPED,
+				    lb == LB_NO_BACKEND ? DROP_NO_SERVICE_BACKEND
+							: DROP_SERVICE_NAT_FAILED);
+			/* Refused at once: the pod's SYN comes back to it as an RST, straight into
+			 * its eth0 (not through to_container: no policy stands between a pod and
+			 * the refusal of its own connection). */
+			if (lb == LB_NO_BACKEND && lb_refuse_syn(skb) == 0)
+				return bpf_redirect_peer(skb->ifindex, 0);
+			return TCX_DROP;
+		}
+	}
 	if (enforce(skb, ip, skb->ifindex, POLICY_EGRESS, OBS_FROM_ENDPOINT))
 		return TCX_DROP;
 	report_flow(skb, ip, skb->ifindex, OBS_FROM_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
 
+	/* A backend answering a connection translated on this node. */
+	if (lb_reverse_lookup(skb, ip, &reply, &original))
+		return forward_service_reply(skb, ip, &reply, &original);
+
 	dst_ep = lookup_endpoint(ip->daddr);
 	if (dst_ep)
-		return deliver_to_endpoint(skb, ip, dst_ep);
+		return deliver_to_endpoint(skb, ip, dst_ep, NULL, NULL);
 
 	cfg = get_node_config();
 	remote = lookup_ipcache(ip->daddr);

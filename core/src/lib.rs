@@ -8,4 +8,5 @@ pub mod cluster;
 pub mod daemon;
 pub mod identity;
 pub mod policy;
+pub mod service;
 pub mod telemetry;

@@ -13,6 +13,7 @@ pub mod peering;
 pub mod policy;
 pub mod policy_model;
 pub mod selector;
+pub mod service_model;
 pub mod status;
 pub mod validate;
 

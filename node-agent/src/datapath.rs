@@ -8,19 +8,20 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap, HashOfMaps, MapData, PerCpuHashMap, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
-use aya::programs::LinkOrder;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use weft_node_bpf::maps::{
     Direction, EndpointCounterKey, EndpointInfo, EndpointKey, EndpointPolicy, IpcacheEntry,
-    NodeConfig, PeerSet, PolicyEntry, PolicyKeyData, TrafficCounters, ENDPOINTS, ENDPOINT_COUNTERS,
-    ENDPOINT_POLICIES, FLOW_EVENTS, IPCACHE, NODE_CONFIG, POLICY_ENTRIES, POLICY_KEY_FIXED_BITS,
-    POLICY_PEER_SETS,
+    LbAffinity, LbAffinityKey, LbBackend, LbFrontend, LbFrontendKey, NodeConfig, PeerSet,
+    PolicyEntry, PolicyKeyData, TrafficCounters, BPF_F_INNER_MAP, ENDPOINTS, ENDPOINT_COUNTERS,
+    ENDPOINT_POLICIES, FLOW_EVENTS, IPCACHE, LB_AFFINITY, LB_BACKENDS, LB_FRONTENDS, LB_MAGLEV,
+    NODE_CONFIG, POLICY_ENTRIES, POLICY_KEY_FIXED_BITS, POLICY_PEER_SETS,
 };
-use weft_node_bpf::{programs, HOST_OBJECT, POD_OBJECT};
+use weft_node_bpf::{programs, HOST_OBJECT, POD_OBJECT, SOCK_OBJECT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -66,6 +67,18 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    #[error("cannot open the cgroup {path} for socket-level load balancing: {source}; pass a cgroup v2 directory with --cgroup-root")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot attach {name} to the cgroup {path}: {source}; socket-level load balancing needs cgroup v2 and Linux 5.8 or later")]
+    AttachCgroup {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("the embedded objects have no map {0:?}; the build embedded a stale object")]
     MissingMap(&'static str),
     #[error("map {name}: {source}")]
@@ -90,12 +103,28 @@ pub struct EndpointTraffic {
     pub received: TrafficCounters,
 }
 
+/// Keys found in the load-balancing maps (left by an earlier agent, say).
+pub struct InstalledLoadBalancing {
+    pub frontends: Vec<LbFrontendKey>,
+    pub backends: Vec<u32>,
+    pub tables: Vec<u32>,
+}
+
 /// The loaded programs and their pinned maps.
 pub struct Datapath {
     pod: Ebpf,
     host: Ebpf,
+    sock: Ebpf,
     pin_dir: PathBuf,
 }
+
+/// The socket-level programs and where each attaches in a cgroup.
+const SOCK_PROGRAMS: [&str; 4] = [
+    programs::SOCK_CONNECT4,
+    programs::SOCK_SENDMSG4,
+    programs::SOCK_RECVMSG4,
+    programs::SOCK_GETPEERNAME4,
+];
 
 impl Datapath {
     /// Loads both objects, pinning their maps in `pin_dir` (which must be on bpffs) or reusing
@@ -121,11 +150,64 @@ impl Datapath {
         }
         load_program(&mut host, programs::FROM_NETWORK)?;
         load_program(&mut host, programs::TO_TUNNEL)?;
+        let mut sock = load("sock", SOCK_OBJECT)?;
+        for name in SOCK_PROGRAMS {
+            sock_program(&mut sock, name)?
+                .load()
+                .map_err(|source| DatapathError::Verify {
+                    name,
+                    source: Box::new(source),
+                })?;
+        }
         Ok(Self {
             pod,
             host,
+            sock,
             pin_dir: pin_dir.to_owned(),
         })
+    }
+
+    /// Attaches the socket-level load balancer to `cgroup` (a cgroup v2 directory): every
+    /// socket of a process in it or below (the node's pods and host processes) is balanced at
+    /// connect()/sendmsg(). The links are pinned, replacing those of an earlier agent.
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let directory = std::fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for name in SOCK_PROGRAMS {
+            let pin = self.pin_dir.join("links").join(format!("cgroup_{name}"));
+            let program = sock_program(&mut self.sock, name)?;
+            let attach_error = |source| DatapathError::AttachCgroup {
+                name,
+                path: cgroup.to_owned(),
+                source: Box::new(source),
+            };
+            // A cgroup link always composes with other programs (the kernel treats links as
+            // BPF_F_ALLOW_MULTI) and refuses any flag: `Single` is what passes none.
+            let link_id = program
+                .attach(&directory, CgroupAttachMode::Single)
+                .map_err(attach_error)?;
+            let pin_error = |reason: String| DatapathError::PinLink {
+                name,
+                interface: cgroup.display().to_string(),
+                path: pin.clone(),
+                reason,
+            };
+            let link: FdLink = program
+                .take_link(link_id)
+                .map_err(|error| pin_error(error.to_string()))?
+                .try_into()
+                .map_err(|error: aya::programs::links::LinkError| pin_error(error.to_string()))?;
+            // The new program runs before the old link goes: no socket is ever unbalanced.
+            // Dropping the last reference (the old pin) detaches the old program.
+            if pin.exists() {
+                let _ = std::fs::remove_file(&pin);
+            }
+            link.pin(&pin)
+                .map_err(|error| pin_error(error.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Attaches the pod programs to a pod's host-side veth (in the calling thread's network
@@ -314,6 +396,99 @@ impl Datapath {
         removed(ENDPOINT_POLICIES, states.remove(&ifindex))
     }
 
+    pub fn upsert_frontend(
+        &mut self,
+        key: LbFrontendKey,
+        frontend: LbFrontend,
+    ) -> Result<(), DatapathError> {
+        self.hash_map(LB_FRONTENDS)?
+            .insert(key, frontend, 0)
+            .map_err(map_error(LB_FRONTENDS))
+    }
+
+    pub fn remove_frontend(&mut self, key: LbFrontendKey) -> Result<(), DatapathError> {
+        let mut frontends: HashMap<_, LbFrontendKey, LbFrontend> = self.hash_map(LB_FRONTENDS)?;
+        removed(LB_FRONTENDS, frontends.remove(&key))
+    }
+
+    pub fn upsert_backend(&mut self, id: u32, backend: LbBackend) -> Result<(), DatapathError> {
+        self.hash_map(LB_BACKENDS)?
+            .insert(id, backend, 0)
+            .map_err(map_error(LB_BACKENDS))
+    }
+
+    pub fn remove_backend(&mut self, id: u32) -> Result<(), DatapathError> {
+        let mut backends: HashMap<_, u32, LbBackend> = self.hash_map(LB_BACKENDS)?;
+        removed(LB_BACKENDS, backends.remove(&id))
+    }
+
+    /// Installs a Maglev table (slot → backend id) under `table_id`: a new inner array of the
+    /// table's size, filled before it becomes visible, then swapped in whole.
+    pub fn install_maglev_table(
+        &mut self,
+        table_id: u32,
+        slots: &[u32],
+    ) -> Result<(), DatapathError> {
+        let size = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+        let mut table: Array<MapData, u32> =
+            Array::create(size, BPF_F_INNER_MAP).map_err(map_error(LB_MAGLEV))?;
+        for (slot, backend_id) in (0u32..).zip(slots) {
+            table
+                .set(slot, backend_id, 0)
+                .map_err(map_error(LB_MAGLEV))?;
+        }
+        let map = self
+            .pod
+            .map_mut(LB_MAGLEV)
+            .ok_or(DatapathError::MissingMap(LB_MAGLEV))?;
+        let mut tables: HashOfMaps<&mut MapData, u32, Array<MapData, u32>> =
+            HashOfMaps::try_from(map).map_err(map_error(LB_MAGLEV))?;
+        tables
+            .insert(table_id, &table, 0)
+            .map_err(map_error(LB_MAGLEV))
+    }
+
+    pub fn remove_maglev_table(&mut self, table_id: u32) -> Result<(), DatapathError> {
+        let map = self
+            .pod
+            .map_mut(LB_MAGLEV)
+            .ok_or(DatapathError::MissingMap(LB_MAGLEV))?;
+        let mut tables: HashOfMaps<&mut MapData, u32, Array<MapData, u32>> =
+            HashOfMaps::try_from(map).map_err(map_error(LB_MAGLEV))?;
+        removed(LB_MAGLEV, tables.remove(&table_id))
+    }
+
+    /// What an earlier agent left in the load-balancing maps: frontend keys, backend ids and
+    /// Maglev table ids, so they can be replaced and then removed.
+    pub fn installed_load_balancing(&mut self) -> Result<InstalledLoadBalancing, DatapathError> {
+        let frontends: HashMap<_, LbFrontendKey, LbFrontend> = self.hash_map(LB_FRONTENDS)?;
+        let frontend_keys = frontends.keys().filter_map(Result::ok).collect();
+        let backends: HashMap<_, u32, LbBackend> = self.hash_map(LB_BACKENDS)?;
+        let backend_ids = backends.keys().filter_map(Result::ok).collect();
+        let map = self
+            .pod
+            .map_mut(LB_MAGLEV)
+            .ok_or(DatapathError::MissingMap(LB_MAGLEV))?;
+        let tables: HashOfMaps<&mut MapData, u32, Array<MapData, u32>> =
+            HashOfMaps::try_from(map).map_err(map_error(LB_MAGLEV))?;
+        let table_ids = tables.keys().filter_map(Result::ok).collect();
+        Ok(InstalledLoadBalancing {
+            frontends: frontend_keys,
+            backends: backend_ids,
+            tables: table_ids,
+        })
+    }
+
+    /// Forgets every session-affinity choice (service ids are not stable across agents).
+    pub fn clear_affinity(&mut self) -> Result<(), DatapathError> {
+        let mut affinity: HashMap<_, LbAffinityKey, LbAffinity> = self.hash_map(LB_AFFINITY)?;
+        let keys: Vec<LbAffinityKey> = affinity.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            removed(LB_AFFINITY, affinity.remove(&key))?;
+        }
+        Ok(())
+    }
+
     /// The flow event ring buffer, for the one reader the agent runs.
     pub fn take_flow_events(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
         let map = self
@@ -436,6 +611,15 @@ fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .and_then(|program| program.try_into().ok())
+        .ok_or(DatapathError::MissingProgram(name))
+}
+
+fn sock_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
     ebpf.program_mut(name)
         .and_then(|program| program.try_into().ok())
         .ok_or(DatapathError::MissingProgram(name))

@@ -48,7 +48,10 @@ pub fn probe(bpffs: &Path, cgroup_root: &Path) -> KernelReport {
                     .into(),
         }
     };
-    let bpffs = match filesystem_magic(bpffs) {
+    // The agent creates its directory below --bpffs: what counts is the filesystem of the
+    // nearest directory that exists.
+    let existing = bpffs.ancestors().find(|dir| dir.exists()).unwrap_or(bpffs);
+    let bpffs = match filesystem_magic(existing) {
         Some(BPF_FS_MAGIC) => Check::Present,
         _ => Check::Missing {
             what: format!("bpffs mounted at {}", bpffs.display()),

@@ -9,4 +9,5 @@ pub mod kernel;
 pub mod netlink;
 pub mod node;
 pub mod policy;
+pub mod services;
 pub mod unix_socket;

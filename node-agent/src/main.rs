@@ -17,12 +17,14 @@ use weft_agent::flows::metrics::FlowMetrics;
 use weft_agent::flows::reader::{self, FlowPipeline};
 use weft_agent::flows::store::FlowStore;
 use weft_agent::node::{NodeAgent, NodeSettings};
+use weft_agent::services::ServiceEngine;
 use weft_agent::{kernel, netlink};
 use weft_core::admin::Readiness;
 use weft_core::cluster::ClusterArgs;
 use weft_core::daemon::{shutdown_signal, start_admin};
 use weft_core::identity::ReservedIdentity;
 use weft_core::policy::model::EnforcementMode;
+use weft_core::service::maglev::TableSize;
 use weft_core::telemetry::LogArgs;
 use weft_node_bpf::maps::{IpcacheEntry, NodeConfig, RoutingMode as MapRoutingMode};
 
@@ -135,6 +137,18 @@ struct Args {
     /// direction is default-deny there), `always` (every endpoint is default-deny), `never`.
     #[arg(long, value_enum, default_value_t = Enforcement::Default)]
     enforcement: Enforcement,
+    /// A JSON list of the cluster's Services, EndpointSlices and GlobalServices; kept current by
+    /// the sandbox in local mode.
+    #[arg(long)]
+    service_file: Option<PathBuf>,
+    /// Slots of every Maglev table: a prime; more slots spread load more evenly and cost 4
+    /// bytes each per distinct backend set. Must be the same on every node.
+    #[arg(long, default_value_t = weft_core::service::maglev::DEFAULT_TABLE_SIZE)]
+    maglev_table_size: u32,
+    /// Seed of the backend-selection hash; must be the same on every node of the cluster so
+    /// that every node picks the same backend for a flow.
+    #[arg(long, default_value_t = 0x5745_4654)]
+    maglev_seed: u64,
     /// How many recent flows the agent keeps for Observe clients.
     #[arg(long, default_value_t = 4096)]
     flow_buffer: usize,
@@ -172,8 +186,19 @@ async fn main() -> anyhow::Result<()> {
         bail!("--pod-cidr and --node-ip are required: the agent needs this node's pod CIDR and address");
     };
 
+    let table_size = TableSize::new(args.maglev_table_size).context("--maglev-table-size")?;
+
     let mut datapath = Datapath::load(&args.bpffs.join("weft"))
         .context("loading the datapath (is bpffs mounted at --bpffs?)")?;
+    match datapath.attach_sockets(&args.cgroup_root) {
+        Ok(()) => {
+            tracing::info!(cgroup = %args.cgroup_root.display(), "socket-level load balancing attached")
+        }
+        Err(error) => tracing::error!(
+            %error,
+            "socket-level load balancing is off: services are translated per packet at the pods' veths instead, and getpeername() shows backends"
+        ),
+    }
     enable_forwarding().context("enabling IPv4 forwarding")?;
     // Every node can receive tunnelled traffic, so nodes of a tunnel-mode cluster can reach
     // pods of a native-mode cluster sharing the network; only tunnel mode sends through it.
@@ -191,6 +216,9 @@ async fn main() -> anyhow::Result<()> {
         tunnel_ifindex,
         node_ip: u32::from(node_ip).to_be(),
         cluster_id: u32::from(args.cluster.cluster_id.get()),
+        maglev_table_size: table_size.get(),
+        // Folded, not truncated: every bit of the configured seed counts.
+        lb_hash_seed: (args.maglev_seed ^ (args.maglev_seed >> 32)) as u32,
     })?;
     datapath
         .attach_network(&args.uplink)
@@ -265,6 +293,12 @@ async fn main() -> anyhow::Result<()> {
                 Enforcement::Never => EnforcementMode::Never,
             },
             node_ip,
+            services: ServiceEngine::new(
+                args.service_file.clone(),
+                args.cluster.cluster_id.get(),
+                table_size,
+                args.maglev_seed,
+            ),
             peers: args
                 .peers
                 .iter()
@@ -290,6 +324,9 @@ async fn main() -> anyhow::Result<()> {
                 }
                 if let Err(error) = tokio::task::block_in_place(|| agent.sync_policy()) {
                     tracing::warn!(%error, "cannot apply policy");
+                }
+                if let Err(error) = tokio::task::block_in_place(|| agent.sync_services()) {
+                    tracing::warn!(%error, "cannot apply services");
                 }
             }
         })

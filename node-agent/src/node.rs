@@ -17,6 +17,7 @@ use crate::flows::directory::{Directory, EndpointMeta};
 use crate::flows::enrich::Origin;
 use crate::ipam::{Ipam, IpamError};
 use crate::policy::{PolicyEngine, PolicyInputs};
+use crate::services::ServiceEngine;
 use std::sync::{Arc, Mutex};
 
 /// CNI error code for "try again later" (spec 1.0, well-known code 11).
@@ -57,6 +58,7 @@ pub struct NodeAgent {
     origin: Origin,
     directory: Arc<Mutex<Directory>>,
     policy: PolicyEngine,
+    services: ServiceEngine,
     node_ip: Ipv4Addr,
     peers: Vec<(Ipv4Addr, Ipv4Net)>,
 }
@@ -79,6 +81,8 @@ pub struct NodeSettings {
     pub node_ip: Ipv4Addr,
     /// (node IP, pod CIDR) of every other node.
     pub peers: Vec<(Ipv4Addr, Ipv4Net)>,
+    /// Balances the cluster's services (local mode: from a file the sandbox keeps current).
+    pub services: ServiceEngine,
 }
 
 impl NodeAgent {
@@ -118,6 +122,7 @@ impl NodeAgent {
             ),
             node_ip: settings.node_ip,
             peers: settings.peers,
+            services: settings.services,
         };
         let adopted: Vec<EndpointRecord> = agent.endpoints.values().cloned().collect();
         for record in &adopted {
@@ -261,6 +266,12 @@ impl NodeAgent {
             peers: &self.peers,
         };
         self.policy.sync(&mut self.datapath, &inputs)?;
+        Ok(())
+    }
+
+    /// Brings the service load-balancing maps in line with the cluster's services.
+    pub fn sync_services(&mut self) -> Result<(), NodeError> {
+        self.services.sync(&mut self.datapath)?;
         Ok(())
     }
 

@@ -14,6 +14,8 @@ struct node_config {
 	__u32 tunnel_ifindex; /* the node's VXLAN device (tunnel mode) */
 	__u32 node_ip;        /* network byte order */
 	__u32 cluster_id;
+	__u32 maglev_table_size; /* slots of every Maglev table (prime) */
+	__u32 lb_hash_seed;      /* the same on every node, so every node picks the same backend */
 };
 
 struct {

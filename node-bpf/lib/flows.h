@@ -19,6 +19,7 @@ enum observation_point {
 	OBS_FROM_ENDPOINT = 1, /* sent by a local pod */
 	OBS_TO_ENDPOINT = 2,   /* delivered to a local pod */
 	OBS_TO_OVERLAY = 3,    /* handed to the VXLAN device */
+	OBS_FROM_NETWORK = 4,  /* arrived at the node from the network */
 };
 
 /* Numbered like Cilium's drop reasons: stable, shared with userspace, named in every flow. */
@@ -29,6 +30,8 @@ enum drop_reason {
 	DROP_NO_TUNNEL_ENDPOINT = 3, /* routed to the tunnel, but no node owns the address */
 	DROP_NOT_IPV4 = 4,           /* not IPv4 where only IPv4 is carried */
 	DROP_POLICY_DENIED = 5,      /* a policy denied it (the agent names the rule) */
+	DROP_NO_SERVICE_BACKEND = 6, /* sent to a service that has no backend for new connections */
+	DROP_SERVICE_NAT_FAILED = 7, /* service translation failed (rewrite, or SNAT ports exhausted) */
 };
 
 struct flow_event {
@@ -96,7 +99,7 @@ static __always_inline void packet_ports(struct __sk_buff *skb, struct iphdr *ip
 
 static __always_inline void read_l4(struct __sk_buff *skb, struct iphdr *ip, struct flow_event *ev)
 {
-	void *data_end = (void *)(long)skb->data_end;
+	void *data_end = ctx_data_end(skb);
 	void *l4 = (void *)ip + ((__u32)ip->ihl * 4);
 
 	if (ip->protocol == IPPROTO_TCP_NUM) {

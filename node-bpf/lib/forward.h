@@ -10,12 +10,13 @@
 #include "flows.h"
 #include "policy.h"
 #include "ipcache.h"
+#include "lb.h"
 
 /* The IPv4 header of an Ethernet frame, or NULL when it is not IPv4 or is truncated. */
 static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
+	void *data = ctx_data(skb);
+	void *data_end = ctx_data_end(skb);
 	struct ethhdr *eth = data;
 	struct iphdr *ip = data + sizeof(*eth);
 
@@ -63,16 +64,22 @@ allowed:
 }
 
 /* Hands the packet straight to a local pod: its eth0 receives it as if from its gateway. The
- * peer's host-side egress hook does not run on this path, so the delivery is counted here. */
+ * peer's host-side egress hook does not run on this path, so the delivery is counted here.
+ * A service reply (`reply` set) is checked as the backend sent it, which is what conntrack
+ * remembered, and only then rewritten to the service address the client used. */
 static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, struct iphdr *ip,
-					       struct endpoint_info *ep)
+					       struct endpoint_info *ep, struct lb_tuple *reply,
+					       struct lb_nat *original)
 {
+	__u32 l4_offset = sizeof(struct ethhdr) + (__u32)ip->ihl * 4;
 	__u32 len = skb->len;
 
 	/* Checked and reported before the rewrite: storing bytes invalidates header pointers. */
 	if (enforce(skb, ip, ep->ifindex, POLICY_INGRESS, OBS_TO_ENDPOINT))
 		return TCX_DROP;
 	report_flow(skb, ip, ep->ifindex, OBS_TO_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
+	if (reply && lb_translate_reply(skb, l4_offset, reply, original) < 0)
+		return TCX_DROP;
 	if (bpf_skb_store_bytes(skb, 0, ep->mac, ETH_ALEN, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, ETH_ALEN, ep->node_mac, ETH_ALEN, 0) < 0)
 		return TCX_DROP;
@@ -117,6 +124,38 @@ static __always_inline int forward_natively(struct __sk_buff *skb, struct iphdr 
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return TCX_NEXT;
 	return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
+}
+
+/* Sends a packet whose destination is not on this node: to the node of a remote pod, or out
+ * through the node's routes. Used after a service translation, whose rewritten source (a
+ * node or service address) the kernel's own forwarding would refuse as martian. */
+static __always_inline int forward_off_node(struct __sk_buff *skb, struct iphdr *ip,
+					    __u32 src_identity)
+{
+	struct node_config *cfg = get_node_config();
+	struct ipcache_entry *remote = lookup_ipcache(ip->daddr);
+
+	if (cfg && remote && remote->tunnel_endpoint && cfg->routing_mode == ROUTING_TUNNEL)
+		return forward_through_tunnel(skb, cfg, remote, src_identity);
+	return forward_natively(skb, ip);
+}
+
+/* The reply of a service connection this node translated: delivered to a local client, or
+ * rewritten and sent on. */
+static __always_inline int forward_service_reply(struct __sk_buff *skb, struct iphdr *ip,
+						 struct lb_tuple *reply, struct lb_nat *original)
+{
+	__u32 l4_offset = sizeof(struct ethhdr) + (__u32)ip->ihl * 4;
+	struct endpoint_info *client = lookup_endpoint(original->daddr);
+
+	if (client)
+		return deliver_to_endpoint(skb, ip, client, reply, original);
+	if (lb_translate_reply(skb, l4_offset, reply, original) < 0)
+		return TCX_DROP;
+	ip = ipv4_header(skb);
+	if (!ip)
+		return TCX_DROP;
+	return forward_off_node(skb, ip, 0);
 }
 
 #endif

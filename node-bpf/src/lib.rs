@@ -12,6 +12,12 @@ pub static POD_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 pub static HOST_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/host.bpf.o"));
 
+/// The object with the socket-level load balancer: `sock_connect4`, `sock_sendmsg4`,
+/// `sock_recvmsg4` and `sock_getpeername4`, attached to the node's cgroup. It shares the other
+/// objects' maps through their pins.
+pub static SOCK_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.bpf.o"));
+
 /// Program names in [`POD_OBJECT`] and [`HOST_OBJECT`].
 pub mod programs {
     /// Runs on traffic the pod sends (ingress of its host-side veth).
@@ -23,4 +29,9 @@ pub mod programs {
     pub const FROM_NETWORK: &str = "from_network";
     /// Addresses what the kernel routes into the VXLAN device (egress of that device).
     pub const TO_TUNNEL: &str = "to_tunnel";
+    /// Socket-level load balancing ([`super::SOCK_OBJECT`]), by cgroup attach point.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
 }

@@ -132,6 +132,10 @@ pub struct NodeConfig {
     /// Network byte order.
     pub node_ip: u32,
     pub cluster_id: u32,
+    /// Slots of every Maglev table (a prime).
+    pub maglev_table_size: u32,
+    /// Seeds the flow hash; the same on every node, so every node picks the same backend.
+    pub lb_hash_seed: u32,
 }
 
 // SAFETY: repr(C), integers and byte arrays only, no padding (tests/btf_layout.rs).
@@ -208,6 +212,7 @@ pub enum ObservationPoint {
     FromEndpoint = 1,
     ToEndpoint = 2,
     ToOverlay = 3,
+    FromNetwork = 4,
 }
 
 impl ObservationPoint {
@@ -216,6 +221,7 @@ impl ObservationPoint {
             1 => Some(Self::FromEndpoint),
             2 => Some(Self::ToEndpoint),
             3 => Some(Self::ToOverlay),
+            4 => Some(Self::FromNetwork),
             _ => None,
         }
     }
@@ -230,6 +236,8 @@ pub enum DropReason {
     NoTunnelEndpoint = 3,
     NotIpv4 = 4,
     PolicyDenied = 5,
+    NoServiceBackend = 6,
+    ServiceNatFailed = 7,
 }
 
 impl DropReason {
@@ -241,6 +249,8 @@ impl DropReason {
             3 => Some(Self::NoTunnelEndpoint),
             4 => Some(Self::NotIpv4),
             5 => Some(Self::PolicyDenied),
+            6 => Some(Self::NoServiceBackend),
+            7 => Some(Self::ServiceNatFailed),
             _ => None,
         }
     }
@@ -253,6 +263,10 @@ impl DropReason {
             Self::NoTunnelEndpoint => "no node owns the destination (not in the ipcache)",
             Self::NotIpv4 => "not IPv4",
             Self::PolicyDenied => "denied by policy",
+            Self::NoServiceBackend => "the service has no backend for new connections",
+            Self::ServiceNatFailed => {
+                "service translation failed (packet rewrite, or SNAT ports exhausted)"
+            }
         }
     }
 }
@@ -345,3 +359,146 @@ unsafe impl aya::Pod for PolicyKeyData {}
 unsafe impl aya::Pod for PolicyEntry {}
 // SAFETY: as above.
 unsafe impl aya::Pod for EndpointPolicy {}
+
+/// Names of the load-balancing maps (`lib/lb.h`).
+pub const LB_FRONTENDS: &str = "lb_frontends";
+pub const LB_BACKENDS: &str = "lb_backends";
+pub const LB_MAGLEV: &str = "lb_maglev";
+pub const LB_AFFINITY: &str = "lb_affinity";
+pub const LB_SOCK_REVERSE: &str = "lb_sock_reverse";
+pub const LB_FLOWS: &str = "lb_flows";
+pub const LB_REVERSE: &str = "lb_reverse";
+
+/// `BPF_F_INNER_MAP`: lets Maglev tables of the configured size replace the template's.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `LB_BACKEND_TERMINATING`: the backend drains (no new connections, affinity included).
+pub const LB_BACKEND_TERMINATING: u8 = 1;
+
+/// `enum lb_frontend_kind`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LbFrontendKind {
+    ClusterIp = 0,
+    NodePort = 1,
+    ExternalIp = 2,
+    LoadBalancer = 3,
+}
+
+/// `struct lb_frontend_key`: NodePort frontends have address 0 (every node address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbFrontendKey {
+    /// Network byte order.
+    pub address: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub pad: u8,
+}
+
+/// `struct lb_frontend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbFrontend {
+    pub service_id: u32,
+    pub table_id: u32,
+    /// sessionAffinity ClientIP timeout; 0 for none.
+    pub affinity_timeout_s: u32,
+    /// 0 makes the service refuse new connections at once.
+    pub active_backends: u16,
+    /// An [`LbFrontendKind`] as its number.
+    pub kind: u8,
+    pub pad: u8,
+}
+
+/// `struct lb_backend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbBackend {
+    /// Network byte order.
+    pub address: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub cluster_id: u16,
+    /// `LB_BACKEND_*` flags.
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct lb_affinity_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbAffinityKey {
+    pub client: u64,
+    pub service_id: u32,
+    pub client_kind: u32,
+}
+
+/// `struct lb_affinity`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbAffinity {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub pad: u32,
+}
+
+/// `struct lb_sock_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbSockKey {
+    pub cookie: u64,
+    pub address: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct lb_service_addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbServiceAddr {
+    pub address: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct lb_tuple`: addresses and ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbTuple {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct lb_nat`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbNat {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+// SAFETY: repr(C), integers and byte arrays only, no implicit padding (tests/btf_layout.rs).
+unsafe impl aya::Pod for LbFrontendKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbFrontend {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbBackend {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbAffinityKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbAffinity {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbSockKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbServiceAddr {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbTuple {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbNat {}

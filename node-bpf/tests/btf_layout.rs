@@ -10,7 +10,11 @@ use weft_node_bpf::maps::{
     CtKey, EndpointCounterKey, EndpointInfo, EndpointKey, EndpointPolicy, FlowEvent, IpcacheEntry,
     IpcacheKey, NodeConfig, PeerSet, PolicyEntry, PolicyKey, PolicyKeyData, TrafficCounters,
 };
-use weft_node_bpf::{HOST_OBJECT, POD_OBJECT};
+use weft_node_bpf::maps::{
+    LbAffinity, LbAffinityKey, LbBackend, LbFrontend, LbFrontendKey, LbNat, LbServiceAddr,
+    LbSockKey, LbTuple,
+};
+use weft_node_bpf::{HOST_OBJECT, POD_OBJECT, SOCK_OBJECT};
 
 #[derive(Deserialize)]
 struct BtfDump {
@@ -33,7 +37,10 @@ struct BtfMember {
 }
 
 fn btf_of(object: &[u8]) -> BtfDump {
-    let dir = std::env::temp_dir().join(format!("weft-btf-layout-{}", std::process::id()));
+    // Tests run in parallel threads of one process: each call gets its own directory.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("weft-btf-layout-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create temp dir");
     let path = dir.join("object.bpf.o");
     std::fs::write(&path, object).expect("write object");
@@ -142,6 +149,11 @@ fn map_types_match_the_c_structs() {
                 ("tunnel_ifindex", offset_of!(NodeConfig, tunnel_ifindex)),
                 ("node_ip", offset_of!(NodeConfig, node_ip)),
                 ("cluster_id", offset_of!(NodeConfig, cluster_id)),
+                (
+                    "maglev_table_size",
+                    offset_of!(NodeConfig, maglev_table_size),
+                ),
+                ("lb_hash_seed", offset_of!(NodeConfig, lb_hash_seed)),
             ],
         );
         assert_layout(
@@ -230,6 +242,117 @@ fn map_types_match_the_c_structs() {
                 ("dst_port", offset_of!(CtKey, dst_port)),
                 ("protocol", offset_of!(CtKey, protocol)),
                 ("pad", offset_of!(CtKey, pad)),
+            ],
+        );
+    }
+}
+
+#[test]
+fn load_balancing_types_match_the_c_structs_in_every_object() {
+    for object in [POD_OBJECT, HOST_OBJECT, SOCK_OBJECT] {
+        let btf = btf_of(object);
+        assert_layout(
+            &btf,
+            "lb_frontend_key",
+            size_of::<LbFrontendKey>(),
+            &[
+                ("address", offset_of!(LbFrontendKey, address)),
+                ("port", offset_of!(LbFrontendKey, port)),
+                ("protocol", offset_of!(LbFrontendKey, protocol)),
+                ("pad", offset_of!(LbFrontendKey, pad)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "lb_frontend",
+            size_of::<LbFrontend>(),
+            &[
+                ("service_id", offset_of!(LbFrontend, service_id)),
+                ("table_id", offset_of!(LbFrontend, table_id)),
+                (
+                    "affinity_timeout_s",
+                    offset_of!(LbFrontend, affinity_timeout_s),
+                ),
+                ("active_backends", offset_of!(LbFrontend, active_backends)),
+                ("kind", offset_of!(LbFrontend, kind)),
+                ("pad", offset_of!(LbFrontend, pad)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "lb_backend",
+            size_of::<LbBackend>(),
+            &[
+                ("address", offset_of!(LbBackend, address)),
+                ("port", offset_of!(LbBackend, port)),
+                ("cluster_id", offset_of!(LbBackend, cluster_id)),
+                ("flags", offset_of!(LbBackend, flags)),
+                ("pad", offset_of!(LbBackend, pad)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "lb_affinity_key",
+            size_of::<LbAffinityKey>(),
+            &[
+                ("client", offset_of!(LbAffinityKey, client)),
+                ("service_id", offset_of!(LbAffinityKey, service_id)),
+                ("client_kind", offset_of!(LbAffinityKey, client_kind)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "lb_affinity",
+            size_of::<LbAffinity>(),
+            &[
+                ("last_used_ns", offset_of!(LbAffinity, last_used_ns)),
+                ("backend_id", offset_of!(LbAffinity, backend_id)),
+                ("pad", offset_of!(LbAffinity, pad)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "lb_sock_key",
+            size_of::<LbSockKey>(),
+            &[
+                ("cookie", offset_of!(LbSockKey, cookie)),
+                ("address", offset_of!(LbSockKey, address)),
+                ("port", offset_of!(LbSockKey, port)),
+                ("pad", offset_of!(LbSockKey, pad)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "lb_service_addr",
+            size_of::<LbServiceAddr>(),
+            &[
+                ("address", offset_of!(LbServiceAddr, address)),
+                ("port", offset_of!(LbServiceAddr, port)),
+                ("pad", offset_of!(LbServiceAddr, pad)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "lb_tuple",
+            size_of::<LbTuple>(),
+            &[
+                ("saddr", offset_of!(LbTuple, saddr)),
+                ("daddr", offset_of!(LbTuple, daddr)),
+                ("sport", offset_of!(LbTuple, sport)),
+                ("dport", offset_of!(LbTuple, dport)),
+                ("protocol", offset_of!(LbTuple, protocol)),
+                ("pad", offset_of!(LbTuple, pad)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "lb_nat",
+            size_of::<LbNat>(),
+            &[
+                ("saddr", offset_of!(LbNat, saddr)),
+                ("daddr", offset_of!(LbNat, daddr)),
+                ("sport", offset_of!(LbNat, sport)),
+                ("dport", offset_of!(LbNat, dport)),
             ],
         );
     }

@@ -6,16 +6,23 @@
 //!   - name: east
 //!     id: 1
 //!     podCIDR: 10.1.0.0/16     # each node gets a /24 of it
+//!     serviceCIDR: 10.96.0.0/16 # cluster IPs; the default, may be shared by clusters
 //!     routingMode: tunnel       # or native
 //!     nodes: [east-1, east-2]
 //!     manifests: [east/]        # files or directories of Kubernetes YAML, relative to this file
 //! ```
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use weft_core::cluster::{ClusterId, ClusterName};
+
+use crate::plan::{FABRIC_NETWORK, FABRIC_PREFIX};
+
+/// The service CIDR of a cluster that names none (kubeadm's default).
+pub const DEFAULT_SERVICE_CIDR: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 96, 0, 0), 16);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -66,11 +73,25 @@ pub struct ClusterConfig {
     pub id: u16,
     #[serde(rename = "podCIDR")]
     pub pod_cidr: Ipv4Net,
+    /// Where Services' cluster IPs come from. Cluster IPs never leave a node, so clusters may
+    /// share one; it must not overlap any cluster's pod CIDR or the fabric.
+    #[serde(
+        rename = "serviceCIDR",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub service_cidr: Option<Ipv4Net>,
     #[serde(default)]
     pub routing_mode: RoutingMode,
     pub nodes: Vec<String>,
     #[serde(default)]
     pub manifests: Vec<PathBuf>,
+}
+
+impl ClusterConfig {
+    pub fn service_cidr(&self) -> Ipv4Net {
+        self.service_cidr.unwrap_or(DEFAULT_SERVICE_CIDR)
+    }
 }
 
 /// Longest sandbox name: it prefixes namespace and cgroup names.
@@ -164,6 +185,51 @@ impl SandboxConfig {
                 }
             }
         }
+        self.check_service_cidrs()
+    }
+
+    /// Each cluster's service CIDR: a sane size (as the API server demands), and clear of every
+    /// cluster's pod CIDR and of the fabric, whose addresses it would otherwise shadow.
+    fn check_service_cidrs(&self) -> Result<(), String> {
+        let overlaps = |a: &Ipv4Net, b: &Ipv4Net| a.contains(b) || b.contains(a);
+        let fabric = Ipv4Net::new(FABRIC_NETWORK, FABRIC_PREFIX).unwrap_or_default();
+        for cluster in &self.clusters {
+            let services = cluster.service_cidr();
+            let named = if cluster.service_cidr.is_some() {
+                "serviceCIDR"
+            } else {
+                "the default serviceCIDR"
+            };
+            if services.trunc() != services {
+                return Err(format!(
+                    "cluster {}: serviceCIDR {services} has host bits set; did you mean {}?",
+                    cluster.name,
+                    services.trunc()
+                ));
+            }
+            if !(12..=30).contains(&services.prefix_len()) {
+                return Err(format!(
+                    "cluster {}: serviceCIDR {services} must be between a /12 and a /30",
+                    cluster.name
+                ));
+            }
+            if let Some(other) = self
+                .clusters
+                .iter()
+                .find(|other| overlaps(&services, &other.pod_cidr))
+            {
+                return Err(format!(
+                    "cluster {}: {named} {services} overlaps the podCIDR {} of cluster {}; set a serviceCIDR clear of every cluster's pod CIDR",
+                    cluster.name, other.pod_cidr, other.name
+                ));
+            }
+            if overlaps(&services, &fabric) {
+                return Err(format!(
+                    "cluster {}: {named} {services} overlaps the sandbox fabric {fabric}, where the nodes live",
+                    cluster.name
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -198,5 +264,33 @@ mod tests {
         let typo =
             config("name: demo\nclusters:\n- {name: a, id: 1, podCidr: 10.1.0.0/16, nodes: [n]}\n");
         assert!(typo.is_err(), "unknown fields are refused");
+    }
+
+    #[test]
+    fn the_service_cidr_defaults_may_be_shared_and_must_clear_every_pod_cidr() {
+        let shared = config("name: demo\nclusters:\n- {name: a, id: 1, podCIDR: 10.1.0.0/16, nodes: [n]}\n- {name: b, id: 2, podCIDR: 10.2.0.0/16, serviceCIDR: 10.96.0.0/16, nodes: [n]}\n")
+            .expect("clusters may share a service CIDR");
+        assert_eq!(shared.clusters[0].service_cidr(), DEFAULT_SERVICE_CIDR);
+        assert_eq!(shared.clusters[1].service_cidr(), DEFAULT_SERVICE_CIDR);
+
+        let own_pods = config("name: demo\nclusters:\n- {name: a, id: 1, podCIDR: 10.1.0.0/16, serviceCIDR: 10.1.128.0/20, nodes: [n]}\n");
+        let error = own_pods.expect_err("inside its pod CIDR");
+        assert!(
+            error.contains("overlaps the podCIDR 10.1.0.0/16 of cluster a"),
+            "{error}"
+        );
+
+        // The default collides with a cluster whose pods live in 10.96.0.0/12.
+        let default = config("name: demo\nclusters:\n- {name: a, id: 1, podCIDR: 10.1.0.0/16, nodes: [n]}\n- {name: b, id: 2, podCIDR: 10.96.0.0/12, serviceCIDR: 10.200.0.0/16, nodes: [n]}\n");
+        let error = default.expect_err("the default overlaps b's pods");
+        assert!(
+            error.contains("cluster a: the default serviceCIDR 10.96.0.0/16 overlaps the podCIDR 10.96.0.0/12 of cluster b"),
+            "{error}"
+        );
+
+        let fabric = config("name: demo\nclusters:\n- {name: a, id: 1, podCIDR: 10.1.0.0/16, serviceCIDR: 172.30.8.0/24, nodes: [n]}\n");
+        assert!(fabric.expect_err("fabric").contains("fabric"));
+        let huge = config("name: demo\nclusters:\n- {name: a, id: 1, podCIDR: 10.1.0.0/16, serviceCIDR: 100.0.0.0/8, nodes: [n]}\n");
+        assert!(huge.expect_err("too large").contains("/12"));
     }
 }

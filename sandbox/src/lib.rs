@@ -9,18 +9,21 @@ pub mod echo;
 pub mod host;
 pub mod manifests;
 pub mod plan;
+pub mod services;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, SandboxConfig};
 use crate::host::HostError;
 use crate::manifests::{ManifestError, Manifests, PodPort, SandboxPod};
 use crate::plan::{NodePlan, Plan, FABRIC_BRIDGE, FABRIC_PREFIX};
+use crate::services::{ClusterInput, ClusterServices};
 use weft_core::cluster::ClusterId;
 use weft_core::identity::{IdentityAllocator, IdentityError, LabelFilter, SecurityLabels};
 
@@ -109,6 +112,10 @@ pub struct PodState {
     pub cgroup: Option<PathBuf>,
     /// The pod's security identity, allocated by the sandbox as the operator would.
     pub identity: u32,
+    /// Deleted, within its grace period: it still runs, so the connections it has finish, but
+    /// its endpoints are no longer ready, so Services send it no new ones.
+    #[serde(default)]
+    pub terminating: bool,
 }
 
 /// A running sandbox, as persisted in `<run dir>/state.json`.
@@ -141,8 +148,17 @@ impl Sandbox {
         }
         // Read and check every manifest before anything is created.
         let mut manifests = BTreeMap::new();
+        let mut objects = BTreeMap::new();
         for cluster in &config.clusters {
             let read = Manifests::read(&cluster.manifests)?;
+            // Services get their cluster IPs and node ports as they are stored, in file order.
+            let mut stored = Vec::new();
+            for object in &read.others {
+                record(&mut stored, object.clone(), cluster.service_cidr()).map_err(|message| {
+                    SandboxError::Invalid(format!("cluster {}: {message}", cluster.name))
+                })?;
+            }
+            objects.insert(cluster.name.clone(), stored);
             for pod in &read.pods {
                 if plan.node(&cluster.name, &pod.node).is_none() {
                     return Err(SandboxError::Invalid(format!(
@@ -205,7 +221,8 @@ impl Sandbox {
                 sandbox.create_pod(&cluster, pod)?;
                 sandbox.save()?;
             }
-            sandbox.objects.insert(cluster, read.others);
+            let stored = objects.remove(&cluster).unwrap_or_default();
+            sandbox.objects.insert(cluster, stored);
         }
         sandbox.save()?;
         Ok(sandbox)
@@ -305,6 +322,8 @@ impl Sandbox {
             self.run_dir.join("endpoints.json").display().to_string(),
             "--policy-file".into(),
             self.policy_file(&node.cluster).display().to_string(),
+            "--service-file".into(),
+            self.service_file(&node.cluster).display().to_string(),
         ];
         if let Some(cgroup) = &cgroup {
             args.extend(["--cgroup-root".into(), cgroup.display().to_string()]);
@@ -488,6 +507,7 @@ impl Sandbox {
             server_pid,
             cgroup,
             identity,
+            terminating: false,
         });
         Ok(())
     }
@@ -557,15 +577,22 @@ impl Sandbox {
         }
     }
 
-    /// Adds the Pods (and keeps the other objects) of a manifest file to a cluster.
+    /// Adds the Pods (and keeps the other objects) of a manifest file to a cluster. Services
+    /// get their cluster IPs and node ports; a Service that cannot have the ones it asks for
+    /// refuses the file before anything changes.
     pub fn apply(
         &mut self,
         cluster: Option<&str>,
         file: &Path,
     ) -> Result<Vec<String>, SandboxError> {
         let cluster = self.cluster_name(cluster)?;
+        let service_cidr = self.plan.service_cidr(&cluster);
         let mut read = Manifests::default();
         read.add_file(file)?;
+        let mut trial = self.objects.get(&cluster).cloned().unwrap_or_default();
+        for object in &read.others {
+            record(&mut trial, object.clone(), service_cidr).map_err(SandboxError::Invalid)?;
+        }
         let mut created = Vec::new();
         if !read.namespaces.is_empty() {
             let namespaces = read.namespaces.clone();
@@ -585,44 +612,60 @@ impl Sandbox {
             }
             created.push(format!("pod/{} created", pod.name));
         }
-        for object in &read.others {
-            let kind = object
-                .get("kind")
-                .and_then(|k| k.as_str())
-                .unwrap_or("object");
-            let name = object
-                .pointer("/metadata/name")
-                .and_then(|n| n.as_str())
-                .unwrap_or("?");
-            created.push(format!("{}/{name} recorded", kind.to_lowercase()));
-        }
         // As `kubectl apply`: an object with the same kind, namespace and name is replaced.
-        self.commit(|fresh| {
+        // Allocation is redone on the fresh state, under the lock.
+        let recorded = self.try_commit(|fresh| {
             let objects = fresh.objects.entry(cluster.clone()).or_default();
-            for object in &read.others {
-                let key = object_key(object);
-                match objects
-                    .iter_mut()
-                    .find(|existing| object_key(existing) == key)
-                {
-                    Some(existing) => *existing = object.clone(),
-                    None => objects.push(object.clone()),
-                }
-            }
+            read.others
+                .iter()
+                .map(|object| record(objects, object.clone(), service_cidr))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(SandboxError::Invalid)
         })?;
+        for object in &recorded {
+            let (kind, _, name) = object_key(object);
+            let kind = if kind.is_empty() {
+                "object".to_owned()
+            } else {
+                kind.to_lowercase()
+            };
+            let allocated = match object.pointer("/spec/clusterIP").and_then(|ip| ip.as_str()) {
+                Some(ip) if services::is_service(object) => format!(" (clusterIP {ip})"),
+                _ => String::new(),
+            };
+            created.push(format!("{kind}/{name} recorded{allocated}"));
+        }
         Ok(created)
     }
 
-    /// Removes the Pods of a manifest file: CNI DEL, then the pod's processes and namespace.
+    /// Removes the objects and Pods of a manifest file: CNI DEL, then the pod's processes and
+    /// namespace.
     pub fn delete(
         &mut self,
         cluster: Option<&str>,
         file: &Path,
     ) -> Result<Vec<String>, SandboxError> {
+        let mut lines = Vec::new();
+        self.delete_with_grace(cluster, file, Duration::ZERO, |line| {
+            lines.push(line.to_owned())
+        })?;
+        Ok(lines)
+    }
+
+    /// As `delete`, but the pods first terminate for `grace` (as `kubectl delete
+    /// --grace-period`): their endpoints turn not-ready so Services send them no new
+    /// connections, while the connections they have go on. `report` hears of each step as it
+    /// happens.
+    pub fn delete_with_grace(
+        &mut self,
+        cluster: Option<&str>,
+        file: &Path,
+        grace: Duration,
+        mut report: impl FnMut(&str),
+    ) -> Result<(), SandboxError> {
         let cluster = self.cluster_name(cluster)?;
         let mut read = Manifests::default();
         read.add_file(file)?;
-        let mut deleted = Vec::new();
         let doomed: Vec<_> = read.others.iter().map(object_key).collect();
         if !doomed.is_empty() {
             let target = cluster.clone();
@@ -632,22 +675,69 @@ impl Sandbox {
                 }
             })?;
             for (kind, _, name) in &doomed {
-                deleted.push(format!("{}/{name} deleted", kind.to_lowercase()));
+                report(&format!("{}/{name} deleted", kind.to_lowercase()));
+            }
+        }
+        let exists = |sandbox: &Self, pod: &SandboxPod| {
+            sandbox
+                .pods
+                .iter()
+                .any(|p| p.cluster == cluster && p.namespace == pod.namespace && p.name == pod.name)
+        };
+        if !grace.is_zero() {
+            let mut draining = false;
+            for pod in &read.pods {
+                if exists(self, pod) {
+                    self.set_terminating(Some(&cluster), &pod.namespace, &pod.name)?;
+                    report(&format!(
+                        "pod/{} terminating (grace period {} s)",
+                        pod.name,
+                        grace.as_secs_f64()
+                    ));
+                    draining = true;
+                }
+            }
+            if draining {
+                std::thread::sleep(grace);
+                // Others may have changed the sandbox meanwhile.
+                *self = Self::load(Some(&self.plan.name))?;
             }
         }
         for pod in &read.pods {
             let Some(index) = self.pods.iter().position(|p| {
                 p.cluster == cluster && p.namespace == pod.namespace && p.name == pod.name
             }) else {
-                deleted.push(format!("pod/{} not found", pod.name));
+                report(&format!("pod/{} not found", pod.name));
                 continue;
             };
             let state = self.pods.remove(index);
             self.remove_pod(&state)?;
             self.commit(|fresh| fresh.pods.retain(|p| p.container_id != state.container_id))?;
-            deleted.push(format!("pod/{} deleted", pod.name));
+            report(&format!("pod/{} deleted", pod.name));
         }
-        Ok(deleted)
+        Ok(())
+    }
+
+    /// Marks a pod terminating: it keeps running, so established connections finish, but its
+    /// endpoints become ready=false, serving=true, terminating=true.
+    pub fn set_terminating(
+        &mut self,
+        cluster: Option<&str>,
+        namespace: &str,
+        pod: &str,
+    ) -> Result<(), SandboxError> {
+        let cluster = self.cluster_name(cluster)?;
+        self.try_commit(|fresh| {
+            let state = fresh
+                .pods
+                .iter_mut()
+                .find(|p| p.cluster == cluster && p.namespace == namespace && p.name == pod)
+                .ok_or_else(|| {
+                    SandboxError::Invalid(format!("no pod {namespace}/{pod} in cluster {cluster}"))
+                })?;
+            state.terminating = true;
+            Ok(())
+        })
     }
 
     fn remove_pod(&self, pod: &PodState) -> Result<(), SandboxError> {
@@ -812,11 +902,16 @@ impl Sandbox {
             .join(format!("{cluster}.json"))
     }
 
+    /// The file a cluster's agents read Services and EndpointSlices from (`--service-file`).
+    pub fn service_file(&self, cluster: &str) -> PathBuf {
+        self.run_dir
+            .join("services")
+            .join(format!("{cluster}.json"))
+    }
+
     /// Each cluster's policies, for its agents (what the policy watch gives them in a cluster).
     fn write_policy_files(&self) -> Result<(), SandboxError> {
-        let mut clusters: Vec<&str> = self.plan.nodes.iter().map(|n| n.cluster.as_str()).collect();
-        clusters.dedup();
-        for cluster in clusters {
+        for cluster in self.plan.clusters() {
             let policies: Vec<&serde_json::Value> = self
                 .objects
                 .get(cluster)
@@ -831,22 +926,45 @@ impl Sandbox {
                     )
                 })
                 .collect();
-            let path = self.policy_file(cluster);
-            let write_error = |reason: String| SandboxError::State {
-                what: "write",
-                path: path.clone(),
-                reason,
-            };
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| write_error(e.to_string()))?;
-            }
-            let temporary = path.with_extension("json.tmp");
-            std::fs::write(
-                &temporary,
-                serde_json::to_vec(&policies).unwrap_or_default(),
-            )
-            .map_err(|e| write_error(e.to_string()))?;
-            std::fs::rename(&temporary, &path).map_err(|e| write_error(e.to_string()))?;
+            write_atomically(
+                &self.policy_file(cluster),
+                &serde_json::to_vec(&policies).unwrap_or_default(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Every cluster's Services (with their allocations), GlobalServices and EndpointSlices —
+    /// its own and those other clusters share for its global Services — computed from the
+    /// stored objects and the pods as they are now.
+    pub fn services(&self) -> BTreeMap<String, ClusterServices> {
+        let inputs: Vec<ClusterInput<'_>> = self
+            .plan
+            .clusters()
+            .into_iter()
+            .map(|cluster| ClusterInput {
+                name: cluster,
+                id: self.plan.cluster_id(cluster).unwrap_or_default(),
+                objects: self.objects.get(cluster).map_or(&[], Vec::as_slice),
+                pods: self.pods.iter().filter(|p| p.cluster == cluster).collect(),
+            })
+            .collect();
+        services::compute(&inputs)
+    }
+
+    /// Each cluster's service file, for its agents (what the Service and EndpointSlice watches
+    /// give them in a cluster).
+    fn write_service_files(&self) -> Result<(), SandboxError> {
+        let computed = self.services();
+        for cluster in self.plan.clusters() {
+            let objects = computed
+                .get(cluster)
+                .map(ClusterServices::file_objects)
+                .unwrap_or_default();
+            write_atomically(
+                &self.service_file(cluster),
+                &serde_json::to_vec(&objects).unwrap_or_default(),
+            )?;
         }
         Ok(())
     }
@@ -869,31 +987,23 @@ impl Sandbox {
                 })
             })
             .collect();
-        let path = self.run_dir.join("endpoints.json");
-        let temporary = path.with_extension("json.tmp");
-        let write_error = |reason: String| SandboxError::State {
-            what: "write",
-            path: path.clone(),
-            reason,
-        };
-        std::fs::write(&temporary, serde_json::to_vec(&entries).unwrap_or_default())
-            .map_err(|e| write_error(e.to_string()))?;
-        std::fs::rename(&temporary, &path).map_err(|e| write_error(e.to_string()))
+        write_atomically(
+            &self.run_dir.join("endpoints.json"),
+            &serde_json::to_vec(&entries).unwrap_or_default(),
+        )
     }
 
     pub fn save(&self) -> Result<(), SandboxError> {
         self.write_endpoint_directory()?;
         self.write_policy_files()?;
+        self.write_service_files()?;
         let path = Self::state_path(&self.run_dir);
-        let state_error = |reason: String| SandboxError::State {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| SandboxError::State {
             what: "write",
             path: path.clone(),
-            reason,
-        };
-        let json = serde_json::to_vec_pretty(self).map_err(|e| state_error(e.to_string()))?;
-        let temporary = path.with_extension("json.tmp");
-        std::fs::write(&temporary, json).map_err(|e| state_error(e.to_string()))?;
-        std::fs::rename(&temporary, &path).map_err(|e| state_error(e.to_string()))
+            reason: e.to_string(),
+        })?;
+        write_atomically(&path, &json)
     }
 
     /// Records a change made after `up`: under an exclusive lock, re-reads the state, applies
@@ -901,6 +1011,17 @@ impl Sandbox {
     /// agent while another restarts it) never undo each other's changes. `self` becomes the
     /// state written.
     pub fn commit(&mut self, change: impl FnOnce(&mut Self)) -> Result<(), SandboxError> {
+        self.try_commit(|fresh| {
+            change(fresh);
+            Ok(())
+        })
+    }
+
+    /// As `commit`, for a change that may refuse: then nothing is written and `self` stays.
+    pub fn try_commit<T>(
+        &mut self,
+        change: impl FnOnce(&mut Self) -> Result<T, SandboxError>,
+    ) -> Result<T, SandboxError> {
         let lock_path = self.run_dir.join("state.lock");
         let lock_error = |reason: String| SandboxError::State {
             what: "lock",
@@ -918,10 +1039,10 @@ impl Sandbox {
             return Err(lock_error(std::io::Error::last_os_error().to_string()));
         }
         let mut fresh = Self::load(Some(&self.plan.name))?;
-        change(&mut fresh);
+        let value = change(&mut fresh)?;
         fresh.save()?;
         *self = fresh;
-        Ok(())
+        Ok(value)
     }
 
     /// The running sandbox called `name`, or the only one when `name` is `None`.
@@ -993,20 +1114,58 @@ impl Sandbox {
     }
 }
 
-/// What names an object: kind, namespace, name.
+/// What names an object: kind, namespace (`default` when it names none, as kubectl reads
+/// it; cluster-scoped kinds name none on either side), name.
 fn object_key(object: &serde_json::Value) -> (String, String, String) {
     let text = |pointer: &str| {
         object
             .pointer(pointer)
             .and_then(|value| value.as_str())
-            .unwrap_or_default()
-            .to_owned()
+            .map(str::to_owned)
     };
     (
-        text("/kind"),
-        text("/metadata/namespace"),
-        text("/metadata/name"),
+        text("/kind").unwrap_or_default(),
+        text("/metadata/namespace").unwrap_or_else(|| "default".into()),
+        text("/metadata/name").unwrap_or_default(),
     )
+}
+
+/// Stores an object in a cluster's `objects` as `kubectl apply` would: one of the same kind,
+/// namespace and name is replaced. A Service first gets its cluster IP and node ports (kept
+/// from the one it replaces). Returns the object as stored.
+fn record(
+    objects: &mut Vec<serde_json::Value>,
+    mut object: serde_json::Value,
+    service_cidr: Ipv4Net,
+) -> Result<serde_json::Value, String> {
+    if services::is_service(&object) {
+        services::allocate(&mut object, objects, service_cidr)?;
+    }
+    let key = object_key(&object);
+    match objects
+        .iter_mut()
+        .find(|existing| object_key(existing) == key)
+    {
+        Some(existing) => *existing = object.clone(),
+        None => objects.push(object.clone()),
+    }
+    Ok(object)
+}
+
+/// Writes a file others poll so that they never see half of it: a temporary file, then a
+/// rename over the old one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SandboxError> {
+    let write_error = |reason: String| SandboxError::State {
+        what: "write",
+        path: path.to_owned(),
+        reason,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| write_error(e.to_string()))?;
+    }
+    let temporary = path.with_extension("json.tmp");
+    std::fs::write(&temporary, bytes).map_err(|e| write_error(e.to_string()))?;
+    std::fs::rename(&temporary, path).map_err(|e| write_error(e.to_string()))
 }
 
 /// Names of sandboxes with a state file.
@@ -1040,4 +1199,121 @@ fn random_container_id() -> String {
         let _ = random.read_exact(&mut bytes);
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_SERVICE_CIDR;
+    use serde_json::json;
+
+    fn sandbox(run_dir: &Path) -> Sandbox {
+        let config: SandboxConfig = serde_saphyr::from_str(
+            "name: demo\nclusters:\n- {name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: [e1]}\n- {name: west, id: 2, podCIDR: 10.2.0.0/16, serviceCIDR: 10.200.0.0/16, nodes: [w1]}\n",
+        )
+        .expect("config");
+        Sandbox {
+            plan: Plan::new(&config),
+            run_dir: run_dir.to_owned(),
+            bin_dir: PathBuf::new(),
+            bpffs: PathBuf::new(),
+            cgroup: None,
+            agents: Vec::new(),
+            pods: vec![
+                services::fixtures::pod("east", "ml", "model-e", &[("app", "model")], &[]),
+                services::fixtures::pod("west", "ml", "model-w", &[("app", "model")], &[]),
+            ],
+            objects: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn save_writes_each_clusters_service_file_with_allocations_and_shared_slices() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sandbox = sandbox(dir.path());
+        let model = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "model", "namespace": "ml", "annotations": {"weft.io/global": "true"}},
+            "spec": {"selector": {"app": "model"}, "ports": [{"port": 80}]}
+        });
+        let policy = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                            "metadata": {"name": "p", "namespace": "ml"}, "spec": {}});
+        for cluster in ["east", "west"] {
+            let cidr = sandbox.plan.service_cidr(cluster);
+            let objects = sandbox.objects.entry(cluster.to_owned()).or_default();
+            for object in [&model, &policy, &model] {
+                record(objects, object.clone(), cidr).expect("recorded");
+            }
+        }
+        assert_eq!(
+            sandbox.objects["east"].len(),
+            2,
+            "re-applied objects replace"
+        );
+        sandbox.save().expect("save");
+
+        let file: Vec<serde_json::Value> = serde_json::from_slice(
+            &std::fs::read(dir.path().join("services/west.json")).expect("the service file"),
+        )
+        .expect("JSON");
+        let summary: Vec<String> = file
+            .iter()
+            .map(|o| {
+                format!(
+                    "{} {}",
+                    o["kind"].as_str().unwrap_or("?"),
+                    o["metadata"]["name"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                "Service model",
+                "EndpointSlice model-weft",
+                "EndpointSlice model-east"
+            ]
+        );
+        assert_eq!(
+            file[0]["spec"]["clusterIP"], "10.200.0.1",
+            "west's own service CIDR"
+        );
+        assert_eq!(
+            sandbox.services()["east"].services[0].object["spec"]["clusterIP"],
+            "10.96.0.1"
+        );
+        assert!(!dir.path().join("services/west.json.tmp").exists());
+
+        // Deleting by a manifest that names no namespace finds what was stored as `default`.
+        let unnamespaced =
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}});
+        let stored =
+            record(&mut Vec::new(), unnamespaced.clone(), DEFAULT_SERVICE_CIDR).expect("stored");
+        assert_eq!(stored["metadata"]["namespace"], "default");
+        assert_eq!(object_key(&stored), object_key(&unnamespaced));
+    }
+
+    #[test]
+    fn the_example_sandboxes_load_and_their_services_get_cluster_ips() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sandbox");
+        for (file, clusters) in [("one-cluster.yaml", 1), ("two-clusters.yaml", 2)] {
+            let config = SandboxConfig::load(&examples.join(file)).expect("config");
+            assert_eq!(config.clusters.len(), clusters);
+            for cluster in &config.clusters {
+                let read = Manifests::read(&cluster.manifests).expect("manifests");
+                let mut stored = Vec::new();
+                for object in &read.others {
+                    record(&mut stored, object.clone(), cluster.service_cidr()).expect("stored");
+                }
+                assert!(
+                    stored
+                        .iter()
+                        .any(|o| services::is_service(o) && o["spec"]["clusterIP"] == "10.96.0.1"),
+                    "{file}: cluster {} has a Service with an address",
+                    cluster.name
+                );
+            }
+        }
+    }
 }

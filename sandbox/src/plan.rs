@@ -1,12 +1,13 @@
 //! Names and addresses for everything a sandbox creates, computed from its config alone, so
 //! `up`, `status` and `down` agree without asking the kernel.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{RoutingMode, SandboxConfig};
+use crate::config::{RoutingMode, SandboxConfig, DEFAULT_SERVICE_CIDR};
 
 /// The network the nodes share inside the fabric namespace (a private one per sandbox, so
 /// sandboxes never see each other's addresses).
@@ -22,6 +23,10 @@ pub struct Plan {
     pub prefix: String,
     pub fabric_netns: String,
     pub nodes: Vec<NodePlan>,
+    /// Each cluster's service CIDR (state written before services existed has none: those
+    /// clusters use the default).
+    #[serde(default)]
+    pub service_cidrs: BTreeMap<String, Ipv4Net>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,7 +69,33 @@ impl Plan {
             prefix: prefix.clone(),
             fabric_netns: format!("{prefix}-fabric"),
             nodes,
+            service_cidrs: config
+                .clusters
+                .iter()
+                .map(|cluster| (cluster.name.clone(), cluster.service_cidr()))
+                .collect(),
         }
+    }
+
+    /// The clusters, in config order.
+    pub fn clusters(&self) -> Vec<&str> {
+        let mut clusters: Vec<&str> = self.nodes.iter().map(|n| n.cluster.as_str()).collect();
+        clusters.dedup();
+        clusters
+    }
+
+    pub fn cluster_id(&self, cluster: &str) -> Option<u16> {
+        self.nodes
+            .iter()
+            .find(|node| node.cluster == cluster)
+            .map(|node| node.cluster_id)
+    }
+
+    pub fn service_cidr(&self, cluster: &str) -> Ipv4Net {
+        self.service_cidrs
+            .get(cluster)
+            .copied()
+            .unwrap_or(DEFAULT_SERVICE_CIDR)
     }
 
     pub fn node(&self, cluster: &str, node: &str) -> Option<&NodePlan> {

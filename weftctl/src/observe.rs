@@ -173,6 +173,7 @@ fn observation(flow: &Flow) -> &'static str {
         Ok(ObservationPoint::FromEndpoint) => "from-endpoint",
         Ok(ObservationPoint::ToEndpoint) => "to-endpoint",
         Ok(ObservationPoint::ToOverlay) => "to-overlay",
+        Ok(ObservationPoint::FromNetwork) => "from-network",
         _ => "unknown",
     }
 }

@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use weft_sandbox::echo::{self, Identity};
 use weft_sandbox::manifests::PodPort;
+use weft_sandbox::services::ServiceStatus;
 use weft_sandbox::{default_bin_dir, Sandbox};
 
 #[derive(Debug, clap::Subcommand)]
@@ -15,7 +17,7 @@ pub enum SandboxCommand {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Show clusters, nodes and pods.
+    /// Show clusters, nodes, pods and Services (with their backends).
     Status {
         #[arg(long)]
         name: Option<String>,
@@ -44,7 +46,7 @@ pub enum SandboxCommand {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Remove the Pods of a manifest file from a running sandbox.
+    /// Remove the Pods (and other objects) of a manifest file from a running sandbox.
     Delete {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
@@ -52,6 +54,10 @@ pub enum SandboxCommand {
         cluster: Option<String>,
         #[arg(long)]
         name: Option<String>,
+        /// Seconds the pods terminate before they go: their endpoints stop taking new
+        /// connections while the ones they have finish.
+        #[arg(long, default_value_t = 0)]
+        grace_period: u64,
     },
     /// Remove everything a sandbox made; safe to repeat, also after a crash.
     Down {
@@ -126,11 +132,15 @@ pub fn run(command: SandboxCommand) -> anyhow::Result<ExitCode> {
             file,
             cluster,
             name,
+            grace_period,
         } => {
             let mut sandbox = Sandbox::load(name.as_deref())?;
-            for line in sandbox.delete(cluster.as_deref(), &file)? {
-                println!("{line}");
-            }
+            sandbox.delete_with_grace(
+                cluster.as_deref(),
+                &file,
+                Duration::from_secs(grace_period),
+                |line| println!("{line}"),
+            )?;
         }
         SandboxCommand::Down { name } => {
             let names = match name {
@@ -174,6 +184,7 @@ pub fn run(command: SandboxCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn status_json(sandbox: &Sandbox) -> serde_json::Value {
+    let services = sandbox.services();
     let clusters: Vec<serde_json::Value> = {
         let mut names: Vec<&str> = sandbox
             .plan
@@ -205,7 +216,7 @@ fn status_json(sandbox: &Sandbox) -> serde_json::Value {
                         serde_json::json!({
                             "namespace": p.namespace, "name": p.name, "node": p.node,
                             "ip": p.ip, "labels": p.labels, "ports": p.ports,
-                            "identity": p.identity,
+                            "identity": p.identity, "terminating": p.terminating,
                         })
                     })
                     .collect();
@@ -215,7 +226,14 @@ fn status_json(sandbox: &Sandbox) -> serde_json::Value {
                     .iter()
                     .find(|n| n.cluster == cluster)
                     .map(|n| n.cluster_id);
-                serde_json::json!({"name": cluster, "id": id, "nodes": nodes, "pods": pods})
+                let services: Vec<ServiceStatus> = services
+                    .get(cluster)
+                    .map(|computed| computed.status(cluster))
+                    .unwrap_or_default();
+                serde_json::json!({
+                    "name": cluster, "id": id, "serviceCIDR": sandbox.plan.service_cidr(cluster),
+                    "nodes": nodes, "pods": pods, "services": services,
+                })
             })
             .collect()
     };
@@ -244,13 +262,92 @@ fn print_table(sandbox: &Sandbox) {
     );
     for pod in &sandbox.pods {
         println!(
-            "{:<10} {:<12} {:<20} {:<12} {:<14} {:<8}",
+            "{:<10} {:<12} {:<20} {:<12} {:<14} {:<8}{}",
             pod.cluster,
             pod.namespace,
             pod.name,
             pod.node,
             pod.ip.to_string(),
-            pod.identity
+            pod.identity,
+            if pod.terminating { " terminating" } else { "" }
         );
     }
+    let computed = sandbox.services();
+    let services: Vec<(&str, ServiceStatus)> = sandbox
+        .plan
+        .clusters()
+        .into_iter()
+        .flat_map(|cluster| {
+            computed
+                .get(cluster)
+                .map(|services| services.status(cluster))
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |service| (cluster, service))
+        })
+        .collect();
+    if services.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<10} {:<12} {:<20} {:<22} {:<14} {:<24} BACKENDS",
+        "CLUSTER", "NAMESPACE", "SERVICE", "TYPE", "CLUSTER-IP", "PORTS"
+    );
+    for (cluster, service) in &services {
+        let kind = if service.global {
+            format!("{} (global)", service.kind)
+        } else {
+            service.kind.clone()
+        };
+        println!(
+            "{:<10} {:<12} {:<20} {:<22} {:<14} {:<24} {}",
+            cluster,
+            service.namespace,
+            service.name,
+            kind,
+            service.cluster_ip.as_deref().unwrap_or("-"),
+            ports_summary(service),
+            backends_summary(service, cluster),
+        );
+    }
+}
+
+/// As kubectl shows them: `80/TCP`, `80:30000/TCP`.
+fn ports_summary(service: &ServiceStatus) -> String {
+    let ports: Vec<String> = service
+        .ports
+        .iter()
+        .map(|port| match port.node_port {
+            Some(node_port) => format!("{}:{node_port}/{}", port.port, port.protocol),
+            None => format!("{}/{}", port.port, port.protocol),
+        })
+        .collect();
+    if ports.is_empty() {
+        "-".into()
+    } else {
+        ports.join(",")
+    }
+}
+
+/// Distinct backend addresses: how many are ready, how many terminate, how many are remote.
+fn backends_summary(service: &ServiceStatus, cluster: &str) -> String {
+    let mut pods: Vec<(&str, &str, bool, bool)> = service
+        .backends
+        .iter()
+        .map(|b| (b.cluster.as_str(), b.ip.as_str(), b.ready, b.terminating))
+        .collect();
+    pods.sort();
+    pods.dedup();
+    let ready = pods.iter().filter(|b| b.2).count();
+    let mut summary = format!("{ready}/{} ready", pods.len());
+    let terminating = pods.iter().filter(|b| b.3).count();
+    if terminating > 0 {
+        summary.push_str(&format!(", {terminating} terminating"));
+    }
+    let remote = pods.iter().filter(|b| b.0 != cluster).count();
+    if remote > 0 {
+        summary.push_str(&format!(", {remote} remote"));
+    }
+    summary
 }

@@ -162,6 +162,7 @@ pub fn enrich(
             Some(maps::ObservationPoint::FromEndpoint) => ObservationPoint::FromEndpoint as i32,
             Some(maps::ObservationPoint::ToEndpoint) => ObservationPoint::ToEndpoint as i32,
             Some(maps::ObservationPoint::ToOverlay) => ObservationPoint::ToOverlay as i32,
+            Some(maps::ObservationPoint::FromNetwork) => ObservationPoint::FromNetwork as i32,
             None => ObservationPoint::Unknown as i32,
         },
         node_name: origin.node.clone(),

@@ -1,0 +1,543 @@
+//! Service load balancing on this node: reads the cluster's Services, EndpointSlices and
+//! GlobalServices, keeps the last good version of a Service that turns invalid, plans
+//! frontends, backends and Maglev tables, and writes the datapath's load-balancing maps.
+//!
+//! Updates never open a gap: backends and tables first, then frontends switch over, then what
+//! nothing references any more goes. Services whose active backends are the same set share
+//! one Maglev table, so memory grows with distinct backend sets, not with services.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde_json::Value;
+use weft_core::service::maglev::{self, TableSize};
+use weft_core::service::{Backend, BackendCondition, FrontendKind, Service};
+use weft_crds::service_model::{self, ServiceError};
+use weft_node_bpf::maps::{
+    LbBackend, LbFrontend, LbFrontendKey, LbFrontendKind, LB_BACKEND_TERMINATING,
+};
+
+use crate::datapath::{Datapath, DatapathError};
+
+/// A backend as the datapath knows it: one address and port in one cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendRef {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub cluster_id: u16,
+}
+
+impl BackendRef {
+    fn of(backend: &Backend) -> Self {
+        Self {
+            address: backend.address,
+            port: backend.port,
+            cluster_id: backend.cluster_id,
+        }
+    }
+
+    /// What Maglev hashes: the same on every node, so every node builds the same table.
+    fn maglev_key(&self) -> String {
+        format!("{}:{}@{}", self.address, self.port, self.cluster_id)
+    }
+}
+
+/// One frontend as planned: who gets new connections, for how long a client sticks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedFrontend {
+    /// `namespace/name:port` of the service port, for affinity and logs.
+    pub service_port: String,
+    pub kind: LbFrontendKind,
+    /// Sorted; empty makes the frontend refuse new connections.
+    pub active: Vec<BackendRef>,
+    pub affinity_timeout_s: u32,
+}
+
+/// The whole node's load-balancing state, before ids are assigned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub frontends: BTreeMap<LbFrontendKey, PlannedFrontend>,
+    /// Every backend a frontend uses or drains, and whether it drains.
+    pub backends: BTreeMap<BackendRef, bool>,
+}
+
+/// Plans the datapath for `services`; frontends two services claim go to the first by
+/// namespace/name, and the other is reported.
+pub fn plan(services: &[Service], local_cluster: u16) -> (Plan, Vec<String>) {
+    let mut plan = Plan::default();
+    let mut conflicts = Vec::new();
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    for service in sorted {
+        for frontend in service.frontends(local_cluster) {
+            let key = LbFrontendKey {
+                address: frontend
+                    .frontend
+                    .address
+                    .map(|address| u32::from(address).to_be())
+                    .unwrap_or(0),
+                port: frontend.frontend.port.to_be(),
+                protocol: frontend.frontend.protocol.number(),
+                pad: 0,
+            };
+            let service_port = format!(
+                "{}/{}:{}",
+                frontend.namespace,
+                frontend.service,
+                if frontend.port_name.is_empty() {
+                    frontend.frontend.port.to_string()
+                } else {
+                    frontend.port_name.clone()
+                }
+            );
+            if let Some(existing) = plan.frontends.get(&key) {
+                conflicts.push(format!(
+                    "{service_port} wants {}:{}/{}, which {} already has",
+                    frontend
+                        .frontend
+                        .address
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "<node>".into()),
+                    frontend.frontend.port,
+                    frontend.frontend.protocol.name(),
+                    existing.service_port
+                ));
+                continue;
+            }
+            let mut active: Vec<BackendRef> = frontend.active.iter().map(BackendRef::of).collect();
+            active.sort();
+            active.dedup();
+            for backend in &frontend.active {
+                plan.backends.insert(BackendRef::of(backend), false);
+            }
+            for backend in &frontend.draining {
+                plan.backends
+                    .entry(BackendRef::of(backend))
+                    .or_insert(backend.condition == BackendCondition::Terminating);
+            }
+            plan.frontends.insert(
+                key,
+                PlannedFrontend {
+                    service_port,
+                    kind: match frontend.frontend.kind {
+                        FrontendKind::ClusterIp => LbFrontendKind::ClusterIp,
+                        FrontendKind::NodePort => LbFrontendKind::NodePort,
+                        FrontendKind::ExternalIp => LbFrontendKind::ExternalIp,
+                        FrontendKind::LoadBalancer => LbFrontendKind::LoadBalancer,
+                    },
+                    active,
+                    affinity_timeout_s: frontend
+                        .affinity_timeout
+                        .map(|timeout| u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1))
+                        .unwrap_or(0),
+                },
+            );
+        }
+    }
+    (plan, conflicts)
+}
+
+/// What this node's maps hold, by the ids the engine gave out.
+#[derive(Default)]
+struct Installed {
+    frontends: BTreeMap<LbFrontendKey, LbFrontend>,
+    backends: BTreeMap<BackendRef, (u32, LbBackend)>,
+    /// Active backend set → table id.
+    tables: BTreeMap<Vec<BackendRef>, u32>,
+    service_ids: BTreeMap<String, u32>,
+    /// Left by an earlier agent: replaced, then removed, on the first sync.
+    stale_frontends: BTreeSet<LbFrontendKey>,
+    stale_backends: BTreeSet<u32>,
+    stale_tables: BTreeSet<u32>,
+    next_backend_id: u32,
+    next_table_id: u32,
+    next_service_id: u32,
+}
+
+/// The services in force on the node and what was written for them.
+pub struct ServiceEngine {
+    file: Option<PathBuf>,
+    file_version: Option<(u64, SystemTime)>,
+    local_cluster: u16,
+    table_size: TableSize,
+    seed: u64,
+    /// `namespace/name` → the last valid version.
+    last_good: BTreeMap<String, Service>,
+    /// Objects whose current version cannot be used, and why.
+    pub problems: Vec<ServiceError>,
+    installed: Installed,
+    adopted: bool,
+}
+
+impl ServiceEngine {
+    pub fn new(
+        file: Option<PathBuf>,
+        local_cluster: u16,
+        table_size: TableSize,
+        seed: u64,
+    ) -> Self {
+        Self {
+            file,
+            file_version: None,
+            local_cluster,
+            table_size,
+            seed,
+            last_good: BTreeMap::new(),
+            problems: Vec::new(),
+            installed: Installed {
+                next_backend_id: 1,
+                next_table_id: 1,
+                next_service_id: 1,
+                ..Installed::default()
+            },
+            adopted: false,
+        }
+    }
+
+    /// Re-reads the service file if it changed. Returns whether anything changed.
+    fn reload(&mut self) -> bool {
+        let Some(path) = &self.file else {
+            return false;
+        };
+        let version = std::fs::metadata(path)
+            .and_then(|m| Ok((m.ino(), m.modified()?)))
+            .ok();
+        if version == self.file_version {
+            return false;
+        }
+        let objects: Vec<Value> = match std::fs::read(path)
+            .map(|bytes| serde_json::from_slice(&bytes))
+        {
+            Ok(Ok(objects)) => objects,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, path = %path.display(), "service file unreadable; keeping the services in force");
+                return false;
+            }
+            // No file yet: no services.
+            Err(_) => Vec::new(),
+        };
+        self.file_version = version;
+        let (services, problems) =
+            service_model::services_from_objects(&objects, self.local_cluster);
+        let present: BTreeSet<String> = objects
+            .iter()
+            .filter(|object| object["kind"] == "Service")
+            .map(|object| {
+                format!(
+                    "{}/{}",
+                    object["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or("default"),
+                    object["metadata"]["name"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        for problem in &problems {
+            // The last good version (if any) stays in force.
+            tracing::warn!(%problem, "cannot balance this service's current version; its last good version stays in force");
+        }
+        let broken: BTreeSet<String> = problems
+            .iter()
+            .filter_map(|problem| problem.object.strip_prefix("Service ").map(str::to_owned))
+            .collect();
+        let mut fresh: BTreeMap<String, Service> = services
+            .into_iter()
+            .map(|service| (format!("{}/{}", service.namespace, service.name), service))
+            .collect();
+        for name in &broken {
+            if let Some(good) = self.last_good.get(name) {
+                fresh.insert(name.clone(), good.clone());
+            }
+        }
+        fresh.retain(|name, _| present.contains(name));
+        self.last_good = fresh;
+        self.problems = problems;
+        true
+    }
+
+    /// The services in force (for status).
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.last_good.values()
+    }
+
+    /// Brings the datapath in line with the service file; does nothing when it did not change.
+    pub fn sync(&mut self, datapath: &mut Datapath) -> Result<(), DatapathError> {
+        if !self.adopted {
+            self.adopt(datapath)?;
+        }
+        if !self.reload() && self.installed.stale_frontends.is_empty() {
+            return Ok(());
+        }
+        let services: Vec<Service> = self.last_good.values().cloned().collect();
+        let (plan, conflicts) = plan(&services, self.local_cluster);
+        for conflict in conflicts {
+            tracing::warn!(%conflict, "two services claim one frontend; the first keeps it");
+        }
+        self.apply(datapath, &plan)
+    }
+
+    /// Takes over what an earlier agent left: ids continue above it, and all of it is
+    /// replaced and then removed by the first sync. Affinity entries name old service ids.
+    fn adopt(&mut self, datapath: &mut Datapath) -> Result<(), DatapathError> {
+        let found = datapath.installed_load_balancing()?;
+        let installed = &mut self.installed;
+        installed.next_backend_id = found.backends.iter().max().map_or(1, |max| max + 1);
+        installed.next_table_id = found.tables.iter().max().map_or(1, |max| max + 1);
+        installed.stale_frontends = found.frontends.into_iter().collect();
+        installed.stale_backends = found.backends.into_iter().collect();
+        installed.stale_tables = found.tables.into_iter().collect();
+        datapath.clear_affinity()?;
+        self.adopted = true;
+        Ok(())
+    }
+
+    fn apply(&mut self, datapath: &mut Datapath, plan: &Plan) -> Result<(), DatapathError> {
+        let installed = &mut self.installed;
+        // 1. Backends, new ones and changed drain flags.
+        for (backend, &draining) in &plan.backends {
+            let value = LbBackend {
+                address: u32::from(backend.address).to_be(),
+                port: backend.port.to_be(),
+                cluster_id: backend.cluster_id,
+                flags: if draining { LB_BACKEND_TERMINATING } else { 0 },
+                pad: [0; 3],
+            };
+            match installed.backends.get(backend) {
+                Some((_, current)) if *current == value => {}
+                Some(&(id, _)) => {
+                    datapath.upsert_backend(id, value)?;
+                    installed.backends.insert(*backend, (id, value));
+                }
+                None => {
+                    let id = installed.next_backend_id;
+                    installed.next_backend_id += 1;
+                    datapath.upsert_backend(id, value)?;
+                    installed.backends.insert(*backend, (id, value));
+                }
+            }
+        }
+        // 2. A Maglev table per distinct active set.
+        for frontend in plan.frontends.values() {
+            if frontend.active.is_empty() || installed.tables.contains_key(&frontend.active) {
+                continue;
+            }
+            let keys: Vec<String> = frontend.active.iter().map(BackendRef::maglev_key).collect();
+            let ids: Vec<u32> = frontend
+                .active
+                .iter()
+                .map(|backend| installed.backends.get(backend).map_or(0, |(id, _)| *id))
+                .collect();
+            let slots: Vec<u32> = maglev::table(&keys, self.table_size, self.seed)
+                .into_iter()
+                .map(|index| ids.get(index as usize).copied().unwrap_or(0))
+                .collect();
+            let table_id = installed.next_table_id;
+            installed.next_table_id += 1;
+            datapath.install_maglev_table(table_id, &slots)?;
+            installed.tables.insert(frontend.active.clone(), table_id);
+        }
+        // 3. Frontends switch to their tables.
+        for (key, frontend) in &plan.frontends {
+            let next_service_id = &mut installed.next_service_id;
+            let service_id = *installed
+                .service_ids
+                .entry(frontend.service_port.clone())
+                .or_insert_with(|| {
+                    let id = *next_service_id;
+                    *next_service_id += 1;
+                    id
+                });
+            let value = LbFrontend {
+                service_id,
+                table_id: installed.tables.get(&frontend.active).copied().unwrap_or(0),
+                affinity_timeout_s: frontend.affinity_timeout_s,
+                active_backends: u16::try_from(frontend.active.len()).unwrap_or(u16::MAX),
+                kind: frontend.kind as u8,
+                pad: 0,
+            };
+            if installed.frontends.get(key) != Some(&value) {
+                datapath.upsert_frontend(*key, value)?;
+                installed.frontends.insert(*key, value);
+            }
+        }
+        // 4. What nothing uses any more.
+        let gone: Vec<LbFrontendKey> = installed
+            .frontends
+            .keys()
+            .filter(|key| !plan.frontends.contains_key(key))
+            .copied()
+            .collect();
+        for key in gone {
+            datapath.remove_frontend(key)?;
+            installed.frontends.remove(&key);
+        }
+        for key in std::mem::take(&mut installed.stale_frontends) {
+            if !installed.frontends.contains_key(&key) {
+                datapath.remove_frontend(key)?;
+            }
+        }
+        let used_sets: BTreeSet<&Vec<BackendRef>> =
+            plan.frontends.values().map(|f| &f.active).collect();
+        let unused_tables: Vec<(Vec<BackendRef>, u32)> = installed
+            .tables
+            .iter()
+            .filter(|(set, _)| !used_sets.contains(set))
+            .map(|(set, id)| (set.clone(), *id))
+            .collect();
+        for (set, id) in unused_tables {
+            datapath.remove_maglev_table(id)?;
+            installed.tables.remove(&set);
+        }
+        for id in std::mem::take(&mut installed.stale_tables) {
+            datapath.remove_maglev_table(id)?;
+        }
+        let unused_backends: Vec<(BackendRef, u32)> = installed
+            .backends
+            .iter()
+            .filter(|(backend, _)| !plan.backends.contains_key(backend))
+            .map(|(backend, (id, _))| (*backend, *id))
+            .collect();
+        for (backend, id) in unused_backends {
+            datapath.remove_backend(id)?;
+            installed.backends.remove(&backend);
+        }
+        for id in std::mem::take(&mut installed.stale_backends) {
+            datapath.remove_backend(id)?;
+        }
+        let live: BTreeSet<&String> = plan.frontends.values().map(|f| &f.service_port).collect();
+        installed.service_ids.retain(|name, _| live.contains(name));
+        tracing::debug!(
+            frontends = installed.frontends.len(),
+            backends = installed.backends.len(),
+            tables = installed.tables.len(),
+            "service load balancing updated"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use weft_core::service::{GlobalSettings, Protocol, ServicePort};
+
+    use super::*;
+
+    fn backend(address: [u8; 4], condition: BackendCondition) -> Backend {
+        Backend {
+            address: Ipv4Addr::from(address),
+            port: 8080,
+            cluster_id: 1,
+            condition,
+            node: None,
+            pod: None,
+        }
+    }
+
+    fn service(name: &str, cluster_ip: [u8; 4], backends: Vec<Backend>) -> Service {
+        Service {
+            namespace: "shop".into(),
+            name: name.into(),
+            cluster_ips: vec![Ipv4Addr::from(cluster_ip)],
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: Some(30080),
+                backends,
+            }],
+            session_affinity_timeout: None,
+            global: GlobalSettings::default(),
+        }
+    }
+
+    fn key(address: [u8; 4], port: u16) -> LbFrontendKey {
+        LbFrontendKey {
+            address: u32::from(Ipv4Addr::from(address)).to_be(),
+            port: port.to_be(),
+            protocol: 6,
+            pad: 0,
+        }
+    }
+
+    #[test]
+    fn a_service_gets_a_cluster_ip_and_a_node_port_frontend_over_its_ready_backends() {
+        let web = service(
+            "web",
+            [10, 96, 0, 10],
+            vec![
+                backend([10, 1, 0, 3], BackendCondition::Ready),
+                backend([10, 1, 0, 2], BackendCondition::Ready),
+                backend([10, 1, 0, 4], BackendCondition::Terminating),
+                backend([10, 1, 0, 5], BackendCondition::NotServing),
+            ],
+        );
+        let (plan, conflicts) = plan(&[web], 1);
+        assert!(conflicts.is_empty());
+        let cluster_ip = &plan.frontends[&key([10, 96, 0, 10], 80)];
+        let node_port = &plan.frontends[&key([0, 0, 0, 0], 30080)];
+        assert_eq!(cluster_ip.kind, LbFrontendKind::ClusterIp);
+        assert_eq!(node_port.kind, LbFrontendKind::NodePort);
+        let active: Vec<Ipv4Addr> = cluster_ip.active.iter().map(|b| b.address).collect();
+        assert_eq!(
+            active,
+            [Ipv4Addr::new(10, 1, 0, 2), Ipv4Addr::new(10, 1, 0, 3)],
+            "ready backends, sorted, so equal sets share a Maglev table"
+        );
+        assert_eq!(node_port.active, cluster_ip.active);
+        // The terminating backend stays known (established connections) but drains; the one
+        // not serving is gone.
+        let drains: BTreeMap<Ipv4Addr, bool> =
+            plan.backends.iter().map(|(b, d)| (b.address, *d)).collect();
+        assert_eq!(
+            drains,
+            BTreeMap::from([
+                (Ipv4Addr::new(10, 1, 0, 2), false),
+                (Ipv4Addr::new(10, 1, 0, 3), false),
+                (Ipv4Addr::new(10, 1, 0, 4), true),
+            ])
+        );
+    }
+
+    #[test]
+    fn two_services_on_one_frontend_are_a_reported_conflict_the_first_keeps() {
+        let first = service(
+            "a",
+            [10, 96, 0, 10],
+            vec![backend([10, 1, 0, 2], BackendCondition::Ready)],
+        );
+        let mut second = service(
+            "b",
+            [10, 96, 0, 11],
+            vec![backend([10, 1, 0, 9], BackendCondition::Ready)],
+        );
+        second.ports[0].node_port = Some(30080);
+        let (plan, conflicts) = plan(&[second, first], 1);
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert!(conflicts[0].contains("shop/b:http") && conflicts[0].contains("shop/a:http"));
+        assert_eq!(
+            plan.frontends[&key([0, 0, 0, 0], 30080)].service_port,
+            "shop/a:http"
+        );
+        assert_eq!(plan.frontends.len(), 3);
+    }
+
+    #[test]
+    fn session_affinity_becomes_whole_seconds_and_no_backend_means_refuse() {
+        let mut sticky = service("sticky", [10, 96, 0, 12], Vec::new());
+        sticky.session_affinity_timeout = Some(Duration::from_secs(10800));
+        let (plan, _) = plan(&[sticky], 1);
+        let frontend = &plan.frontends[&key([10, 96, 0, 12], 80)];
+        assert_eq!(frontend.affinity_timeout_s, 10800);
+        assert!(
+            frontend.active.is_empty(),
+            "no backend: the datapath refuses"
+        );
+    }
+}
