@@ -34,6 +34,41 @@ wait
 step "Their flows, as the datapath saw them (weftctl observe)"
 $weftctl observe --sandbox demo --namespace training --protocol TCP --last 8
 
+service_ip() { $weftctl sandbox status --name demo -o json | python3 -c "import json,sys; print([s['clusterIP'] for c in json.load(sys.stdin)['clusters'] for s in c.get('services', []) if s['name']=='$1'][0])"; }
+
+step "Services: the model-server Service got a cluster IP; its backends come from an EndpointSlice"
+$weftctl sandbox status --name demo | sed -n '/SERVICE/,$p'
+step "gateway (node-b) -> the Service's cluster IP: balanced at connect(), no NAT on the wire"
+$weftctl sandbox exec gateway -n inference -- python3 -c "
+import socket
+s = socket.create_connection(('$(service_ip model-server)', 80), timeout=3)
+print('connected; getpeername() says', '%s:%d' % s.getpeername(), '(the service, not the backend)')
+s.sendall(b'GET / HTTP/1.1\\r\\nhost: demo\\r\\nconnection: close\\r\\n\\r\\n')
+print(s.recv(4096).split(b'\\r\\n\\r\\n', 1)[1].decode())"
+
+step "Policy: only the gateway may call the model server (a WeftNetworkPolicy)"
+cat > "${TMPDIR:-/tmp}/weft-demo-policy.yaml" <<'POLICY'
+apiVersion: weft.io/v1alpha1
+kind: WeftNetworkPolicy
+metadata: {name: gateway-only, namespace: inference}
+spec:
+  endpointSelector: {matchLabels: {app: model-server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: gateway}}]
+    toPorts: [{ports: [{port: "8000", protocol: TCP}]}]
+POLICY
+$weftctl sandbox apply -f "${TMPDIR:-/tmp}/weft-demo-policy.yaml"
+sleep 2
+http_status() { # POD NAMESPACE: what the model server answers that pod
+  local code
+  code=$($weftctl sandbox exec "$1" -n "$2" -- curl -s -m 2 -o /dev/null -w '%{http_code}' "http://$(ip_of model-server):8000" || true)
+  if [ "$code" = 000 ]; then echo "no answer (dropped)"; else echo "HTTP $code"; fi
+}
+echo "gateway   -> model-server: $(http_status gateway inference)"
+echo "trainer-0 -> model-server: $(http_status trainer-0 training)"
+step "Why was trainer-0 dropped? (weftctl policy explain)"
+$weftctl policy explain --sandbox demo --from training/trainer-0 --to inference/model-server:8000/TCP || true
+
 cat <<MSG
 
 The sandbox "demo" is still up. Explore it:
@@ -45,6 +80,5 @@ The sandbox "demo" is still up. Explore it:
 Tear it down:
   $weftctl sandbox down
 
-Coming next (README, "Features"): identity-based policy with explainable verdicts,
-Maglev service load balancing, and the cluster mesh.
+Coming next (README, "Features"): the cluster mesh, Kubernetes mode, FQDN and L7 policy.
 MSG

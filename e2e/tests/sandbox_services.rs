@@ -753,3 +753,58 @@ fn global_services_choose_local_or_remote_backends_and_fail_over() {
         );
     }
 }
+
+#[test]
+fn services_keep_working_while_the_agent_is_down_and_after_it_restarts() {
+    let sandbox = shop();
+    let web = SocketAddr::from((cluster_ip(&sandbox, "web"), 80));
+    let client = sandbox.pod("client1").clone();
+    wait_until_served(&client.netns, web);
+    let backends: BTreeSet<String> = ["web-1", "web-2", "web-3"].map(String::from).into();
+    let answered = |count| -> BTreeSet<String> {
+        let answers = socket_gets(&client, web, count);
+        answers.into_iter().map(|(pod, _, _)| pod).collect()
+    };
+
+    let agent = sandbox
+        .sandbox
+        .agents
+        .iter()
+        .find(|a| a.node == "n1")
+        .expect("agent of n1")
+        .clone();
+    // SAFETY: SIGKILL to the agent this sandbox started.
+    unsafe { libc::kill(agent.pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        answered(40),
+        backends,
+        "balanced while the agent is down (pinned maps)"
+    );
+
+    let mut restarted = Sandbox::load(Some(&sandbox.name)).expect("state");
+    restarted
+        .restart_agent("c1", "n1")
+        .expect("restart the agent");
+    // The new agent writes everything again under its own ids and removes what the old one
+    // left: the service answers throughout, and a change after the restart takes effect.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        assert_eq!(
+            answered(10),
+            backends,
+            "balanced while the new agent takes over"
+        );
+    }
+    Sandbox::load(Some(&sandbox.name))
+        .expect("state")
+        .set_terminating(None, "shop", "web-1")
+        .expect("drain web-1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answered(30).contains("web-1") {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent never applied the drain"
+        );
+    }
+}

@@ -170,6 +170,8 @@ pub struct ServiceEngine {
     pub problems: Vec<ServiceError>,
     installed: Installed,
     adopted: bool,
+    /// The last apply failed, or an earlier agent's entries await removal.
+    retry: bool,
 }
 
 impl ServiceEngine {
@@ -194,6 +196,7 @@ impl ServiceEngine {
                 ..Installed::default()
             },
             adopted: false,
+            retry: false,
         }
     }
 
@@ -268,7 +271,8 @@ impl ServiceEngine {
         if !self.adopted {
             self.adopt(datapath)?;
         }
-        if !self.reload() && self.installed.stale_frontends.is_empty() {
+        let reloaded = self.reload();
+        if !reloaded && !self.retry {
             return Ok(());
         }
         let services: Vec<Service> = self.last_good.values().cloned().collect();
@@ -276,7 +280,11 @@ impl ServiceEngine {
         for conflict in conflicts {
             tracing::warn!(%conflict, "two services claim one frontend; the first keeps it");
         }
-        self.apply(datapath, &plan)
+        // A failed write (a full map, say) is tried again on the next sync; what was written
+        // stays, and every step leaves the maps consistent.
+        let applied = self.apply(datapath, &plan);
+        self.retry = applied.is_err();
+        applied
     }
 
     /// Takes over what an earlier agent left: ids continue above it, and all of it is
@@ -291,6 +299,7 @@ impl ServiceEngine {
         installed.stale_tables = found.tables.into_iter().collect();
         datapath.clear_affinity()?;
         self.adopted = true;
+        self.retry = true;
         Ok(())
     }
 

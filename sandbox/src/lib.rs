@@ -153,11 +153,9 @@ impl Sandbox {
             let read = Manifests::read(&cluster.manifests)?;
             // Services get their cluster IPs and node ports as they are stored, in file order.
             let mut stored = Vec::new();
-            for object in &read.others {
-                record(&mut stored, object.clone(), cluster.service_cidr()).map_err(|message| {
-                    SandboxError::Invalid(format!("cluster {}: {message}", cluster.name))
-                })?;
-            }
+            record_all(&mut stored, &read.others, cluster.service_cidr()).map_err(|message| {
+                SandboxError::Invalid(format!("cluster {}: {message}", cluster.name))
+            })?;
             objects.insert(cluster.name.clone(), stored);
             for pod in &read.pods {
                 if plan.node(&cluster.name, &pod.node).is_none() {
@@ -590,9 +588,7 @@ impl Sandbox {
         let mut read = Manifests::default();
         read.add_file(file)?;
         let mut trial = self.objects.get(&cluster).cloned().unwrap_or_default();
-        for object in &read.others {
-            record(&mut trial, object.clone(), service_cidr).map_err(SandboxError::Invalid)?;
-        }
+        record_all(&mut trial, &read.others, service_cidr).map_err(SandboxError::Invalid)?;
         let mut created = Vec::new();
         if !read.namespaces.is_empty() {
             let namespaces = read.namespaces.clone();
@@ -616,11 +612,7 @@ impl Sandbox {
         // Allocation is redone on the fresh state, under the lock.
         let recorded = self.try_commit(|fresh| {
             let objects = fresh.objects.entry(cluster.clone()).or_default();
-            read.others
-                .iter()
-                .map(|object| record(objects, object.clone(), service_cidr))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(SandboxError::Invalid)
+            record_all(objects, &read.others, service_cidr).map_err(SandboxError::Invalid)
         })?;
         for object in &recorded {
             let (kind, _, name) = object_key(object);
@@ -1130,26 +1122,46 @@ fn object_key(object: &serde_json::Value) -> (String, String, String) {
     )
 }
 
-/// Stores an object in a cluster's `objects` as `kubectl apply` would: one of the same kind,
-/// namespace and name is replaced. A Service first gets its cluster IP and node ports (kept
-/// from the one it replaces). Returns the object as stored.
+/// Stores objects in a cluster's `objects` as `kubectl apply` would, in order: one of the same
+/// kind, namespace and name is replaced. A Service first gets its cluster IP and node ports
+/// (kept from the one it replaces). Returns the objects as stored.
+fn record_all(
+    objects: &mut Vec<serde_json::Value>,
+    new: &[serde_json::Value],
+    service_cidr: Ipv4Net,
+) -> Result<Vec<serde_json::Value>, String> {
+    let mut allocations = services::Allocations::of(objects, service_cidr);
+    let mut index: std::collections::HashMap<(String, String, String), usize> = objects
+        .iter()
+        .enumerate()
+        .map(|(position, object)| (object_key(object), position))
+        .collect();
+    let mut stored = Vec::with_capacity(new.len());
+    for object in new {
+        let mut object = object.clone();
+        if services::is_service(&object) {
+            allocations.allocate(&mut object)?;
+        }
+        match index.get(&object_key(&object)) {
+            Some(&position) => objects[position] = object.clone(),
+            None => {
+                index.insert(object_key(&object), objects.len());
+                objects.push(object.clone());
+            }
+        }
+        stored.push(object);
+    }
+    Ok(stored)
+}
+
+/// [`record_all`] for one object.
+#[cfg(test)]
 fn record(
     objects: &mut Vec<serde_json::Value>,
-    mut object: serde_json::Value,
+    object: serde_json::Value,
     service_cidr: Ipv4Net,
 ) -> Result<serde_json::Value, String> {
-    if services::is_service(&object) {
-        services::allocate(&mut object, objects, service_cidr)?;
-    }
-    let key = object_key(&object);
-    match objects
-        .iter_mut()
-        .find(|existing| object_key(existing) == key)
-    {
-        Some(existing) => *existing = object.clone(),
-        None => objects.push(object.clone()),
-    }
-    Ok(object)
+    record_all(objects, &[object], service_cidr).map(|mut stored| stored.remove(0))
 }
 
 /// Writes a file others poll so that they never see half of it: a temporary file, then a

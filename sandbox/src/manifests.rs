@@ -69,8 +69,17 @@ impl Manifests {
             path: path.to_owned(),
             source,
         })?;
-        let documents: Vec<Value> =
-            serde_saphyr::from_multiple(&text).map_err(|source| ManifestError::Yaml {
+        // The parser's default budget (1,024 documents, 250,000 nodes) guards against hostile
+        // input; these are the user's own files, and a file of thousands of Services is a
+        // fair test of a load balancer.
+        let options = serde_saphyr::options! {
+            budget: serde_saphyr::budget! {
+                max_documents: 200_000,
+                max_nodes: 20_000_000,
+            },
+        };
+        let documents: Vec<Value> = serde_saphyr::from_multiple_with_options(&text, options)
+            .map_err(|source| ManifestError::Yaml {
                 path: path.to_owned(),
                 source: Box::new(source),
             })?;

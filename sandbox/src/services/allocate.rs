@@ -2,7 +2,7 @@
 //! names its own keeps it (when it is free and in range), one that names none gets the next
 //! free one, and a re-applied Service keeps what it was given.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
 
@@ -15,53 +15,148 @@ use super::{is_service, service_key};
 /// The API server's default `--service-node-port-range`.
 pub const NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 
-/// Gives `service` (a core/v1 Service about to be stored in a cluster whose stored objects are
-/// `objects`) its cluster IP and node ports, writing them into `spec.clusterIP`,
-/// `spec.clusterIPs` and `spec.ports[*].nodePort`, and its namespace into `metadata` when it
-/// names none. A stored Service of the same namespace and name is the one being replaced: its
-/// allocations are kept, and never count as taken.
-pub fn allocate(service: &mut Value, objects: &[Value], cidr: Ipv4Net) -> Result<(), String> {
-    let name = service
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .ok_or("a Service needs metadata.name")?
-        .to_owned();
-    let namespace = service
-        .pointer("/metadata/namespace")
-        .and_then(Value::as_str)
-        .unwrap_or("default")
-        .to_owned();
-    service["metadata"]["namespace"] = namespace.clone().into();
-    let what = format!("service {namespace}/{name}");
-    let parsed: Service = serde_json::from_value(service.clone())
-        .map_err(|e| format!("{what} is not a valid Service: {e}"))?;
-    let spec = parsed.spec.unwrap_or_default();
-    let key = (namespace, name);
-    let stored = |object: &&Value| is_service(object) && service_key(object) == key;
-    let previous = objects.iter().find(stored).and_then(spec_of);
-    let others: Vec<ServiceSpec> = objects
-        .iter()
-        .filter(|object| is_service(object) && !stored(object))
-        .filter_map(spec_of)
-        .collect();
+/// What a cluster's stored Services already hold, indexed once, so storing thousands of
+/// Services at once costs one pass over them, not one per Service.
+pub struct Allocations {
+    cidr: Ipv4Net,
+    specs: HashMap<(String, String), ServiceSpec>,
+    ips: HashMap<Ipv4Addr, (String, String)>,
+    node_ports: HashMap<i32, (String, String)>,
+    /// No usable address below this one is free: allocations only add addresses.
+    lowest_maybe_free: u32,
+}
 
-    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
-    if !matches!(
-        kind,
-        "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
-    ) {
-        return Err(format!(
-            "{what}: spec.type {kind:?} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
-        ));
+impl Allocations {
+    /// Indexes the Services among a cluster's stored `objects`.
+    pub fn of(objects: &[Value], cidr: Ipv4Net) -> Self {
+        let mut allocations = Self {
+            cidr,
+            specs: HashMap::new(),
+            ips: HashMap::new(),
+            node_ports: HashMap::new(),
+            lowest_maybe_free: *usable(cidr).start(),
+        };
+        for object in objects.iter().filter(|object| is_service(object)) {
+            if let Some(spec) = spec_of(object) {
+                allocations.hold(service_key(object), spec);
+            }
+        }
+        allocations
     }
-    if let Some(ip) = cluster_ip(&what, kind, &spec, previous.as_ref(), &others, cidr)? {
-        service["spec"]["clusterIP"] = ip.clone().into();
-        service["spec"]["clusterIPs"] = vec![ip].into();
+
+    fn hold(&mut self, key: (String, String), spec: ServiceSpec) {
+        if let Some(previous) = self.specs.remove(&key) {
+            for ip in spec_ips(&previous) {
+                if self.ips.get(&ip) == Some(&key) {
+                    self.ips.remove(&ip);
+                }
+            }
+            for node_port in spec_node_ports(&previous) {
+                if self.node_ports.get(&node_port) == Some(&key) {
+                    self.node_ports.remove(&node_port);
+                }
+            }
+        }
+        for ip in spec_ips(&spec) {
+            self.ips.insert(ip, key.clone());
+        }
+        for node_port in spec_node_ports(&spec) {
+            self.node_ports.insert(node_port, key.clone());
+        }
+        self.specs.insert(key, spec);
     }
-    for (index, node_port) in node_ports(&what, kind, &spec, previous.as_ref(), &others)? {
-        service["spec"]["ports"][index]["nodePort"] = node_port.into();
+
+    /// Gives `service` (a core/v1 Service about to be stored) its cluster IP and node ports,
+    /// writing them into `spec.clusterIP`, `spec.clusterIPs` and `spec.ports[*].nodePort`, and
+    /// its namespace into `metadata` when it names none. A stored Service of the same namespace
+    /// and name is the one being replaced: its allocations are kept, and never count as taken.
+    pub fn allocate(&mut self, service: &mut Value) -> Result<(), String> {
+        let name = service
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .ok_or("a Service needs metadata.name")?
+            .to_owned();
+        let namespace = service
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_owned();
+        service["metadata"]["namespace"] = namespace.clone().into();
+        let what = format!("service {namespace}/{name}");
+        let parsed: Service = serde_json::from_value(service.clone())
+            .map_err(|e| format!("{what} is not a valid Service: {e}"))?;
+        let spec = parsed.spec.unwrap_or_default();
+        let key = (namespace, name);
+        let previous = self.specs.get(&key).cloned();
+
+        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+        if !matches!(
+            kind,
+            "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+        ) {
+            return Err(format!(
+                "{what}: spec.type {kind:?} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
+            ));
+        }
+        let ips = &self.ips;
+        let ip_taken = |ip: &Ipv4Addr| ips.get(ip).is_some_and(|owner| owner != &key);
+        let mut lowest = self.lowest_maybe_free;
+        let mut free_ip = || {
+            let found = (lowest..=*usable(self.cidr).end())
+                .map(Ipv4Addr::from)
+                .find(|ip| !ip_taken(ip));
+            if let Some(ip) = found {
+                lowest = u32::from(ip);
+            }
+            found
+        };
+        let chosen = cluster_ip(
+            &what,
+            kind,
+            &spec,
+            previous.as_ref(),
+            &ip_taken,
+            &mut free_ip,
+            self.cidr,
+        )?;
+        self.lowest_maybe_free = lowest;
+        let node_ports_held = &self.node_ports;
+        let port_taken = |n: i32| node_ports_held.get(&n).is_some_and(|owner| owner != &key);
+        let written = node_ports(&what, kind, &spec, previous.as_ref(), &port_taken)?;
+        if let Some(ip) = chosen {
+            service["spec"]["clusterIP"] = ip.clone().into();
+            service["spec"]["clusterIPs"] = vec![ip].into();
+        }
+        for (index, node_port) in written {
+            service["spec"]["ports"][index]["nodePort"] = node_port.into();
+        }
+        if let Some(stored) = spec_of(service) {
+            self.hold(key, stored);
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+/// Gives one `service` its allocations against a cluster's stored `objects` (see
+/// [`Allocations::allocate`]).
+pub fn allocate(service: &mut Value, objects: &[Value], cidr: Ipv4Net) -> Result<(), String> {
+    Allocations::of(objects, cidr).allocate(service)
+}
+
+fn spec_ips(spec: &ServiceSpec) -> Vec<Ipv4Addr> {
+    spec.cluster_ip
+        .iter()
+        .chain(spec.cluster_ips.iter().flatten())
+        .filter_map(|ip| ip.parse().ok())
+        .collect()
+}
+
+fn spec_node_ports(spec: &ServiceSpec) -> Vec<i32> {
+    spec.ports
+        .iter()
+        .flatten()
+        .filter_map(|port| port.node_port)
+        .collect()
 }
 
 fn spec_of(object: &Value) -> Option<ServiceSpec> {
@@ -81,7 +176,8 @@ fn cluster_ip(
     kind: &str,
     spec: &ServiceSpec,
     previous: Option<&ServiceSpec>,
-    others: &[ServiceSpec],
+    taken: &dyn Fn(&Ipv4Addr) -> bool,
+    free_ip: &mut dyn FnMut() -> Option<Ipv4Addr>,
     cidr: Ipv4Net,
 ) -> Result<Option<String>, String> {
     let listed = spec.cluster_ips.as_deref().unwrap_or_default();
@@ -116,8 +212,7 @@ fn cluster_ip(
         }
         (Some(ip), _) | (None, Some(ip)) => ip.to_owned(),
         (None, None) => {
-            let taken = taken_ips(others);
-            return free_ip(cidr, &taken)
+            return free_ip()
                 .map(|ip| Some(ip.to_string()))
                 .ok_or_else(|| format!("{what}: no cluster IP is free in {cidr}"));
         }
@@ -139,7 +234,7 @@ fn cluster_ip(
             "{what}: spec.clusterIP {ip} is not in the cluster's service CIDR {cidr} (network and broadcast addresses excluded)"
         ));
     }
-    if taken_ips(others).contains(&ip) {
+    if taken(&ip) {
         return Err(format!(
             "{what}: spec.clusterIP {ip} is already allocated to another service"
         ));
@@ -153,25 +248,6 @@ fn usable(cidr: Ipv4Net) -> RangeInclusive<u32> {
     u32::from(cidr.network()) + 1..=u32::from(cidr.broadcast()).saturating_sub(1)
 }
 
-fn taken_ips(services: &[ServiceSpec]) -> BTreeSet<Ipv4Addr> {
-    services
-        .iter()
-        .flat_map(|spec| {
-            spec.cluster_ip
-                .iter()
-                .chain(spec.cluster_ips.iter().flatten())
-        })
-        .filter_map(|ip| ip.parse().ok())
-        .collect()
-}
-
-/// The lowest free address.
-fn free_ip(cidr: Ipv4Net, taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
-    usable(cidr)
-        .map(Ipv4Addr::from)
-        .find(|ip| !taken.contains(ip))
-}
-
 /// The node ports to write, by index into `spec.ports`, or why one the manifest names cannot
 /// be had.
 fn node_ports(
@@ -179,16 +255,11 @@ fn node_ports(
     kind: &str,
     spec: &ServiceSpec,
     previous: Option<&ServiceSpec>,
-    others: &[ServiceSpec],
+    taken: &dyn Fn(i32) -> bool,
 ) -> Result<Vec<(usize, u16)>, String> {
     let needs_node_ports = kind == "NodePort"
         || (kind == "LoadBalancer" && spec.allocate_load_balancer_node_ports != Some(false));
     let ports = spec.ports.as_deref().unwrap_or_default();
-    let taken: BTreeSet<i32> = others
-        .iter()
-        .flat_map(|other| other.ports.iter().flatten())
-        .filter_map(|port| port.node_port)
-        .collect();
     // Node ports this Service names itself, by protocol: the same number may serve TCP and UDP.
     let mut named: BTreeSet<(i32, String)> = BTreeSet::new();
     for (index, port) in ports.iter().enumerate() {
@@ -206,7 +277,7 @@ fn node_ports(
                 NODE_PORT_RANGE.end()
             ));
         }
-        if taken.contains(&node_port) {
+        if taken(node_port) {
             return Err(format!("{field} is already allocated to another service"));
         }
         let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
@@ -238,12 +309,12 @@ fn node_ports(
         let previous = kept
             .get(port.name.as_deref().unwrap_or_default())
             .copied()
-            .filter(|n| !used.contains(n) && !taken.contains(n));
+            .filter(|n| !used.contains(n) && !taken(*n));
         let node_port = match by_port_number.get(&port.port).copied().or(previous) {
             Some(node_port) => node_port,
             None => NODE_PORT_RANGE
                 .map(i32::from)
-                .find(|n| !used.contains(n) && !taken.contains(n))
+                .find(|n| !used.contains(n) && !taken(*n))
                 .ok_or_else(|| format!("{what}: no node port is free"))?,
         };
         used.insert(node_port);

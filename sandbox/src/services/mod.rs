@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use serde_json::Value;
 
-pub use allocate::allocate;
+pub use allocate::{allocate, Allocations};
 pub use global::Scope;
 
 use crate::PodState;
