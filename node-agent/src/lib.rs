@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod flows;
 pub mod ipam;
 pub mod kernel;
+pub mod kubernetes;
 pub mod netlink;
 pub mod node;
 pub mod policy;

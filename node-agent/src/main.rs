@@ -16,6 +16,7 @@ use weft_agent::flows::grpc;
 use weft_agent::flows::metrics::FlowMetrics;
 use weft_agent::flows::reader::{self, FlowPipeline};
 use weft_agent::flows::store::FlowStore;
+use weft_agent::kubernetes::{self, cni_install, Mode, RequestedMode};
 use weft_agent::node::{NodeAgent, NodeSettings};
 use weft_agent::services::ServiceEngine;
 use weft_agent::{kernel, netlink};
@@ -52,6 +53,11 @@ const IDENTITY_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_mi
 /// VXLAN adds 50 bytes of headers.
 const TUNNEL_OVERHEAD: u32 = 50;
 
+/// How many times (and how far apart) the Node is read before the agent gives up waiting for
+/// its pod CIDR and address.
+const NODE_READ_ATTEMPTS: u32 = 30;
+const NODE_READ_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Another node: where its pods live and how to reach it.
 #[derive(Clone, Debug)]
 struct Peer {
@@ -73,8 +79,9 @@ impl std::str::FromStr for Peer {
     }
 }
 
-/// Runs on every node: wires pods (CNI), programs the eBPF datapath, and (in later releases)
-/// enforces policy, balances services and reports flows.
+/// Runs on every node: wires pods (CNI), programs the eBPF datapath, enforces policy, balances
+/// services and reports flows. In Kubernetes mode it learns the cluster from the API server;
+/// in local mode from files the sandbox keeps current.
 #[derive(Debug, Parser)]
 #[command(name = "weft-agent", version)]
 struct Args {
@@ -82,23 +89,35 @@ struct Args {
     log: LogArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Where the cluster's state comes from: `kubernetes` (the API server), `local` (the files
+    /// below), or `auto`: Kubernetes when a kubeconfig is given or the agent runs in a pod and
+    /// none of --endpoint-directory, --policy-file, --service-file is given.
+    #[arg(long, value_enum, default_value_t = RequestedMode::Auto)]
+    mode: RequestedMode,
+    /// A kubeconfig to run against a cluster from outside it; in a pod, the in-cluster
+    /// configuration is used.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
     /// Address of the admin endpoint (/healthz, /readyz, /metrics).
     #[arg(long, default_value = "0.0.0.0:9962")]
     admin_addr: SocketAddr,
     /// The Kubernetes node this agent runs on.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// This node's pod CIDR; pods get addresses from it.
+    /// This node's pod CIDR; pods get addresses from it. Kubernetes mode reads it from the
+    /// Node (spec.podCIDRs) unless given.
     #[arg(long)]
     pod_cidr: Option<Ipv4Net>,
     /// This node's address on the node network (tunnel endpoint, route target for peers).
+    /// Kubernetes mode reads it from the Node (the InternalIP) unless given.
     #[arg(long)]
     node_ip: Option<Ipv4Addr>,
     /// The node's uplink device; traffic arriving on it for local pods goes straight to them.
-    #[arg(long, default_value = "eth0")]
-    uplink: String,
+    /// Default: in Kubernetes mode the device holding the node's address, else `eth0`.
+    #[arg(long)]
+    uplink: Option<String>,
     /// Another node, as NODE_IP=POD_CIDR (repeatable). In local mode the sandbox passes every
-    /// node; in Kubernetes mode they will come from Node objects.
+    /// node; in Kubernetes mode they come from the Node objects (and these are added).
     #[arg(long = "peer")]
     peers: Vec<Peer>,
     /// Where bpffs is mounted; maps and links are pinned below it in `weft/`.
@@ -113,12 +132,18 @@ struct Args {
     /// The Unix socket the CNI plugin talks to.
     #[arg(long, default_value = "/run/weft/cni.sock")]
     cni_socket: PathBuf,
-    /// Directory the CNI network configuration is installed into.
+    /// Directory the CNI network configuration is installed into (Kubernetes mode).
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
-    /// Directory the CNI plugin binary is installed into.
+    /// File name of the CNI network configuration in --cni-conf-dir.
+    #[arg(long, default_value = cni_install::DEFAULT_CONF_NAME)]
+    cni_conf_name: String,
+    /// Directory the CNI plugin binary is installed into (Kubernetes mode).
     #[arg(long, default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
+    /// The weft-cni binary to install; by default the one next to this agent's executable.
+    #[arg(long)]
+    cni_binary: Option<PathBuf>,
     /// How pod traffic travels between nodes.
     #[arg(long, value_enum, default_value_t = RoutingMode::Tunnel)]
     routing_mode: RoutingMode,
@@ -153,19 +178,39 @@ struct Args {
     #[arg(long, default_value_t = 4096)]
     flow_buffer: usize,
     /// MTU of the node network; pods get this less the tunnel overhead in tunnel mode.
-    #[arg(long, default_value_t = 1500)]
-    mtu: u32,
+    /// Default: in Kubernetes mode the uplink's MTU, else 1500.
+    #[arg(long)]
+    mtu: Option<u32>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let file_flags: Vec<&str> = [
+        ("--endpoint-directory", args.endpoint_directory.is_some()),
+        ("--policy-file", args.policy_file.is_some()),
+        ("--service-file", args.service_file.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect();
+    let mode = kubernetes::resolve_mode(
+        args.mode,
+        args.kubeconfig.is_some() || kubernetes::in_cluster(),
+        &file_flags,
+    )
+    .map_err(anyhow::Error::msg)?;
+    if mode == Mode::Kubernetes {
+        // Two TLS providers are compiled in (through dependencies); choose before any client.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
     args.log.init()?;
     tracing::info!(
         node = %args.node_name,
         cluster = %args.cluster.cluster_name,
         cluster_id = %args.cluster.cluster_id,
         routing_mode = ?args.routing_mode,
+        mode = ?mode,
         "weft-agent starting"
     );
     let readiness = Readiness::default();
@@ -181,10 +226,93 @@ async fn main() -> anyhow::Result<()> {
     for (what, consequence) in report.missing() {
         tracing::error!(missing = what, "{consequence}");
     }
-    let (Some(pod_cidr), Some(node_ip)) = (args.pod_cidr, args.node_ip) else {
-        // Kubernetes mode reads both from the Node object; until that lands they are flags.
-        bail!("--pod-cidr and --node-ip are required: the agent needs this node's pod CIDR and address");
+    let mut peers = args.peers.clone();
+    let mut cluster = None;
+    let (pod_cidr, node_ip, detected) = match mode {
+        Mode::Local => {
+            let (Some(pod_cidr), Some(node_ip)) = (args.pod_cidr, args.node_ip) else {
+                bail!("--pod-cidr and --node-ip are required in local mode: the agent needs this node's pod CIDR and address (Kubernetes mode reads them from the Node: pass --kubeconfig, or run in a pod)");
+            };
+            (pod_cidr, node_ip, None)
+        }
+        Mode::Kubernetes => {
+            let client = kubernetes::client(args.kubeconfig.as_deref()).await?;
+            let addressing = kubernetes::node::wait_for_addressing(
+                &client,
+                &args.node_name,
+                args.pod_cidr,
+                args.node_ip,
+                NODE_READ_ATTEMPTS,
+                NODE_READ_INTERVAL,
+            )
+            .await?;
+            let listed = kubernetes::node::list_peers(&client, &args.node_name).await?;
+            for (node_ip, pod_cidr) in &listed {
+                if !peers.iter().any(|peer| peer.node_ip == *node_ip) {
+                    peers.push(Peer {
+                        node_ip: *node_ip,
+                        pod_cidr: *pod_cidr,
+                    });
+                }
+            }
+            tracing::info!(
+                pod_cidr = %addressing.pod_cidr,
+                node_ip = %addressing.node_ip,
+                peers = listed.len(),
+                "read this node and its peers from the cluster"
+            );
+            // The watches keep the engines' files current (see the kubernetes module).
+            let paths = kubernetes::FilePaths::under(&args.state_dir);
+            args.endpoint_directory = Some(paths.endpoint_directory.clone());
+            args.policy_file = Some(paths.policy_file.clone());
+            args.service_file = Some(paths.service_file.clone());
+            let watches = kubernetes::watch::start(
+                client.clone(),
+                kubernetes::watch::WatchSettings {
+                    cluster: args.cluster.cluster_name.to_string(),
+                    node: args.node_name.clone(),
+                    paths,
+                },
+            );
+            match cni_install::plugin_binary(args.cni_binary.as_deref()) {
+                Ok(binary) => {
+                    let installed = cni_install::install_binary(&binary, &args.cni_bin_dir)?;
+                    tracing::info!(path = %installed.display(), "CNI plugin installed");
+                }
+                // The image's init container may have installed it; pods fail visibly if not.
+                Err(error) => tracing::warn!(%error, "CNI plugin not installed"),
+            }
+            cluster = Some((client, watches, listed));
+            let detected = if args.uplink.is_none() || args.mtu.is_none() {
+                match kubernetes::uplink::device_with_address(addressing.node_ip).await {
+                    Ok(Some(device)) => Some(device),
+                    Ok(None) => {
+                        tracing::warn!(node_ip = %addressing.node_ip, "no device holds the node's address; pass --uplink and --mtu");
+                        None
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot find the uplink; pass --uplink and --mtu");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            (addressing.pod_cidr, addressing.node_ip, detected)
+        }
     };
+    let uplink = args
+        .uplink
+        .clone()
+        .or_else(|| detected.as_ref().map(|device| device.name.clone()))
+        .unwrap_or_else(|| "eth0".into());
+    let mtu = args
+        .mtu
+        .or_else(|| detected.as_ref().and_then(|device| device.mtu))
+        .unwrap_or(1500);
+    if mode == Mode::Kubernetes {
+        tracing::info!(%uplink, mtu, "node network");
+    }
 
     let table_size = TableSize::new(args.maglev_table_size).context("--maglev-table-size")?;
 
@@ -203,10 +331,9 @@ async fn main() -> anyhow::Result<()> {
     // Every node can receive tunnelled traffic, so nodes of a tunnel-mode cluster can reach
     // pods of a native-mode cluster sharing the network; only tunnel mode sends through it.
     // Encapsulated frames must fit the node network's MTU.
-    let tunnel_ifindex =
-        netlink::ensure_vxlan(TUNNEL_DEVICE, TUNNEL_PORT, args.mtu - TUNNEL_OVERHEAD)
-            .await
-            .context("creating the VXLAN device")?;
+    let tunnel_ifindex = netlink::ensure_vxlan(TUNNEL_DEVICE, TUNNEL_PORT, mtu - TUNNEL_OVERHEAD)
+        .await
+        .context("creating the VXLAN device")?;
     datapath.attach_tunnel(TUNNEL_DEVICE)?;
     datapath.configure(NodeConfig {
         routing_mode: match args.routing_mode {
@@ -221,9 +348,9 @@ async fn main() -> anyhow::Result<()> {
         lb_hash_seed: (args.maglev_seed ^ (args.maglev_seed >> 32)) as u32,
     })?;
     datapath
-        .attach_network(&args.uplink)
-        .with_context(|| format!("attaching to the uplink {}", args.uplink))?;
-    for peer in &args.peers {
+        .attach_network(&uplink)
+        .with_context(|| format!("attaching to the uplink {uplink}"))?;
+    for peer in &peers {
         if peer.node_ip == node_ip {
             continue;
         }
@@ -247,8 +374,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let pod_mtu = match args.routing_mode {
-        RoutingMode::Native => args.mtu,
-        RoutingMode::Tunnel => args.mtu - TUNNEL_OVERHEAD,
+        RoutingMode::Native => mtu,
+        RoutingMode::Tunnel => mtu - TUNNEL_OVERHEAD,
     };
     let origin = Origin {
         node: args.node_name.clone(),
@@ -299,8 +426,7 @@ async fn main() -> anyhow::Result<()> {
                 table_size,
                 args.maglev_seed,
             ),
-            peers: args
-                .peers
+            peers: peers
                 .iter()
                 .filter(|peer| peer.node_ip != node_ip)
                 .map(|peer| (peer.node_ip, peer.pod_cidr))
@@ -334,12 +460,60 @@ async fn main() -> anyhow::Result<()> {
     let listener = weft_agent::unix_socket::bind(&args.cni_socket)?;
     tracing::info!(socket = %args.cni_socket.display(), "serving CNI requests");
     let cni = tokio::spawn(server::serve(listener, agent));
-    readiness.set_ready(report.missing().next().is_none());
+    let kernel_ready = report.missing().next().is_none();
+    let mut cluster_tasks = Vec::new();
+    match cluster {
+        None => readiness.set_ready(kernel_ready),
+        Some((client, mut watches, listed)) => {
+            cluster_tasks.push(tokio::spawn(
+                kubernetes::endpoints::Publisher {
+                    client: client.clone(),
+                    node: args.node_name.clone(),
+                    records_dir: args.state_dir.join("endpoints"),
+                    pods: watches.local_pods.clone(),
+                    endpoints: watches.endpoints.clone(),
+                }
+                .run(),
+            ));
+            cluster_tasks.push(tokio::spawn(kubernetes::node::warn_on_peer_changes(
+                client,
+                args.node_name.clone(),
+                listed,
+            )));
+            // The runtime sends pods here once the conflist exists: only when the agent
+            // answers on its socket and knows the cluster's identities and policies.
+            let synced = watches.synced();
+            let (conf_dir, conf_name, socket) = (
+                args.cni_conf_dir.clone(),
+                args.cni_conf_name.clone(),
+                args.cni_socket.clone(),
+            );
+            let readiness = readiness.clone();
+            cluster_tasks.push(tokio::spawn(async move {
+                synced.await;
+                tracing::info!("the cluster is listed; the engines' inputs are current");
+                match cni_install::install_conflist(&conf_dir, &conf_name, &socket) {
+                    Ok(path) => {
+                        tracing::info!(path = %path.display(), "CNI configuration installed");
+                        readiness.set_ready(kernel_ready);
+                    }
+                    Err(error) => tracing::error!(
+                        %error,
+                        "cannot install the CNI configuration: the runtime will not send pods to Weft"
+                    ),
+                }
+            }));
+            cluster_tasks.extend(std::mem::take(&mut watches.tasks));
+        }
+    }
 
     shutdown_signal().await;
     // Maps and links are pinned: pods keep forwarding until an agent starts again.
     tracing::info!("weft-agent stopping; the datapath stays in place");
     cni.abort();
+    for task in &cluster_tasks {
+        task.abort();
+    }
     identities.abort();
     observer.abort();
     reader.abort();

@@ -460,6 +460,11 @@ static __always_inline int lb_translate_forward(struct __sk_buff *skb, struct ip
 	if (!lb_read_tuple(skb, ip, &tuple))
 		return LB_NOT_A_SERVICE;
 	l4_offset = sizeof(struct ethhdr) + (__u32)ip->ihl * 4;
+	/* Only traffic to a frontend pays for the connection lookup; a service that is gone takes
+	 * its connections' translations with it, as kube-proxy flushes their conntrack entries. */
+	frontend = lb_lookup_frontend(tuple.daddr, tuple.dport, tuple.protocol);
+	if (!frontend)
+		return LB_NOT_A_SERVICE;
 	/* A SYN starts a new connection even when a closed one left its translation behind under
 	 * the same tuple (a reused source port): the backend is chosen again. */
 	known = lb_is_tcp_syn(skb, ip) ? NULL : bpf_map_lookup_elem(&lb_flows, &tuple);
@@ -467,9 +472,6 @@ static __always_inline int lb_translate_forward(struct __sk_buff *skb, struct ip
 		translated = *known;
 		return lb_rewrite(skb, l4_offset, &tuple, &translated) ? LB_FAILED : LB_TRANSLATED;
 	}
-	frontend = lb_lookup_frontend(tuple.daddr, tuple.dport, tuple.protocol);
-	if (!frontend)
-		return LB_NOT_A_SERVICE;
 	if (frontend->active_backends == 0)
 		return LB_NO_BACKEND;
 	hash = jhash_3words(tuple.saddr, tuple.daddr,

@@ -12,6 +12,11 @@ use weft_core::admin::Readiness;
 use weft_core::cluster::ClusterArgs;
 use weft_core::daemon::{shutdown_signal, start_admin};
 use weft_core::telemetry::LogArgs;
+use weft_operator::identity_controller::{self, IdentityConfig};
+use weft_operator::leader::{self, LeaderElectionConfig, LeaderElector};
+use weft_operator::metrics::Metrics;
+use weft_operator::peering_controller::{self, PeeringSettings};
+use weft_operator::{bandwidth_controller, global_service_controller, policy_controller};
 
 /// Reconciles Weft's CRDs: validates policies and reports their status, allocates security
 /// identities, materialises global services and checks cluster peerings.
@@ -32,6 +37,16 @@ struct Args {
     /// configuration is used.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// Weft's namespace: where the leader-election Lease lives and where ClusterPeering
+    /// Secrets are read by default (the chart sets it from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
+    namespace: String,
+    /// This replica's name in leader election (the chart sets the pod name).
+    #[arg(long, env = "POD_NAME")]
+    replica_name: Option<String>,
+    /// How long a security identity no pod uses is kept before it is deleted.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    identity_gc_grace: std::time::Duration,
 }
 
 #[tokio::main]
@@ -47,7 +62,9 @@ async fn main() -> anyhow::Result<()> {
         "weft-operator starting"
     );
     let readiness = Readiness::default();
-    let registry = Arc::new(Mutex::new(Registry::with_prefix("weft_operator")));
+    let mut registry = Registry::with_prefix("weft_operator");
+    let metrics = Metrics::register(&mut registry);
+    let registry = Arc::new(Mutex::new(registry));
     let admin = start_admin(args.admin_addr, readiness.clone(), registry)
         .await
         .context("starting the admin endpoint")?;
@@ -64,15 +81,57 @@ async fn main() -> anyhow::Result<()> {
             .context("no kubeconfig given (--kubeconfig) and not running in a pod")?,
     };
     let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
-    if args.leader_elect {
-        tracing::warn!("leader election is not implemented yet: every replica reconciles (status writes are idempotent server-side applies)");
-    }
-    let controllers = tokio::spawn(weft_operator::policy_controller::run(client));
+
+    let mut identities = IdentityConfig::new(args.cluster.cluster_id);
+    identities.gc_grace = args.identity_gc_grace;
+    let peering = PeeringSettings {
+        cluster_name: args.cluster.cluster_name.clone(),
+        namespace: args.namespace.clone(),
+    };
+    // Every controller, as one unit of work: run by the leader only when elected.
+    let controllers = {
+        let client = client.clone();
+        let metrics = metrics.clone();
+        move || {
+            let (client, identities, peering, metrics) = (
+                client.clone(),
+                identities.clone(),
+                peering.clone(),
+                metrics.clone(),
+            );
+            async move {
+                tokio::join!(
+                    policy_controller::run(client.clone()),
+                    bandwidth_controller::run(client.clone()),
+                    global_service_controller::run(client.clone()),
+                    peering_controller::run(client.clone(), peering),
+                    identity_controller::run(client, identities, metrics),
+                );
+            }
+        }
+    };
+    // Ready means serving: a standby replica is ready too (it takes over when elected).
     readiness.set_ready(true);
-    tracing::info!("reconciling WeftNetworkPolicy and WeftClusterwideNetworkPolicy statuses");
-    shutdown_signal().await;
+    if args.leader_elect {
+        let replica = args
+            .replica_name
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .context(
+                "--leader-elect needs this replica's name: set POD_NAME (or --replica-name)",
+            )?;
+        tracing::info!(lease = %format!("{}/{}", args.namespace, leader::LEASE_NAME), %replica, "taking part in leader election");
+        LeaderElector::new(client, LeaderElectionConfig::new(&args.namespace, replica))
+            .with_metrics(&metrics)
+            .run_while_leader(controllers, shutdown_signal())
+            .await;
+    } else {
+        tracing::warn!("leader election is off (--leader-elect): run one replica only");
+        let running = tokio::spawn(controllers());
+        shutdown_signal().await;
+        running.abort();
+    }
     tracing::info!("weft-operator stopping");
-    controllers.abort();
     admin.abort();
     Ok(())
 }

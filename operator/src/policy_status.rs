@@ -2,29 +2,30 @@
 //! `kubectl wait`, Argo CD and Flux understand, with `observedGeneration`. Pure, so it is
 //! tested without an API server.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use weft_core::policy::model::Policy;
 use weft_crds::policy::PolicyStatus;
 use weft_crds::policy_model::PolicyError;
-use weft_crds::status::{
-    CONDITION_READY, CONDITION_RECONCILING, CONDITION_STALLED, CONDITION_VALID,
-};
 
-fn condition(
-    kind: &str,
-    holds: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    now: &Time,
-) -> Condition {
-    Condition {
-        type_: kind.to_owned(),
-        status: if holds { "True" } else { "False" }.to_owned(),
-        reason: reason.to_owned(),
-        message,
-        observed_generation: generation,
-        last_transition_time: now.clone(),
+use crate::conditions::{self, Finding, Outcome};
+
+/// What a policy's conversion means for its status.
+fn outcome(outcome: &Result<Policy, PolicyError>) -> Outcome {
+    match outcome {
+        Ok(_) => Outcome::Ready {
+            valid: "the policy is valid".into(),
+            ready: Finding::new(
+                "Accepted",
+                "the policy is accepted for enforcement by the agents",
+            ),
+        },
+        Err(error) => {
+            let message = error.to_string();
+            Outcome::Invalid {
+                not_ready: format!("not applied; the last valid version stays in force: {message}"),
+                invalid: Finding::new(error.reason.as_condition_reason(), message),
+            }
+        }
     }
 }
 
@@ -32,101 +33,28 @@ fn condition(
 /// `lastTransitionTime`, so an unchanged policy yields an unchanged status (and no write).
 pub fn desired_status(
     generation: Option<i64>,
-    outcome: &Result<Policy, PolicyError>,
+    result: &Result<Policy, PolicyError>,
     current: Option<&PolicyStatus>,
     now: Time,
 ) -> PolicyStatus {
-    let mut conditions = match outcome {
-        Ok(_) => vec![
-            condition(
-                CONDITION_VALID,
-                true,
-                "Valid",
-                "the policy is valid".into(),
-                generation,
-                &now,
-            ),
-            condition(
-                CONDITION_READY,
-                true,
-                "Accepted",
-                "the policy is accepted for enforcement by the agents".into(),
-                generation,
-                &now,
-            ),
-            condition(
-                CONDITION_RECONCILING,
-                false,
-                "Done",
-                String::new(),
-                generation,
-                &now,
-            ),
-            condition(
-                CONDITION_STALLED,
-                false,
-                "Valid",
-                String::new(),
-                generation,
-                &now,
-            ),
-        ],
-        Err(error) => {
-            let reason = error.reason.as_condition_reason();
-            let message = error.to_string();
-            vec![
-                condition(
-                    CONDITION_VALID,
-                    false,
-                    reason,
-                    message.clone(),
-                    generation,
-                    &now,
-                ),
-                condition(
-                    CONDITION_READY,
-                    false,
-                    reason,
-                    format!("not applied; the last valid version stays in force: {message}"),
-                    generation,
-                    &now,
-                ),
-                condition(
-                    CONDITION_RECONCILING,
-                    false,
-                    "Done",
-                    String::new(),
-                    generation,
-                    &now,
-                ),
-                condition(CONDITION_STALLED, true, reason, message, generation, &now),
-            ]
-        }
-    };
-    if let Some(current) = current {
-        for condition in &mut conditions {
-            if let Some(previous) = current
-                .conditions
-                .iter()
-                .find(|c| c.type_ == condition.type_)
-            {
-                if previous.status == condition.status {
-                    condition.last_transition_time = previous.last_transition_time.clone();
-                }
-            }
-        }
-    }
+    let previous = current
+        .map(|status| status.conditions.as_slice())
+        .unwrap_or_default();
     PolicyStatus {
         observed_generation: generation,
-        conditions,
+        conditions: conditions::conditions(generation, &outcome(result), &[], previous, &now),
         selected_endpoints: current.and_then(|status| status.selected_endpoints),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
     use k8s_openapi::jiff::Timestamp;
     use weft_crds::policy_model::InvalidReason;
+    use weft_crds::status::{
+        CONDITION_READY, CONDITION_RECONCILING, CONDITION_STALLED, CONDITION_VALID,
+    };
 
     use super::*;
 

@@ -1,0 +1,179 @@
+//! Kubernetes mode: the agent's edge to the API server. Everything Kubernetes-specific stays in
+//! this module; the engines (policy, services, the flow directory, the node's endpoints) are
+//! the same as in local mode and never see a Kubernetes client.
+//!
+//! - [`node`]: this node's pod CIDR and InternalIP from its Node object, the other nodes as
+//!   peers, and a watch that says when the node set changed.
+//! - [`watch`]: kube-runtime reflectors over this node's Pods (field selector
+//!   `spec.nodeName=<node>`), and cluster-wide Namespaces, WeftIdentities, WeftEndpoints, the
+//!   three policy kinds, Services, EndpointSlices and GlobalServices.
+//! - [`files`]: what the engines read, built from those objects (pure functions).
+//! - [`endpoints`]: publishes a WeftEndpoint (server-side apply, field manager `weft-agent`) for
+//!   every pod this agent wired, and deletes it when the pod is released.
+//! - [`cni_install`]: the plugin binary and conflist the container runtime runs.
+//! - [`uplink`]: the device holding the node's address, and its MTU.
+//!
+//! ## The files are the agent's internal event transport
+//!
+//! In local mode the sandbox writes three JSON files the engines poll: the endpoint directory,
+//! the policy file and the service file. In Kubernetes mode the watches write the *same* files
+//! (into `<state dir>/kubernetes/`, a temporary file renamed over the old one, rewritten ~200 ms
+//! after the last change and only when their content changed), and the engines are given their
+//! paths. So both modes feed the engines exactly the same inputs, and the engines are tested
+//! once. The files also survive a restart: until the watches have listed everything again, a
+//! restarted agent enforces what it last knew instead of nothing. A later change can replace the
+//! files with channels without touching the watches' side.
+
+pub mod cni_install;
+pub mod endpoints;
+pub mod files;
+pub mod node;
+pub mod uplink;
+pub mod watch;
+
+use std::path::{Path, PathBuf};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// Who writes to the API server, for server-side apply.
+pub const FIELD_MANAGER: &str = "weft-agent";
+
+/// How the agent learns about the cluster, as asked on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RequestedMode {
+    /// Kubernetes when a configuration is available (`--kubeconfig`, `KUBECONFIG`, or running
+    /// in a pod) and no local-mode file (`--endpoint-directory`, `--policy-file`,
+    /// `--service-file`) is given; local otherwise.
+    Auto,
+    /// Files kept current by someone else (the sandbox); no Kubernetes.
+    Local,
+    /// Watches the API server.
+    Kubernetes,
+}
+
+/// How the agent runs, once decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Local,
+    Kubernetes,
+}
+
+/// Decides the mode. `config_available`: a kubeconfig was given or the agent runs in a pod
+/// (`KUBERNETES_SERVICE_HOST` is set); `file_flags`: the local-mode files given.
+pub fn resolve_mode(
+    requested: RequestedMode,
+    config_available: bool,
+    file_flags: &[&str],
+) -> Result<Mode, String> {
+    match requested {
+        RequestedMode::Local => Ok(Mode::Local),
+        RequestedMode::Kubernetes if !file_flags.is_empty() => Err(format!(
+            "--mode kubernetes reads the cluster from the API server and takes no local-mode files ({}): drop them or use --mode local",
+            file_flags.join(", ")
+        )),
+        RequestedMode::Kubernetes => Ok(Mode::Kubernetes),
+        RequestedMode::Auto if config_available && file_flags.is_empty() => Ok(Mode::Kubernetes),
+        RequestedMode::Auto => Ok(Mode::Local),
+    }
+}
+
+/// Whether the environment names a cluster without a kubeconfig: kubelet sets
+/// `KUBERNETES_SERVICE_HOST` in every pod.
+pub fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|host| !host.is_empty())
+}
+
+/// A client from `kubeconfig`, or else from the pod's service account (or the user's default
+/// kubeconfig, as kubectl would).
+pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+    use anyhow::Context as _;
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .context("using the kubeconfig")?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given (--kubeconfig, KUBECONFIG) and not running in a pod")?,
+    };
+    kube::Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// Where the watches write the engines' inputs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilePaths {
+    pub endpoint_directory: PathBuf,
+    pub policy_file: PathBuf,
+    pub service_file: PathBuf,
+}
+
+impl FilePaths {
+    pub fn under(state_dir: &Path) -> Self {
+        let dir = state_dir.join("kubernetes");
+        Self {
+            endpoint_directory: dir.join("endpoints.json"),
+            policy_file: dir.join("policies.json"),
+            service_file: dir.join("services.json"),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` so that a reader never sees half of it: a temporary file in the
+/// same directory, flushed, then renamed over the old one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    file.write_all(bytes)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|error| error.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_kubernetes_only_with_a_config_and_no_local_files() {
+        assert_eq!(
+            resolve_mode(RequestedMode::Auto, true, &[]),
+            Ok(Mode::Kubernetes)
+        );
+        assert_eq!(
+            resolve_mode(RequestedMode::Auto, false, &[]),
+            Ok(Mode::Local)
+        );
+        // The sandbox passes its files: local mode even when KUBECONFIG happens to be set.
+        assert_eq!(
+            resolve_mode(RequestedMode::Auto, true, &["--policy-file"]),
+            Ok(Mode::Local)
+        );
+        assert_eq!(
+            resolve_mode(RequestedMode::Local, true, &[]),
+            Ok(Mode::Local)
+        );
+        assert_eq!(
+            resolve_mode(RequestedMode::Kubernetes, false, &[]),
+            Ok(Mode::Kubernetes)
+        );
+        let error = resolve_mode(RequestedMode::Kubernetes, true, &["--service-file"])
+            .expect_err("files and kubernetes mode conflict");
+        assert!(error.contains("--service-file"), "{error}");
+    }
+
+    #[test]
+    fn writes_replace_the_file_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub").join("f.json");
+        write_atomically(&path, b"[1]").expect("write");
+        write_atomically(&path, b"[2]").expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"[2]");
+        let leftovers = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary file is left behind");
+    }
+}

@@ -1,0 +1,354 @@
+//! The watches: one kube-runtime reflector per kind, and one writer per file that rebuilds the
+//! file ~200 ms after the last change to any kind it is built from (see [`super::files`]).
+//!
+//! Watchers relist by themselves after `410 Gone`; errors are logged and retried with
+//! kube-runtime's default backoff. A file is first written once every store it is built from
+//! has listed its kind, so the engines never see a half-listed cluster.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+use weft_crds::{
+    GlobalService, WeftClusterwideNetworkPolicy, WeftEndpoint, WeftIdentity, WeftNetworkPolicy,
+};
+
+use super::files::{self, DirectoryInputs};
+use super::{write_atomically, FilePaths};
+
+/// How long a file waits after a change for more changes before it is rewritten.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// How soon a file that could not be written is tried again.
+const RETRY_WRITE: Duration = Duration::from_secs(1);
+
+/// A kind's store and the task that keeps it current.
+pub struct Reflected<K: Resource + Clone + 'static>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    pub store: Store<K>,
+    pub task: BoxFuture<'static, ()>,
+}
+
+/// Watches `api` into a store; every change (after the initial list, and every relist) wakes
+/// `changed`.
+pub fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: &'static str,
+    changed: Arc<Notify>,
+) -> Reflected<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let events = reflector::reflector(
+        writer,
+        watcher(api, config)
+            .default_backoff()
+            // Only the fields the files use are worth their memory.
+            .modify(|object: &mut K| object.managed_fields_mut().clear()),
+    );
+    let task = events
+        .for_each(move |event| {
+            match event {
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Ok(_) => changed.notify_one(),
+                Err(error) => {
+                    tracing::warn!(kind, %error, "watch failed; retrying with backoff")
+                }
+            }
+            futures::future::ready(())
+        })
+        .boxed();
+    Reflected { store, task }
+}
+
+/// The watch over this node's pods: `spec.nodeName=<node>`, so an agent never lists the
+/// cluster's pods (the rest of the cluster comes from WeftEndpoints).
+pub fn local_pods_config(node: &str) -> watcher::Config {
+    watcher::Config::default().fields(&format!("spec.nodeName={node}"))
+}
+
+/// This node's pods.
+pub fn local_pods(client: Client, node: &str, changed: Arc<Notify>) -> Reflected<Pod> {
+    reflect(Api::all(client), local_pods_config(node), "Pod", changed)
+}
+
+/// What the watches need to know.
+pub struct WatchSettings {
+    pub cluster: String,
+    pub node: String,
+    pub paths: FilePaths,
+}
+
+/// The running watches.
+pub struct Watches {
+    /// This node's pods (for WeftEndpoint owner references and named ports).
+    pub local_pods: Store<Pod>,
+    /// Every WeftEndpoint of the cluster.
+    pub endpoints: Store<WeftEndpoint>,
+    synced: Vec<oneshot::Receiver<()>>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+impl Watches {
+    /// Resolves once every file was written from a complete listing.
+    pub fn synced(&mut self) -> BoxFuture<'static, ()> {
+        futures::future::join_all(std::mem::take(&mut self.synced))
+            .map(|_| ())
+            .boxed()
+    }
+}
+
+/// Resolves once `store` has listed its kind.
+fn ready<K>(store: &Store<K>) -> BoxFuture<'static, ()>
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let store = store.clone();
+    async move {
+        let _ = store.wait_until_ready().await;
+    }
+    .boxed()
+}
+
+/// Starts every watch and the three file writers.
+pub fn start(client: Client, settings: WatchSettings) -> Watches {
+    let directory_changed = Arc::new(Notify::new());
+    let policies_changed = Arc::new(Notify::new());
+    let services_changed = Arc::new(Notify::new());
+    let mut tasks = Vec::new();
+    let mut synced = Vec::new();
+
+    let pods = local_pods(
+        client.clone(),
+        &settings.node,
+        Arc::clone(&directory_changed),
+    );
+    let namespaces = reflect::<Namespace>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        "Namespace",
+        Arc::clone(&directory_changed),
+    );
+    let identities = reflect::<WeftIdentity>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        "WeftIdentity",
+        Arc::clone(&directory_changed),
+    );
+    let endpoints = reflect::<WeftEndpoint>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        "WeftEndpoint",
+        Arc::clone(&directory_changed),
+    );
+    let weft_policies = reflect::<WeftNetworkPolicy>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        "WeftNetworkPolicy",
+        Arc::clone(&policies_changed),
+    );
+    let clusterwide_policies = reflect::<WeftClusterwideNetworkPolicy>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        "WeftClusterwideNetworkPolicy",
+        Arc::clone(&policies_changed),
+    );
+    let kubernetes_policies = reflect::<NetworkPolicy>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        "NetworkPolicy",
+        Arc::clone(&policies_changed),
+    );
+    let services = reflect::<Service>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        "Service",
+        Arc::clone(&services_changed),
+    );
+    let slices = reflect::<EndpointSlice>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        "EndpointSlice",
+        Arc::clone(&services_changed),
+    );
+    let globals = reflect::<GlobalService>(
+        Api::all(client),
+        watcher::Config::default(),
+        "GlobalService",
+        Arc::clone(&services_changed),
+    );
+
+    // The endpoint directory.
+    {
+        let (pods, namespaces, identities, endpoints) = (
+            pods.store.clone(),
+            namespaces.store.clone(),
+            identities.store.clone(),
+            endpoints.store.clone(),
+        );
+        let all_ready = futures::future::join_all([
+            ready(&pods),
+            ready(&namespaces),
+            ready(&identities),
+            ready(&endpoints),
+        ])
+        .map(|_| ())
+        .boxed();
+        let WatchSettings { cluster, node, .. } = &settings;
+        let (cluster, node) = (cluster.clone(), node.clone());
+        let build = move || {
+            files::to_bytes(&files::endpoint_directory(&DirectoryInputs {
+                cluster: &cluster,
+                node: &node,
+                local_pods: &pods.state(),
+                namespaces: &namespaces.state(),
+                identities: &identities.state(),
+                endpoints: &endpoints.state(),
+            }))
+        };
+        let (done, wait) = oneshot::channel();
+        synced.push(wait);
+        tasks.push(tokio::spawn(keep_written(
+            settings.paths.endpoint_directory.clone(),
+            Arc::clone(&directory_changed),
+            all_ready,
+            build,
+            done,
+        )));
+    }
+    // The policy file.
+    {
+        let (weft, clusterwide, kubernetes) = (
+            weft_policies.store.clone(),
+            clusterwide_policies.store.clone(),
+            kubernetes_policies.store.clone(),
+        );
+        let all_ready =
+            futures::future::join_all([ready(&weft), ready(&clusterwide), ready(&kubernetes)])
+                .map(|_| ())
+                .boxed();
+        let build = move || {
+            files::to_bytes(&files::policy_objects(
+                &weft.state(),
+                &clusterwide.state(),
+                &kubernetes.state(),
+            ))
+        };
+        let (done, wait) = oneshot::channel();
+        synced.push(wait);
+        tasks.push(tokio::spawn(keep_written(
+            settings.paths.policy_file.clone(),
+            Arc::clone(&policies_changed),
+            all_ready,
+            build,
+            done,
+        )));
+    }
+    // The service file.
+    {
+        let (services, slices, globals) = (
+            services.store.clone(),
+            slices.store.clone(),
+            globals.store.clone(),
+        );
+        let all_ready =
+            futures::future::join_all([ready(&services), ready(&slices), ready(&globals)])
+                .map(|_| ())
+                .boxed();
+        let build = move || {
+            files::to_bytes(&files::service_objects(
+                &services.state(),
+                &slices.state(),
+                &globals.state(),
+            ))
+        };
+        let (done, wait) = oneshot::channel();
+        synced.push(wait);
+        tasks.push(tokio::spawn(keep_written(
+            settings.paths.service_file.clone(),
+            Arc::clone(&services_changed),
+            all_ready,
+            build,
+            done,
+        )));
+    }
+
+    let local_pods = pods.store.clone();
+    let endpoint_store = endpoints.store.clone();
+    for task in [
+        pods.task,
+        namespaces.task,
+        identities.task,
+        endpoints.task,
+        weft_policies.task,
+        clusterwide_policies.task,
+        kubernetes_policies.task,
+        services.task,
+        slices.task,
+        globals.task,
+    ] {
+        tasks.push(tokio::spawn(task));
+    }
+    Watches {
+        local_pods,
+        endpoints: endpoint_store,
+        synced,
+        tasks,
+    }
+}
+
+/// Keeps `path` equal to `build()`: first once `ready`, then `DEBOUNCE` after each change,
+/// writing only when the content differs from what was last written.
+async fn keep_written(
+    path: PathBuf,
+    changed: Arc<Notify>,
+    ready: BoxFuture<'static, ()>,
+    build: impl Fn() -> Vec<u8> + Send + 'static,
+    done: oneshot::Sender<()>,
+) {
+    ready.await;
+    let mut done = Some(done);
+    let mut written: Option<Vec<u8>> = None;
+    loop {
+        let bytes = build();
+        if written.as_ref() != Some(&bytes) {
+            match write_atomically(&path, &bytes) {
+                Ok(()) => {
+                    tracing::debug!(path = %path.display(), bytes = bytes.len(), "rewritten from the cluster");
+                    written = Some(bytes);
+                    if let Some(done) = done.take() {
+                        let _ = done.send(());
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, path = %path.display(), "cannot write; retrying");
+                    tokio::time::sleep(RETRY_WRITE).await;
+                    continue;
+                }
+            }
+        }
+        changed.notified().await;
+        tokio::time::sleep(DEBOUNCE).await;
+    }
+}
