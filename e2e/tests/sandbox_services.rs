@@ -263,6 +263,48 @@ fn cluster_ip_node_port_udp_and_refusals() {
         }
     }
 
+    // A host process of a node (in the node's cgroup, as every process on a real node is under
+    // the root cgroup the agent hooks): balanced at connect() too.
+    let n2_netns = sandbox.node_netns("c1", "n2");
+    let n2_cgroup = sandbox
+        .sandbox
+        .cgroup
+        .as_ref()
+        .map(|root| root.join("c1-n2"))
+        .expect("the sandbox has a cgroup v2 hierarchy");
+    let mut command = std::process::Command::new("python3");
+    command.args([
+        "-c",
+        GETS,
+        &web.ip().to_string(),
+        &web.port().to_string(),
+        "30",
+    ]);
+    let output = host::in_namespaces(&mut command, Some(&n2_netns), Some(&n2_cgroup))
+        .expect("prepare")
+        .output()
+        .expect("python on the node");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answers: Vec<(String, String, String)> =
+        serde_json::from_slice(&output.stdout).expect("answers");
+    let n2 = sandbox.sandbox.plan.node("c1", "n2").expect("n2").clone();
+    for (pod, seen_client, peer) in &answers {
+        assert!(backends.contains(pod), "{pod}");
+        assert_eq!(
+            peer,
+            &web.to_string(),
+            "getpeername() on the node shows the service"
+        );
+        assert!(
+            seen_client.starts_with(&format!("{}:", n2.ip)),
+            "the backend sees the node's address: {seen_client}"
+        );
+    }
+
     // The same from sockets outside the hooked cgroup (translated per packet at the pod's
     // veth): same backends, same real client address.
     for client in [client1, client2] {
