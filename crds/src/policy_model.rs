@@ -306,7 +306,12 @@ impl Scope<'_> {
         let default_deny = rule.enable_default_deny.clone().unwrap_or_default();
         Ok(Policy {
             id,
-            subject: scoped(selector(subject), self.namespace),
+            // A namespaced policy governs only its own namespace's endpoints, even when its
+            // selector names another (as Cilium): peers may be elsewhere, subjects may not.
+            subject: match self.namespace {
+                Some(namespace) => selector(subject).with(namespace_requirement(namespace)),
+                None => selector(subject),
+            },
             isolates_ingress: default_deny
                 .ingress
                 .unwrap_or_else(|| has_allow(Section::Ingress)),
@@ -691,6 +696,21 @@ mod tests {
         assert_eq!(
             verdict(&policy, &foreign, &other_ns, ingress(1)),
             Verdict::Allowed
+        );
+    }
+
+    #[test]
+    fn a_namespaced_policy_never_selects_endpoints_of_another_namespace() {
+        let policy = weft_policy(&yaml::<WeftNetworkPolicy>(
+            "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {name: reach, namespace: training}\nspec:\n  endpointSelector: {matchLabels: {k8s:io.kubernetes.pod.namespace: inference}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: nobody}}]\n",
+        ))
+        .expect("valid");
+        let elsewhere = subject(labels("inference", "ml", &[("app", "server")]));
+        let stranger = peer(labels("batch", "ops", &[("app", "job")]));
+        assert_eq!(
+            verdict(&policy, &elsewhere, &stranger, ingress(80)),
+            Verdict::Allowed,
+            "a policy of namespace training does not isolate a pod of inference"
         );
     }
 

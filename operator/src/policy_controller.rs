@@ -1,24 +1,55 @@
 //! Reconciles `WeftNetworkPolicy` and `WeftClusterwideNetworkPolicy`: checks each against what
-//! the datapath can honour and writes its status (server-side apply on the status subresource,
-//! field manager `weft-operator`) only when it changed. Never writes a spec.
+//! the datapath can honour, counts the endpoints it selects, and writes its status (conditions,
+//! `observedGeneration`, `selectedEndpoints`; server-side apply on the status subresource, field
+//! manager `weft-operator`) only when it changed. Never writes a spec.
+//!
+//! # Recounting when pods or namespaces change
+//!
+//! The controllers keep reflector caches of every Pod and Namespace (how a count is made:
+//! [`crate::policy_status`]). A change that can move a count — a pod's labels, a pod becoming
+//! or ceasing to be an endpoint (address, phase), a pod or namespace appearing or going, a
+//! namespace's labels — re-reconciles **every** policy; anything else (status churn such as
+//! readiness, annotations) triggers nothing. Working out which policies a change affects would
+//! need every policy's converted selector kept per pod change; recounting all of them is
+//! simpler and always right. Its cost, and what bounds it:
+//!
+//! - one recount reconciles every policy, each matching the pods in its scope (a namespaced
+//!   policy: its namespace's pods; a clusterwide one: every pod), so a recount costs about
+//!   policies × pods-in-scope label matches, in memory, and writes only the statuses whose
+//!   count changed;
+//! - recounts are throttled ([`Settings::recount_interval`], 5 s): the first change starts one
+//!   at once, changes during the next interval are folded into one more at its end, so a
+//!   rollout of hundreds of pods costs one recount per interval and a count is at most one
+//!   interval (plus the debounce) behind;
+//! - the controllers debounce requests ([`Settings::debounce`], 1 s), so a recount and a
+//!   policy's own change close together reconcile it once.
+//!
+//! Until both caches have their first complete list, a policy's status is written without a
+//! (new) count; the caches' first list starts a recount. RBAC: pods and namespaces list, watch.
 
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
+use weft_core::identity::LabelFilter;
 use weft_core::policy::model::Policy;
 use weft_crds::policy::PolicyStatus;
 use weft_crds::policy_model::{self, PolicyError};
 use weft_crds::{WeftClusterwideNetworkPolicy, WeftNetworkPolicy};
 
-use crate::policy_status::desired_status;
+use crate::policy_status::{desired_status, is_endpoint, selected_endpoints};
 
 /// Whose writes these are, for server-side apply.
 pub const FIELD_MANAGER: &str = "weft-operator";
@@ -39,6 +70,51 @@ pub enum Error {
 /// What every reconcile needs.
 pub struct Context {
     pub client: Client,
+    /// Every pod, to count the endpoints a policy selects.
+    pub pods: Store<Pod>,
+    /// Every namespace, for the namespace labels in pods' security labels.
+    pub namespaces: Store<Namespace>,
+    /// Label keys left out of security labels: identity allocation's default.
+    pub ignore: LabelFilter,
+}
+
+impl Context {
+    pub fn new(client: Client, pods: Store<Pod>, namespaces: Store<Namespace>) -> Self {
+        Self {
+            client,
+            pods,
+            namespaces,
+            ignore: LabelFilter::default(),
+        }
+    }
+
+    /// Whether both caches have had their first complete list.
+    fn caches_ready(&self) -> bool {
+        matches!(self.pods.wait_until_ready().now_or_never(), Some(Ok(())))
+            && matches!(
+                self.namespaces.wait_until_ready().now_or_never(),
+                Some(Ok(()))
+            )
+    }
+}
+
+/// How often the controllers recount and how they debounce; [`Settings::default`] is what the
+/// operator runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// At most one recount of every policy per interval (see the module comment).
+    pub recount_interval: Duration,
+    /// The controllers' debounce of reconcile requests.
+    pub debounce: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            recount_interval: Duration::from_secs(5),
+            debounce: Duration::from_secs(1),
+        }
+    }
 }
 
 /// The two policy kinds share a reconciler; this is what differs.
@@ -89,16 +165,27 @@ pub async fn reconcile<P: PolicyObject>(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     let outcome = policy.convert();
-    if let Err(error) = &outcome {
-        tracing::warn!(kind = P::KIND, name = %policy.name_any(), %error, "invalid policy");
-    }
+    let counted = match &outcome {
+        Ok(model) if ctx.caches_ready() => Some(selected_endpoints(
+            model,
+            &ctx.pods,
+            &ctx.namespaces,
+            &ctx.ignore,
+        )),
+        _ => None,
+    };
     let status = desired_status(
         policy.meta().generation,
         &outcome,
         policy.status(),
+        counted,
         Time(Timestamp::now()),
     );
     if policy.status() != Some(&status) {
+        // Said when the status changes, not on every recount.
+        if let Err(error) = &outcome {
+            tracing::warn!(kind = P::KIND, name = %policy.name_any(), %error, "invalid policy");
+        }
         let patch = json!({
             "apiVersion": "weft.io/v1alpha1",
             "kind": P::KIND,
@@ -125,15 +212,166 @@ pub fn error_policy<P: PolicyObject>(_policy: Arc<P>, error: &Error, _ctx: Arc<C
     Action::requeue(Duration::from_secs(15))
 }
 
-/// Runs the policy controllers until the process stops.
-pub async fn run(client: Client) {
-    let ctx = Arc::new(Context {
-        client: client.clone(),
+fn fingerprint(value: &impl Hash) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Keeps only what counting reads of a pod (name, namespace, labels, `hostNetwork`, phase,
+/// addresses), so this cache costs a fraction of the full objects.
+fn slim_pod(pod: &mut Pod) {
+    let metadata = &mut pod.metadata;
+    metadata.annotations = None;
+    metadata.managed_fields = None;
+    metadata.owner_references = None;
+    metadata.finalizers = None;
+    let host_network = pod.spec.as_ref().and_then(|spec| spec.host_network);
+    pod.spec = Some(PodSpec {
+        host_network,
+        ..PodSpec::default()
     });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        pod_ips: status.pod_ips,
+        ..PodStatus::default()
+    });
+}
+
+/// Keeps only a namespace's name and labels.
+fn slim_namespace(namespace: &mut Namespace) {
+    namespace.metadata.annotations = None;
+    namespace.metadata.managed_fields = None;
+    namespace.spec = None;
+    namespace.status = None;
+}
+
+/// What of a pod can move a count: whether it is an endpoint and, if so, its labels.
+fn pod_view(pod: &Pod) -> Option<u64> {
+    is_endpoint(pod).then(|| fingerprint(pod.labels()))
+}
+
+/// What of a namespace can move a count: that it exists, and its labels.
+fn namespace_view(namespace: &Namespace) -> Option<u64> {
+    Some(fingerprint(namespace.labels()))
+}
+
+/// Turns watch events into a trigger that fires when `view` of an object changes: it appears
+/// or goes (as `Some`), or its view differs. The first complete list fires once (the caches
+/// are complete: counting can start); a relist after a broken watch fires if anything differs
+/// from before, deletions included. Keeps a fingerprint per object, not the object.
+fn selection_changes<K, S>(
+    events: S,
+    view: fn(&K) -> Option<u64>,
+) -> impl Stream<Item = ()> + Send + 'static
+where
+    K: Resource + Send + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    type Key = (Option<String>, String);
+    let key = |object: &K| (object.meta().namespace.clone(), object.name_any());
+    let mut seen: HashMap<Key, u64> = HashMap::new();
+    let mut relist: Option<HashMap<Key, u64>> = None;
+    let mut listed = false;
+    events.filter_map(move |event| {
+        let changed = match event {
+            Ok(watcher::Event::Apply(object)) => {
+                let now = view(&object);
+                let before = match now {
+                    Some(now) => seen.insert(key(&object), now),
+                    None => seen.remove(&key(&object)),
+                };
+                before != now
+            }
+            Ok(watcher::Event::Delete(object)) => seen.remove(&key(&object)).is_some(),
+            Ok(watcher::Event::Init) => {
+                relist = Some(HashMap::new());
+                false
+            }
+            Ok(watcher::Event::InitApply(object)) => {
+                if let (Some(relist), Some(now)) = (relist.as_mut(), view(&object)) {
+                    relist.insert(key(&object), now);
+                }
+                false
+            }
+            Ok(watcher::Event::InitDone) => {
+                let now = relist.take().unwrap_or_default();
+                let changed = !listed || now != seen;
+                seen = now;
+                listed = true;
+                changed
+            }
+            Err(error) => {
+                tracing::warn!(%error, "watching for policy recounts; retrying");
+                false
+            }
+        };
+        futures::future::ready(changed.then_some(()))
+    })
+}
+
+/// One controller's recount trigger: fires when `changes` has news, at most once per
+/// `interval` (news during an interval fire once at its end). Ends when the sender is gone.
+fn throttled(
+    changes: tokio::sync::watch::Receiver<()>,
+    interval: Duration,
+) -> impl Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold((changes, false), move |(mut changes, fired)| async move {
+        if fired {
+            tokio::time::sleep(interval).await;
+        }
+        changes.changed().await.ok()?;
+        Some(((), (changes, true)))
+    })
+}
+
+/// Runs the policy controllers until the process stops (or the future is dropped), with the
+/// default [`Settings`].
+///
+/// RBAC: `weftnetworkpolicies` and `weftclusterwidenetworkpolicies` list, watch, and their
+/// `/status` patch; `pods` and `namespaces` list, watch.
+pub async fn run(client: Client) {
+    run_with(client, Settings::default()).await;
+}
+
+/// [`run`] with `settings`.
+pub async fn run_with(client: Client, settings: Settings) {
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let (namespaces, namespace_writer) = reflector::store::<Namespace>();
+    let ctx = Arc::new(Context::new(client.clone(), pods, namespaces));
+    let pod_changes = selection_changes(
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(slim_pod)
+            .reflect(pod_writer),
+        pod_view,
+    );
+    let namespace_changes = selection_changes(
+        watcher(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(slim_namespace)
+        .reflect(namespace_writer),
+        namespace_view,
+    );
+    // One feed for both controllers; a watch channel folds news neither has seen yet into one.
+    let (news, _) = tokio::sync::watch::channel(());
+    let recount_namespaced = throttled(news.subscribe(), settings.recount_interval);
+    let recount_clusterwide = throttled(news.subscribe(), settings.recount_interval);
+    let feed = futures::stream::select(pod_changes, namespace_changes).for_each(|()| {
+        news.send_replace(());
+        futures::future::ready(())
+    });
+    let config = controller::Config::default().debounce(settings.debounce);
     let namespaced = Controller::new(
         Api::<WeftNetworkPolicy>::all(client.clone()),
         watcher::Config::default(),
     )
+    .with_config(config.clone())
+    .reconcile_all_on(recount_namespaced)
     .run(
         reconcile::<WeftNetworkPolicy>,
         error_policy::<WeftNetworkPolicy>,
@@ -148,6 +386,8 @@ pub async fn run(client: Client) {
         Api::<WeftClusterwideNetworkPolicy>::all(client),
         watcher::Config::default(),
     )
+    .with_config(config)
+    .reconcile_all_on(recount_clusterwide)
     .run(
         reconcile::<WeftClusterwideNetworkPolicy>,
         error_policy::<WeftClusterwideNetworkPolicy>,
@@ -158,7 +398,7 @@ pub async fn run(client: Client) {
             tracing::debug!(%error, "WeftClusterwideNetworkPolicy reconcile");
         }
     });
-    tokio::join!(namespaced, clusterwide);
+    tokio::join!(feed, namespaced, clusterwide);
 }
 
 #[cfg(test)]
@@ -171,12 +411,25 @@ mod tests {
 
     type Verifier = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
+    /// An empty cache, complete (as after the first list).
+    fn empty<K>() -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + 'static,
+    {
+        let (store, mut writer) = reflector::store::<K>();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        store
+    }
+
     fn context() -> (Arc<Context>, Verifier) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         (
-            Arc::new(Context {
-                client: Client::new(service, "default"),
-            }),
+            Arc::new(Context::new(
+                Client::new(service, "default"),
+                empty(),
+                empty(),
+            )),
             handle,
         )
     }
@@ -301,7 +554,13 @@ mod tests {
         let (ctx, mut handle) = context();
         // The status the first reconcile would write.
         let first = policy("10.0.0.0/8", None);
-        let status = desired_status(Some(3), &first.convert(), None, Time(Timestamp::now()));
+        let status = desired_status(
+            Some(3),
+            &first.convert(),
+            None,
+            Some(0),
+            Time(Timestamp::now()),
+        );
         let current = policy(
             "10.0.0.0/8",
             Some(serde_json::to_value(&status).expect("status")),
@@ -339,5 +598,192 @@ mod tests {
             "{error}"
         );
         let _ = error_policy::<WeftNetworkPolicy>;
+    }
+
+    fn pod(name: &str, app: &str, phase: &str, ready: bool) -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
+            "spec": {"containers": [{"name": "app"}]},
+            "status": {"phase": phase, "podIP": "10.1.0.9",
+                       "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+        }))
+        .expect("pod")
+    }
+
+    fn namespace(name: &str, team: &str) -> Namespace {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"team": team}},
+        }))
+        .expect("namespace")
+    }
+
+    #[tokio::test]
+    async fn only_changes_that_can_move_a_count_trigger_a_recount() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        // Each case: events, and how many recounts they start.
+        let base = || {
+            vec![
+                Init,
+                InitApply(pod("web-1", "web", "Running", true)),
+                InitDone,
+            ]
+        };
+        let cases: Vec<(&str, Vec<watcher::Event<Pod>>, usize)> = vec![
+            ("the first complete list (counting can start)", base(), 1),
+            (
+                "readiness flaps: no",
+                [base(), vec![Apply(pod("web-1", "web", "Running", false))]].concat(),
+                1,
+            ),
+            (
+                "a label change",
+                [base(), vec![Apply(pod("web-1", "db", "Running", true))]].concat(),
+                2,
+            ),
+            (
+                "a new endpoint, then one that is not (finished)",
+                [
+                    base(),
+                    vec![
+                        Apply(pod("web-2", "web", "Running", true)),
+                        Apply(pod("job-1", "job", "Succeeded", false)),
+                    ],
+                ]
+                .concat(),
+                2,
+            ),
+            (
+                "an endpoint finishing, then deleted",
+                [
+                    base(),
+                    vec![
+                        Apply(pod("web-1", "web", "Failed", false)),
+                        Delete(pod("web-1", "web", "Failed", false)),
+                    ],
+                ]
+                .concat(),
+                2,
+            ),
+            (
+                "a relist with the same pods: no",
+                [base(), base()].concat(),
+                1,
+            ),
+            (
+                "a relist missing a pod deleted while the watch was down",
+                [base(), vec![Init, InitDone]].concat(),
+                2,
+            ),
+        ];
+        for (case, events, expected) in cases {
+            let fired: Vec<()> =
+                selection_changes(futures::stream::iter(events.into_iter().map(Ok)), pod_view)
+                    .collect()
+                    .await;
+            assert_eq!(fired.len(), expected, "{case}");
+        }
+        let namespaces: Vec<()> = selection_changes(
+            futures::stream::iter(
+                vec![
+                    Init,
+                    InitApply(namespace("shop", "a")),
+                    InitDone,
+                    Apply(namespace("shop", "a")),
+                    Apply(namespace("shop", "b")),
+                    Apply(namespace("blog", "b")),
+                    Delete(namespace("blog", "b")),
+                ]
+                .into_iter()
+                .map(Ok),
+            ),
+            namespace_view,
+        )
+        .collect()
+        .await;
+        assert_eq!(
+            namespaces.len(),
+            4,
+            "first list, label change, new namespace, deleted namespace"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recounts_are_throttled_and_news_during_an_interval_fires_once_at_its_end() {
+        let (news, _) = tokio::sync::watch::channel(());
+        let trigger = throttled(news.subscribe(), Duration::from_secs(5));
+        futures::pin_mut!(trigger);
+        let start = tokio::time::Instant::now();
+        news.send_replace(());
+        trigger.next().await.expect("fires");
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "the first news fires at once"
+        );
+        for _ in 0..100 {
+            news.send_replace(());
+        }
+        trigger.next().await.expect("fires");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(5),
+            "then once per interval"
+        );
+        // Nothing new: nothing fires, however long.
+        let quiet = tokio::time::timeout(Duration::from_secs(60), trigger.next()).await;
+        assert!(quiet.is_err());
+        news.send_replace(());
+        trigger.next().await.expect("fires");
+        drop(news);
+        assert!(trigger.next().await.is_none(), "ends with its sender");
+    }
+
+    #[test]
+    fn the_slim_cache_keeps_what_counting_reads() {
+        let full = |extra: serde_json::Value| -> Pod {
+            let mut object = json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"},
+                             "annotations": {"big": "x".repeat(4096)}, "resourceVersion": "7",
+                             "managedFields": [{"manager": "kubelet"}]},
+                "spec": {"containers": [{"name": "app", "image": "echo", "env": [{"name": "A", "value": "1"}]}],
+                         "nodeName": "node-1"},
+                "status": {"phase": "Running", "podIP": "10.1.0.9", "podIPs": [{"ip": "10.1.0.9"}],
+                           "containerStatuses": [{"name": "app", "image": "echo", "imageID": "", "ready": true, "restartCount": 0}]},
+            });
+            for (path, value) in extra.as_object().expect("object") {
+                let (section, key) = path.split_once('.').expect("section.key");
+                object[section][key] = value.clone();
+            }
+            serde_json::from_value(object).expect("pod")
+        };
+        for extra in [
+            json!({}),
+            json!({"spec.hostNetwork": true}),
+            json!({"status.phase": "Succeeded"}),
+            json!({"status.podIP": null, "status.podIPs": null}),
+        ] {
+            let pod = full(extra.clone());
+            let mut slim = pod.clone();
+            slim_pod(&mut slim);
+            assert_eq!(is_endpoint(&slim), is_endpoint(&pod), "{extra}");
+            assert_eq!(pod_view(&slim), pod_view(&pod), "{extra}");
+            assert_eq!(slim.labels(), pod.labels());
+            assert_eq!(slim.namespace(), pod.namespace());
+            assert!(slim.annotations().is_empty() && slim.metadata.managed_fields.is_none());
+            let size = |pod: &Pod| serde_json::to_vec(pod).expect("json").len();
+            assert!(
+                size(&slim) * 4 < size(&pod),
+                "{} vs {}",
+                size(&slim),
+                size(&pod)
+            );
+        }
+        let mut ns = namespace("shop", "a");
+        ns.metadata.annotations = Some([("a".to_owned(), "b".to_owned())].into());
+        slim_namespace(&mut ns);
+        assert_eq!(namespace_view(&ns), namespace_view(&namespace("shop", "a")));
     }
 }

@@ -2,12 +2,12 @@
 
 mod crds;
 mod observe;
-mod policy;
 mod sandbox;
 mod validate;
 
 use clap::{Parser, Subcommand};
 use weft_core::telemetry::LogArgs;
+use weftctl::policy;
 
 /// Weft's command-line tool.
 #[derive(Debug, Parser)]

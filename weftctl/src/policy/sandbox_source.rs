@@ -1,0 +1,52 @@
+//! A running sandbox as an [`Inventory`]: its pods, its nodes, and the policies of its
+//! manifests, per cluster.
+
+use weft_sandbox::Sandbox;
+
+use super::inventory::{named_ports, Inventory, NodeView, PodView, PolicyEntry};
+
+pub fn inventory(sandbox: &Sandbox) -> Inventory {
+    let pods = sandbox
+        .pods
+        .iter()
+        .map(|pod| PodView {
+            cluster: pod.cluster.clone(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            node: pod.node.clone(),
+            ip: Some(pod.ip),
+            host_network: false,
+            security_labels: sandbox.security_labels(pod),
+            named_ports: named_ports(
+                pod.ports
+                    .iter()
+                    .map(|port| (port.name.as_deref(), port.protocol.as_str(), port.port)),
+            ),
+        })
+        .collect();
+    let nodes = sandbox
+        .plan
+        .nodes
+        .iter()
+        .map(|node| NodeView {
+            cluster: node.cluster.clone(),
+            name: node.name.clone(),
+            ip: node.ip,
+        })
+        .collect();
+    let policies = sandbox
+        .objects
+        .iter()
+        .flat_map(|(cluster, objects)| {
+            objects
+                .iter()
+                .filter_map(move |object| PolicyEntry::check(cluster, object))
+        })
+        .collect();
+    Inventory {
+        source: "this sandbox".into(),
+        pods,
+        nodes,
+        policies,
+    }
+}
