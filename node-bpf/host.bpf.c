@@ -24,6 +24,8 @@ int from_network(struct __sk_buff *skb)
 	 * packet, with this node as the source when the backend lives elsewhere. */
 	cfg = get_node_config();
 	lb = lb_translate_forward(skb, ip, cfg ? cfg->node_ip : 0);
+	if (lb == LB_NOT_A_SERVICE)
+		lb_forget_ended_translation(skb, ip);
 	if (lb != LB_NOT_A_SERVICE) {
 		ip = ipv4_header(skb);
 		if (!ip)

@@ -23,6 +23,8 @@ int from_container(struct __sk_buff *skb)
 	/* Sockets are balanced at connect() (sock.bpf.c); this catches what they did not, e.g.
 	 * pods outside the hooked cgroup. Policy then sees the backend, as it would otherwise. */
 	lb = lb_translate_forward(skb, ip, 0);
+	if (lb == LB_NOT_A_SERVICE)
+		lb_forget_ended_translation(skb, ip);
 	if (lb != LB_NOT_A_SERVICE) {
 		ip = ipv4_header(skb);
 		if (!ip)

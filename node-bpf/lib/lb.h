@@ -505,6 +505,25 @@ static __always_inline int lb_translate_forward(struct __sk_buff *skb, struct ip
 	return lb_rewrite(skb, l4_offset, &tuple, &translated) ? LB_FAILED : LB_TRANSLATED;
 }
 
+/* A TCP connection that opens without translation owns its tuple from then on: a translated
+ * connection that used the same tuple earlier (a client outside the hooked cgroup that went
+ * through the service before, then to the backend directly from the same port) has ended, and
+ * its reply translation must not rewrite the new connection's replies. */
+static __always_inline void lb_forget_ended_translation(struct __sk_buff *skb, struct iphdr *ip)
+{
+	struct lb_tuple tuple = {};
+	struct lb_tuple reply = {};
+
+	if (!lb_is_tcp_syn(skb, ip) || !lb_read_tuple(skb, ip, &tuple))
+		return;
+	reply.saddr = tuple.daddr;
+	reply.daddr = tuple.saddr;
+	reply.sport = tuple.dport;
+	reply.dport = tuple.sport;
+	reply.protocol = tuple.protocol;
+	bpf_map_delete_elem(&lb_reverse, &reply);
+}
+
 /* Whether a packet is the reply of a translated connection; fills what to rewrite it to. */
 static __always_inline int lb_reverse_lookup(struct __sk_buff *skb, struct iphdr *ip,
 					     struct lb_tuple *tuple, struct lb_nat *original)
