@@ -119,6 +119,7 @@ impl NodeAgent {
                 settings.policy_file,
                 settings.enforcement,
                 settings.policy_in_force,
+                Some(settings.state_dir.join(crate::policy::ENFORCEMENT_REPORT)),
             ),
             node_ip: settings.node_ip,
             peers: settings.peers,

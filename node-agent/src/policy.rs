@@ -45,7 +45,24 @@ pub struct PolicyEngine {
     last_inputs: Option<u64>,
     /// The compiled policy, for naming the rule behind a dropped flow.
     pub compiled: Arc<Mutex<Option<Compiled>>>,
+    /// Where the node reports whether its policy is enforced as written (see
+    /// [`EnforcementReport`]); `None` reports nowhere but the log.
+    report: Option<PathBuf>,
+    /// The problem last reported, so the file is written only when it changes.
+    reported: Option<Option<String>>,
 }
+
+/// What the node tells about its enforcement: `weftctl policy status` shows a node's problem
+/// next to the policies and fails, as it does for an invalid policy.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EnforcementReport {
+    /// Why the policy in force is not what the policies say (it does not compile, or a map is
+    /// full); `None` when it is.
+    pub problem: Option<String>,
+}
+
+/// The report's file name in the agent's state directory.
+pub const ENFORCEMENT_REPORT: &str = "policy-enforcement.json";
 
 #[derive(Default)]
 struct Installed {
@@ -85,8 +102,11 @@ impl PolicyEngine {
         file: Option<PathBuf>,
         mode: EnforcementMode,
         compiled: Arc<Mutex<Option<Compiled>>>,
+        report: Option<PathBuf>,
     ) -> Self {
         Self {
+            report,
+            reported: None,
             mode,
             file,
             file_version: None,
@@ -237,6 +257,9 @@ impl PolicyEngine {
             Ok(compiled) => compiled,
             Err(error) => {
                 tracing::error!(%error, "policy does not compile; the policy in force stays");
+                self.report(Some(format!(
+                    "the policies do not compile ({error}); the policy in force before stays"
+                )));
                 return Ok(());
             }
         };
@@ -316,6 +339,9 @@ impl PolicyEngine {
             self.installed.endpoints.extend(installed.endpoints);
             self.installed.ipcache.extend(installed.ipcache);
             self.last_inputs = None;
+            self.report(Some(format!(
+                "policy entries could not all be written ({error}); the selected endpoints are isolated with the entries that were (what is missing is denied)"
+            )));
             return Err(error);
         }
         // Stale state goes last.
@@ -350,7 +376,32 @@ impl PolicyEngine {
         );
         self.installed = installed;
         *self.compiled.lock().unwrap_or_else(|p| p.into_inner()) = Some(compiled);
+        self.report(None);
         Ok(())
+    }
+
+    /// Writes the enforcement report when it changed (atomically: others poll it).
+    fn report(&mut self, problem: Option<String>) {
+        if self.reported.as_ref() == Some(&problem) {
+            return;
+        }
+        let Some(path) = &self.report else {
+            return;
+        };
+        let report = EnforcementReport {
+            problem: problem.clone(),
+        };
+        let temporary = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&report)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(&temporary, json))
+            .and_then(|()| std::fs::rename(&temporary, path));
+        match written {
+            Ok(()) => self.reported = Some(problem),
+            Err(error) => {
+                tracing::warn!(%error, path = %path.display(), "cannot write the policy enforcement report")
+            }
+        }
     }
 }
 

@@ -268,6 +268,14 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The state directory of a node's agent (`--state-dir`).
+    pub fn node_state_dir(&self, cluster: &str, node: &str) -> PathBuf {
+        self.run_dir
+            .join("nodes")
+            .join(format!("{cluster}-{node}"))
+            .join("state")
+    }
+
     fn node_dir(&self, node: &NodePlan) -> PathBuf {
         self.run_dir
             .join("nodes")

@@ -118,7 +118,9 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             let report = match choose_source(&source, &around)? {
                 Source::Sandbox(name) => {
                     let sandbox = Sandbox::load(name.as_deref())?;
-                    status::status(&sandbox_source::inventory(&sandbox), false)
+                    let mut report = status::status(&sandbox_source::inventory(&sandbox), false);
+                    report.node_problems = sandbox_source::node_problems(&sandbox);
+                    report
                 }
                 Source::Cluster(target) => block_on(async {
                     let (client, name) = cluster::connect(&target).await?;

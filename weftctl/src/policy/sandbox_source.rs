@@ -4,6 +4,7 @@
 use weft_sandbox::Sandbox;
 
 use super::inventory::{named_ports, Inventory, NodeView, PodView, PolicyEntry};
+use super::status::NodeProblem;
 
 pub fn inventory(sandbox: &Sandbox) -> Inventory {
     let pods = sandbox
@@ -49,4 +50,27 @@ pub fn inventory(sandbox: &Sandbox) -> Inventory {
         nodes,
         policies,
     }
+}
+
+/// What the sandbox's agents report about their enforcement (`policy-enforcement.json` in each
+/// node's state directory): the nodes whose policy in force is not the policies as written.
+pub fn node_problems(sandbox: &Sandbox) -> Vec<NodeProblem> {
+    sandbox
+        .plan
+        .nodes
+        .iter()
+        .filter_map(|node| {
+            let path = sandbox
+                .node_state_dir(&node.cluster, &node.name)
+                .join("policy-enforcement.json");
+            let report: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+            let problem = report["problem"].as_str()?.to_owned();
+            Some(NodeProblem {
+                cluster: node.cluster.clone(),
+                node: node.name.clone(),
+                problem,
+            })
+        })
+        .collect()
 }

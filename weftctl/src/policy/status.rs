@@ -27,6 +27,17 @@ pub struct StatusReport {
     pub rows: Vec<StatusRow>,
     /// Show the `READY` column: the source has an operator writing conditions (a cluster).
     pub show_ready: bool,
+    /// Nodes whose enforcement is not what the policies say (a map is full, the policies do
+    /// not compile), as their agents report it.
+    pub node_problems: Vec<NodeProblem>,
+}
+
+/// A node's agent reporting that its policy in force is not the policies as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeProblem {
+    pub cluster: String,
+    pub node: String,
+    pub problem: String,
 }
 
 /// The status of every policy of `inventory`. A policy's own status (written by the operator)
@@ -39,7 +50,11 @@ pub fn status(inventory: &Inventory, show_ready: bool) -> StatusReport {
         .iter()
         .map(|policy| row(inventory, policy))
         .collect();
-    StatusReport { rows, show_ready }
+    StatusReport {
+        rows,
+        show_ready,
+        node_problems: Vec::new(),
+    }
 }
 
 fn row(inventory: &Inventory, policy: &PolicyEntry) -> StatusRow {
@@ -98,7 +113,7 @@ impl StatusReport {
     }
 
     pub fn exit_code(&self) -> ExitCode {
-        if self.any_invalid() {
+        if self.any_invalid() || !self.node_problems.is_empty() {
             ExitCode::from(1)
         } else {
             ExitCode::SUCCESS
@@ -143,6 +158,17 @@ impl StatusReport {
                 ready(&row.ready),
                 selected,
                 row.reason.as_deref().unwrap_or("-")
+            );
+        }
+        for problem in self
+            .node_problems
+            .iter()
+            .filter(|problem| cluster.is_none_or(|c| c == problem.cluster))
+        {
+            let _ = writeln!(
+                out,
+                "node {}/{} does not enforce the policies as written: {}",
+                problem.cluster, problem.node, problem.problem
             );
         }
         out
