@@ -297,6 +297,17 @@ impl Datapath {
         LpmTrie::try_from(map).map_err(map_error(name))
     }
 
+    /// Maglev table id → the table (`lb_maglev`, a hash of maps).
+    fn maglev_tables(
+        &mut self,
+    ) -> Result<HashOfMaps<&mut MapData, u32, Array<MapData, u32>>, DatapathError> {
+        let map = self
+            .pod
+            .map_mut(LB_MAGLEV)
+            .ok_or(DatapathError::MissingMap(LB_MAGLEV))?;
+        HashOfMaps::try_from(map).map_err(map_error(LB_MAGLEV))
+    }
+
     pub fn configure(&mut self, config: NodeConfig) -> Result<(), DatapathError> {
         let map = self
             .pod
@@ -437,24 +448,14 @@ impl Datapath {
                 .set(slot, backend_id, 0)
                 .map_err(map_error(LB_MAGLEV))?;
         }
-        let map = self
-            .pod
-            .map_mut(LB_MAGLEV)
-            .ok_or(DatapathError::MissingMap(LB_MAGLEV))?;
-        let mut tables: HashOfMaps<&mut MapData, u32, Array<MapData, u32>> =
-            HashOfMaps::try_from(map).map_err(map_error(LB_MAGLEV))?;
+        let mut tables = self.maglev_tables()?;
         tables
             .insert(table_id, &table, 0)
             .map_err(map_error(LB_MAGLEV))
     }
 
     pub fn remove_maglev_table(&mut self, table_id: u32) -> Result<(), DatapathError> {
-        let map = self
-            .pod
-            .map_mut(LB_MAGLEV)
-            .ok_or(DatapathError::MissingMap(LB_MAGLEV))?;
-        let mut tables: HashOfMaps<&mut MapData, u32, Array<MapData, u32>> =
-            HashOfMaps::try_from(map).map_err(map_error(LB_MAGLEV))?;
+        let mut tables = self.maglev_tables()?;
         removed(LB_MAGLEV, tables.remove(&table_id))
     }
 
@@ -465,12 +466,7 @@ impl Datapath {
         let frontend_keys = frontends.keys().filter_map(Result::ok).collect();
         let backends: HashMap<_, u32, LbBackend> = self.hash_map(LB_BACKENDS)?;
         let backend_ids = backends.keys().filter_map(Result::ok).collect();
-        let map = self
-            .pod
-            .map_mut(LB_MAGLEV)
-            .ok_or(DatapathError::MissingMap(LB_MAGLEV))?;
-        let tables: HashOfMaps<&mut MapData, u32, Array<MapData, u32>> =
-            HashOfMaps::try_from(map).map_err(map_error(LB_MAGLEV))?;
+        let tables = self.maglev_tables()?;
         let table_ids = tables.keys().filter_map(Result::ok).collect();
         Ok(InstalledLoadBalancing {
             frontends: frontend_keys,

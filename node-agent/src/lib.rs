@@ -12,3 +12,4 @@ pub mod node;
 pub mod policy;
 pub mod services;
 pub mod unix_socket;
+pub mod watched_file;

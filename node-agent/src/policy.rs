@@ -7,13 +7,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use ipnet::Ipv4Net;
-use serde_json::Value;
 use weft_core::identity::ReservedIdentity;
 use weft_core::policy::compile::{
     compile, policy_prefixes, port_prefixes, Compiled, EndpointInput, IdentityKind,
@@ -28,6 +25,7 @@ use weft_node_bpf::maps::{
 
 use crate::datapath::{Datapath, DatapathError};
 use crate::flows::directory::EndpointMeta;
+use crate::watched_file::WatchedFile;
 
 /// First identity number for CIDR prefixes named by policies (local scope, as Cilium's).
 pub const CIDR_IDENTITY_BASE: u32 = 1 << 24;
@@ -35,8 +33,7 @@ pub const CIDR_IDENTITY_BASE: u32 = 1 << 24;
 /// The policies in force on the node and what was written for them.
 pub struct PolicyEngine {
     mode: EnforcementMode,
-    file: Option<PathBuf>,
-    file_version: Option<(u64, SystemTime)>,
+    file: WatchedFile,
     /// Key `Kind namespace/name` → the last valid version.
     last_good: BTreeMap<String, Policy>,
     /// Policies whose current version is invalid, and why.
@@ -108,8 +105,7 @@ impl PolicyEngine {
             report,
             reported: None,
             mode,
-            file,
-            file_version: None,
+            file: WatchedFile::new(file),
             last_good: BTreeMap::new(),
             problems: BTreeMap::new(),
             installed: Installed::default(),
@@ -120,27 +116,9 @@ impl PolicyEngine {
 
     /// Re-reads the policy file if it changed. Returns whether the policy set changed.
     fn reload(&mut self) -> bool {
-        let Some(path) = &self.file else {
+        let Some(objects) = self.file.changed_objects("policy") else {
             return false;
         };
-        let version = std::fs::metadata(path)
-            .and_then(|m| Ok((m.ino(), m.modified()?)))
-            .ok();
-        if version == self.file_version {
-            return false;
-        }
-        let objects: Vec<Value> = match std::fs::read(path)
-            .map(|bytes| serde_json::from_slice(&bytes))
-        {
-            Ok(Ok(objects)) => objects,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, path = %path.display(), "policy file unreadable; keeping the policies in force");
-                return false;
-            }
-            // No file yet: no policies.
-            Err(_) => Vec::new(),
-        };
-        self.file_version = version;
         let mut seen = BTreeSet::new();
         for object in objects {
             let kind = object["kind"].as_str().unwrap_or_default().to_owned();
@@ -199,7 +177,7 @@ impl PolicyEngine {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             inputs.directory_generation.hash(&mut hasher);
             inputs.local.hash(&mut hasher);
-            self.file_version.map(|(ino, _)| ino).hash(&mut hasher);
+            self.file.inode().hash(&mut hasher);
             hasher.finish()
         };
         if !reloaded && self.last_inputs == Some(fingerprint) {

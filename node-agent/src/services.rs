@@ -8,11 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::time::SystemTime;
 
-use serde_json::Value;
 use weft_core::service::maglev::{self, TableSize};
 use weft_core::service::{Backend, BackendCondition, FrontendKind, Service};
 use weft_crds::service_model::{self, ServiceError};
@@ -21,6 +18,7 @@ use weft_node_bpf::maps::{
 };
 
 use crate::datapath::{Datapath, DatapathError};
+use crate::watched_file::WatchedFile;
 
 /// A backend as the datapath knows it: one address and port in one cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -159,8 +157,7 @@ struct Installed {
 
 /// The services in force on the node and what was written for them.
 pub struct ServiceEngine {
-    file: Option<PathBuf>,
-    file_version: Option<(u64, SystemTime)>,
+    file: WatchedFile,
     local_cluster: u16,
     table_size: TableSize,
     seed: u64,
@@ -182,8 +179,7 @@ impl ServiceEngine {
         seed: u64,
     ) -> Self {
         Self {
-            file,
-            file_version: None,
+            file: WatchedFile::new(file),
             local_cluster,
             table_size,
             seed,
@@ -202,27 +198,9 @@ impl ServiceEngine {
 
     /// Re-reads the service file if it changed. Returns whether anything changed.
     fn reload(&mut self) -> bool {
-        let Some(path) = &self.file else {
+        let Some(objects) = self.file.changed_objects("service") else {
             return false;
         };
-        let version = std::fs::metadata(path)
-            .and_then(|m| Ok((m.ino(), m.modified()?)))
-            .ok();
-        if version == self.file_version {
-            return false;
-        }
-        let objects: Vec<Value> = match std::fs::read(path)
-            .map(|bytes| serde_json::from_slice(&bytes))
-        {
-            Ok(Ok(objects)) => objects,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, path = %path.display(), "service file unreadable; keeping the services in force");
-                return false;
-            }
-            // No file yet: no services.
-            Err(_) => Vec::new(),
-        };
-        self.file_version = version;
         let (services, problems) =
             service_model::services_from_objects(&objects, self.local_cluster);
         let present: BTreeSet<String> = objects

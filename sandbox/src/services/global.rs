@@ -6,24 +6,10 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
-/// Annotations that make a Service global (`"true"`), in order of precedence: Weft's,
-/// Cilium's (which users bring), Cilium's older spelling.
-pub const GLOBAL_ANNOTATIONS: [&str; 3] = [
-    "weft.io/global",
-    "service.cilium.io/global",
-    "io.cilium/global-service",
-];
-/// Annotations that keep a global Service's backends to its own cluster (`"false"`), in the
-/// same order.
-pub const SHARED_ANNOTATIONS: [&str; 3] = [
-    "weft.io/shared",
-    "service.cilium.io/shared",
-    "io.cilium/shared-service",
-];
+// The same names the agent reads (`weft_crds::service_model`), so the two never disagree.
+pub use weft_crds::service_model::{CLUSTER_ID_LABEL, GLOBAL_ANNOTATIONS, SHARED_ANNOTATIONS};
 /// Label of a remote slice: the cluster its endpoints live in.
 pub const CLUSTER_LABEL: &str = "weft.io/cluster";
-/// Label of a remote slice: that cluster's ID.
-pub const CLUSTER_ID_LABEL: &str = "weft.io/cluster-id";
 
 /// How a Service takes part in the mesh.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
