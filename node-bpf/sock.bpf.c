@@ -30,10 +30,11 @@ static __always_inline int balance(struct bpf_sock_addr *ctx)
 		bpf_set_retval(-ECONNREFUSED);
 		return 0;
 	}
-	if (sk)
+	/* A TCP socket bound to a port before connect() is a flow Maglev keeps on one backend
+	 * across every node and restart; other sockets are spread by their cookie, which also
+	 * keeps an unconnected UDP socket on one backend after the kernel binds it on first send. */
+	if (sk && protocol == LB_PROTO_TCP)
 		bound_port = sk->src_port;
-	/* A socket bound to a port is a flow Maglev keeps on one backend across every node and
-	 * restart; an unbound one is spread by its cookie. */
 	if (bound_port)
 		hash = jhash_3words((__u32)netns ^ (__u32)(netns >> 32), bound_port,
 				    address ^ port, lb_hash_seed());

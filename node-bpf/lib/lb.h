@@ -341,6 +341,7 @@ static __always_inline __u16 lb_snat_port(struct lb_nat *forward, __u8 protocol,
 		.saddr = forward->daddr, .daddr = forward->saddr, .sport = forward->dport,
 		.protocol = protocol,
 	};
+	struct lb_nat *taken;
 	__u16 port;
 	int i;
 
@@ -348,6 +349,12 @@ static __always_inline __u16 lb_snat_port(struct lb_nat *forward, __u8 protocol,
 		port = bpf_htons(LB_SNAT_PORT_MIN + (hash + i * 7919) % LB_SNAT_PORTS);
 		reply.dport = port;
 		if (bpf_map_update_elem(&lb_reverse, &reply, reply_to, BPF_NOEXIST) == 0)
+			return port;
+		/* A retransmitted SYN finds its own first try: the same port, or the backend would
+		 * see two connections. */
+		taken = bpf_map_lookup_elem(&lb_reverse, &reply);
+		if (taken && taken->saddr == reply_to->saddr && taken->daddr == reply_to->daddr &&
+		    taken->sport == reply_to->sport && taken->dport == reply_to->dport)
 			return port;
 	}
 	return 0;
