@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
 use kube::runtime::watcher;
@@ -17,6 +15,7 @@ use weft_crds::bandwidth::{BandwidthClassStatus, EgressBandwidth, BANDWIDTH_CLAS
 use weft_crds::{BandwidthClass, BandwidthClassSpec};
 
 use crate::conditions::{self, ErrorBackoff, Finding, Outcome, REPORTER};
+use crate::metrics::ReconcileMetrics;
 
 const KIND: &str = "BandwidthClass";
 /// Re-check classes this often even without events (cheap: no write when nothing changed).
@@ -168,42 +167,28 @@ pub async fn reconcile(class: Arc<BandwidthClass>, ctx: Arc<Context>) -> Result<
     let generation = class.meta().generation;
     let outcome = outcome(&class.spec);
     let current = class.status.clone().unwrap_or_default();
-    let conditions = conditions::conditions(
+    let api: Api<BandwidthClass> = Api::all(ctx.client.clone());
+    let wrote = conditions::update_status(
+        &api,
+        &name,
+        KIND,
         generation,
+        (current.observed_generation, &current.conditions),
         &outcome,
         &[],
-        &current.conditions,
-        &Time(Timestamp::now()),
-    );
-    if conditions::changed(
-        current.observed_generation,
-        &current.conditions,
-        generation,
-        &conditions,
-    ) {
-        let status = BandwidthClassStatus {
-            observed_generation: generation,
+        |observed_generation, conditions| BandwidthClassStatus {
+            observed_generation,
             conditions,
             pods: None,
-        };
-        let api: Api<BandwidthClass> = Api::all(ctx.client.clone());
-        conditions::apply_status(&api, &name, KIND, &status)
-            .await
-            .map_err(|source| Error::WriteStatus {
-                name: name.clone(),
-                source,
-            })?;
-        if let Outcome::Invalid { invalid, .. } = &outcome {
-            tracing::warn!(name = %name, reason = %invalid.reason, message = %invalid.message, "invalid BandwidthClass");
-            conditions::warn(
-                &ctx.recorder,
-                &class.object_ref(&()),
-                None,
-                "Validate",
-                invalid,
-            )
-            .await;
-        }
+        },
+    )
+    .await
+    .map_err(|source| Error::WriteStatus {
+        name: name.clone(),
+        source,
+    })?;
+    if wrote {
+        conditions::warn_if_invalid(&ctx.recorder, &class.object_ref(&()), KIND, &outcome).await;
     }
     ctx.backoff.succeeded(&ErrorBackoff::key(class.as_ref()));
     Ok(Action::requeue(RESYNC))
@@ -219,13 +204,17 @@ pub fn error_policy(class: Arc<BandwidthClass>, error: &Error, ctx: Arc<Context>
 ///
 /// RBAC: `bandwidthclasses` list, watch; `bandwidthclasses/status` patch; `events`
 /// (`events.k8s.io`) create, patch.
-pub async fn run(client: Client) {
+pub async fn run(client: Client, metrics: ReconcileMetrics) {
     let ctx = Arc::new(Context::new(client.clone()));
     Controller::new(
         Api::<BandwidthClass>::all(client),
         watcher::Config::default(),
     )
-    .run(reconcile, error_policy, ctx)
+    .run(
+        metrics.instrument("bandwidthclass", reconcile),
+        error_policy,
+        ctx,
+    )
     .for_each(|result| async move {
         if let Err(error) = result {
             tracing::debug!(%error, "BandwidthClass reconcile");

@@ -236,6 +236,59 @@ where
     .await
 }
 
+/// The status an object should carry, written when the operator's part of it changed: the
+/// conditions `outcome` and `extra` call for (see [`conditions`]) against the object's
+/// `current` `observedGeneration` and conditions. `status` builds the kind's status type from
+/// the generation and conditions. Returns whether it wrote.
+#[allow(clippy::too_many_arguments)]
+pub async fn update_status<K, S>(
+    api: &Api<K>,
+    name: &str,
+    kind: &str,
+    generation: Option<i64>,
+    (current_generation, current): (Option<i64>, &[Condition]),
+    outcome: &Outcome,
+    extra: &[Extra],
+    status: impl FnOnce(Option<i64>, Vec<Condition>) -> S,
+) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize,
+{
+    let desired = conditions(
+        generation,
+        outcome,
+        extra,
+        current,
+        &Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    if !changed(current_generation, current, generation, &desired) {
+        return Ok(false);
+    }
+    apply_status(api, name, kind, &status(generation, desired)).await?;
+    Ok(true)
+}
+
+/// Logs an invalid spec and publishes a Warning Event for it (reason `Validate`); nothing for
+/// any other outcome. Call it when the status changed, so a resync does not repeat it.
+pub async fn warn_if_invalid(
+    recorder: &Recorder,
+    regarding: &ObjectReference,
+    kind: &str,
+    outcome: &Outcome,
+) {
+    if let Outcome::Invalid { invalid, .. } = outcome {
+        tracing::warn!(
+            kind,
+            name = regarding.name.as_deref().unwrap_or_default(),
+            reason = %invalid.reason,
+            message = %invalid.message,
+            "invalid spec"
+        );
+        warn(recorder, regarding, None, "Validate", invalid).await;
+    }
+}
+
 /// Publishes a Warning Event about `regarding` (reason = the finding's reason, note = its
 /// message; `related` names a second object involved). An Event that cannot be published is
 /// logged, never a reconcile error: the status already says the same.

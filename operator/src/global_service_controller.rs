@@ -24,8 +24,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
@@ -41,6 +40,7 @@ use weft_crds::{GlobalService, GlobalServiceSpec};
 use crate::conditions::{
     self, ErrorBackoff, Extra, Finding, Outcome, Status, FIELD_MANAGER, REPORTER,
 };
+use crate::metrics::ReconcileMetrics;
 
 const KIND: &str = "GlobalService";
 /// Re-check GlobalServices this often even without events.
@@ -263,43 +263,37 @@ pub async fn reconcile_status(
     let (outcome, extra) = status_outcome(&global, service.as_ref(), shadowed.as_ref());
     let generation = global.meta().generation;
     let current = global.status.clone().unwrap_or_default();
-    let conditions = conditions::conditions(
+    let api: Api<GlobalService> = Api::namespaced(ctx.client.clone(), &namespace);
+    let wrote = conditions::update_status(
+        &api,
+        &name,
+        KIND,
         generation,
+        (current.observed_generation, &current.conditions),
         &outcome,
         &extra,
-        &current.conditions,
-        &Time(Timestamp::now()),
-    );
-    if conditions::changed(
-        current.observed_generation,
-        &current.conditions,
-        generation,
-        &conditions,
-    ) {
-        let status = GlobalServiceStatus {
-            observed_generation: generation,
+        |observed_generation, conditions| GlobalServiceStatus {
+            observed_generation,
             conditions,
             ..GlobalServiceStatus::default()
-        };
-        let api: Api<GlobalService> = Api::namespaced(ctx.client.clone(), &namespace);
-        conditions::apply_status(&api, &name, KIND, &status)
-            .await
-            .map_err(|source| Error::WriteStatus {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                source,
-            })?;
-        if let (Some(conflict), Some(service)) = (extra.first(), shadowed.as_ref()) {
-            tracing::warn!(namespace = %namespace, name = %name, "a hand-written GlobalService shadows a global Service's annotations");
-            conditions::warn(
-                &ctx.recorder,
-                &global.object_ref(&()),
-                Some(service.object_ref(&())),
-                "Materialise",
-                &conflict.finding,
-            )
-            .await;
-        }
+        },
+    )
+    .await
+    .map_err(|source| Error::WriteStatus {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        source,
+    })?;
+    if let (true, Some(conflict), Some(service)) = (wrote, extra.first(), shadowed.as_ref()) {
+        tracing::warn!(namespace = %namespace, name = %name, "a hand-written GlobalService shadows a global Service's annotations");
+        conditions::warn(
+            &ctx.recorder,
+            &global.object_ref(&()),
+            Some(service.object_ref(&())),
+            "Materialise",
+            &conflict.finding,
+        )
+        .await;
     }
     ctx.status_backoff
         .succeeded(&ErrorBackoff::key(global.as_ref()));
@@ -497,7 +491,7 @@ pub fn error_policy_service(service: Arc<Service>, error: &Error, ctx: Arc<Conte
 /// RBAC: `globalservices` get, list, watch, create, patch, delete (create: a server-side apply
 /// that creates the object is authorised as create); `globalservices/status` patch;
 /// `services` get, list, watch; `events` (`events.k8s.io`) create, patch.
-pub async fn run(client: Client) {
+pub async fn run(client: Client, metrics: ReconcileMetrics) {
     let status = Controller::new(
         Api::<GlobalService>::all(client.clone()),
         watcher::Config::default(),
@@ -510,7 +504,11 @@ pub async fn run(client: Client) {
             watcher::Config::default(),
             move |service| global_services_for(&globals, &service),
         )
-        .run(reconcile_status, error_policy_status, Arc::clone(&ctx))
+        .run(
+            metrics.instrument("globalservice-status", reconcile_status),
+            error_policy_status,
+            Arc::clone(&ctx),
+        )
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "GlobalService status reconcile");
@@ -528,7 +526,11 @@ pub async fn run(client: Client) {
             Some(ObjectRef::<Service>::new(&global.name_any()).within(&namespace))
         },
     )
-    .run(reconcile_service, error_policy_service, ctx)
+    .run(
+        metrics.instrument("globalservice-materialise", reconcile_service),
+        error_policy_service,
+        ctx,
+    )
     .for_each(|result| async move {
         if let Err(error) = result {
             tracing::debug!(%error, "Service materialisation");

@@ -100,11 +100,12 @@ async fn main() -> anyhow::Result<()> {
                 metrics.clone(),
             );
             async move {
+                let reconciles = metrics.reconcile.clone();
                 tokio::join!(
-                    policy_controller::run(client.clone()),
-                    bandwidth_controller::run(client.clone()),
-                    global_service_controller::run(client.clone()),
-                    peering_controller::run(client.clone(), peering),
+                    policy_controller::run(client.clone(), reconciles.clone()),
+                    bandwidth_controller::run(client.clone(), reconciles.clone()),
+                    global_service_controller::run(client.clone(), reconciles.clone()),
+                    peering_controller::run(client.clone(), peering, reconciles),
                     identity_controller::run(client, identities, metrics),
                 );
             }

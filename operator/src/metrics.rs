@@ -13,8 +13,13 @@
 //!
 //! Every handle is cheap to clone and shares the underlying series.
 
+use std::future::Future;
 use std::sync::atomic::AtomicI64;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt};
+use kube::runtime::controller::Action;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -111,6 +116,32 @@ impl ReconcileMetrics {
                     controller: controller.to_owned(),
                 })
                 .inc();
+        }
+    }
+
+    /// Wraps a kube-runtime reconciler so that every call is counted and timed under
+    /// `controller`: each controller's `run` passes its reconcile function through this, so no
+    /// reconciler can forget to report.
+    pub fn instrument<K, C, E, F, Fut>(
+        &self,
+        controller: &'static str,
+        mut reconcile: F,
+    ) -> impl FnMut(Arc<K>, Arc<C>) -> BoxFuture<'static, Result<Action, E>>
+    where
+        F: FnMut(Arc<K>, Arc<C>) -> Fut,
+        Fut: Future<Output = Result<Action, E>> + Send + 'static,
+    {
+        let metrics = self.clone();
+        move |object, ctx| {
+            let metrics = metrics.clone();
+            let reconciling = reconcile(object, ctx);
+            async move {
+                let started = Instant::now();
+                let result = reconciling.await;
+                metrics.observe(controller, started.elapsed(), result.is_ok());
+                result
+            }
+            .boxed()
         }
     }
 
@@ -230,5 +261,23 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_instrumented_reconciler_reports_every_call() {
+        let metrics = ReconcileMetrics::unregistered();
+        let mut reconcile =
+            metrics.instrument("policy", |fail: Arc<bool>, _ctx: Arc<()>| async move {
+                if *fail {
+                    Err("the API server refused")
+                } else {
+                    Ok(Action::await_change())
+                }
+            });
+        assert!(reconcile(Arc::new(false), Arc::new(())).await.is_ok());
+        assert!(reconcile(Arc::new(false), Arc::new(())).await.is_ok());
+        assert!(reconcile(Arc::new(true), Arc::new(())).await.is_err());
+        assert_eq!(metrics.count("policy", true), 2);
+        assert_eq!(metrics.count("policy", false), 1);
     }
 }

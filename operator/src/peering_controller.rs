@@ -30,7 +30,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::ByteString;
 use kube::runtime::controller::{Action, Controller};
@@ -50,6 +49,7 @@ use weft_crds::ClusterPeering;
 use x509_parser::extensions::GeneralName;
 
 use crate::conditions::{self, ErrorBackoff, Extra, Finding, Outcome, Status, REPORTER};
+use crate::metrics::ReconcileMetrics;
 
 const KIND: &str = "ClusterPeering";
 /// Re-check peerings this often even without events; sooner when a certificate expires or
@@ -477,42 +477,28 @@ pub async fn reconcile(peering: Arc<ClusterPeering>, ctx: Arc<Context>) -> Resul
     let generation = peering.meta().generation;
     let outcome = outcome(&check.verdict);
     let current = peering.status.clone().unwrap_or_default();
-    let conditions = conditions::conditions(
+    let api: Api<ClusterPeering> = Api::all(ctx.client.clone());
+    let wrote = conditions::update_status(
+        &api,
+        &name,
+        KIND,
         generation,
+        (current.observed_generation, &current.conditions),
         &outcome,
         &[connected()],
-        &current.conditions,
-        &Time(Timestamp::now()),
-    );
-    if conditions::changed(
-        current.observed_generation,
-        &current.conditions,
-        generation,
-        &conditions,
-    ) {
-        let status = ClusterPeeringStatus {
-            observed_generation: generation,
+        |observed_generation, conditions| ClusterPeeringStatus {
+            observed_generation,
             conditions,
             ..ClusterPeeringStatus::default()
-        };
-        let api: Api<ClusterPeering> = Api::all(ctx.client.clone());
-        conditions::apply_status(&api, &name, KIND, &status)
-            .await
-            .map_err(|source| Error::WriteStatus {
-                name: name.clone(),
-                source,
-            })?;
-        if let Outcome::Invalid { invalid, .. } = &outcome {
-            tracing::warn!(name = %name, reason = %invalid.reason, message = %invalid.message, "invalid ClusterPeering");
-            conditions::warn(
-                &ctx.recorder,
-                &peering.object_ref(&()),
-                None,
-                "Validate",
-                invalid,
-            )
-            .await;
-        }
+        },
+    )
+    .await
+    .map_err(|source| Error::WriteStatus {
+        name: name.clone(),
+        source,
+    })?;
+    if wrote {
+        conditions::warn_if_invalid(&ctx.recorder, &peering.object_ref(&()), KIND, &outcome).await;
     }
     ctx.backoff.succeeded(&ErrorBackoff::key(peering.as_ref()));
     let next = check
@@ -535,7 +521,7 @@ pub fn error_policy(peering: Arc<ClusterPeering>, error: &Error, ctx: Arc<Contex
 /// RBAC: `clusterpeerings` list, watch; `clusterpeerings/status` patch; `secrets` get,
 /// list, watch in Weft's namespace (a Role; get also wherever a peering keeps its Secret);
 /// `events` (`events.k8s.io`) create, patch.
-pub async fn run(client: Client, settings: PeeringSettings) {
+pub async fn run(client: Client, settings: PeeringSettings, metrics: ReconcileMetrics) {
     let namespace = settings.namespace.clone();
     let ctx = Arc::new(Context::new(client.clone(), settings));
     let controller = Controller::new(
@@ -549,7 +535,11 @@ pub async fn run(client: Client, settings: PeeringSettings) {
             watcher::Config::default(),
             move |secret| peerings_using(&peerings, &secret, &namespace),
         )
-        .run(reconcile, error_policy, ctx)
+        .run(
+            metrics.instrument("clusterpeering", reconcile),
+            error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "ClusterPeering reconcile");

@@ -37,18 +37,18 @@ use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
 use weft_core::identity::LabelFilter;
 use weft_core::policy::model::Policy;
 use weft_crds::policy::PolicyStatus;
 use weft_crds::policy_model::{self, PolicyError};
 use weft_crds::{WeftClusterwideNetworkPolicy, WeftNetworkPolicy};
 
+use crate::conditions::{self, ErrorBackoff};
+use crate::metrics::ReconcileMetrics;
 use crate::policy_status::{desired_status, is_endpoint, selected_endpoints};
 
 /// Whose writes these are, for server-side apply.
@@ -76,6 +76,7 @@ pub struct Context {
     pub namespaces: Store<Namespace>,
     /// Label keys left out of security labels: identity allocation's default.
     pub ignore: LabelFilter,
+    pub backoff: ErrorBackoff,
 }
 
 impl Context {
@@ -85,6 +86,7 @@ impl Context {
             pods,
             namespaces,
             ignore: LabelFilter::default(),
+            backoff: ErrorBackoff::default(),
         }
     }
 
@@ -186,30 +188,23 @@ pub async fn reconcile<P: PolicyObject>(
         if let Err(error) = &outcome {
             tracing::warn!(kind = P::KIND, name = %policy.name_any(), %error, "invalid policy");
         }
-        let patch = json!({
-            "apiVersion": "weft.io/v1alpha1",
-            "kind": P::KIND,
-            "status": status,
-        });
         let api = P::api(ctx.client.clone(), policy.meta().namespace.as_deref());
-        api.patch_status(
-            &policy.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::WriteStatus {
-            kind: P::KIND,
-            name: policy.name_any(),
-            source,
-        })?;
+        conditions::apply_status(&api, &policy.name_any(), P::KIND, &status)
+            .await
+            .map_err(|source| Error::WriteStatus {
+                kind: P::KIND,
+                name: policy.name_any(),
+                source,
+            })?;
     }
+    ctx.backoff.succeeded(&ErrorBackoff::key(policy.as_ref()));
     Ok(Action::requeue(RESYNC))
 }
 
-pub fn error_policy<P: PolicyObject>(_policy: Arc<P>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(%error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(15))
+pub fn error_policy<P: PolicyObject>(policy: Arc<P>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff.failed(&ErrorBackoff::key(policy.as_ref()));
+    tracing::warn!(%error, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
 }
 
 fn fingerprint(value: &impl Hash) -> u64 {
@@ -331,12 +326,12 @@ fn throttled(
 ///
 /// RBAC: `weftnetworkpolicies` and `weftclusterwidenetworkpolicies` list, watch, and their
 /// `/status` patch; `pods` and `namespaces` list, watch.
-pub async fn run(client: Client) {
-    run_with(client, Settings::default()).await;
+pub async fn run(client: Client, metrics: ReconcileMetrics) {
+    run_with(client, Settings::default(), metrics).await;
 }
 
 /// [`run`] with `settings`.
-pub async fn run_with(client: Client, settings: Settings) {
+pub async fn run_with(client: Client, settings: Settings, metrics: ReconcileMetrics) {
     let (pods, pod_writer) = reflector::store::<Pod>();
     let (namespaces, namespace_writer) = reflector::store::<Namespace>();
     let ctx = Arc::new(Context::new(client.clone(), pods, namespaces));
@@ -373,7 +368,7 @@ pub async fn run_with(client: Client, settings: Settings) {
     .with_config(config.clone())
     .reconcile_all_on(recount_namespaced)
     .run(
-        reconcile::<WeftNetworkPolicy>,
+        metrics.instrument("weftnetworkpolicy", reconcile::<WeftNetworkPolicy>),
         error_policy::<WeftNetworkPolicy>,
         Arc::clone(&ctx),
     )
@@ -389,7 +384,10 @@ pub async fn run_with(client: Client, settings: Settings) {
     .with_config(config)
     .reconcile_all_on(recount_clusterwide)
     .run(
-        reconcile::<WeftClusterwideNetworkPolicy>,
+        metrics.instrument(
+            "weftclusterwidenetworkpolicy",
+            reconcile::<WeftClusterwideNetworkPolicy>,
+        ),
         error_policy::<WeftClusterwideNetworkPolicy>,
         ctx,
     )
@@ -405,7 +403,7 @@ pub async fn run_with(client: Client, settings: Settings) {
 mod tests {
     use http::{Method, Request, Response};
     use kube::client::Body;
-    use serde_json::Value;
+    use serde_json::{json, Value};
 
     use super::*;
 

@@ -15,6 +15,7 @@ use weft_crds::bandwidth::BandwidthClassStatus;
 use weft_crds::BandwidthClass;
 use weft_operator::bandwidth_controller::{self, error_policy, reconcile, Context};
 use weft_operator::conditions;
+use weft_operator::metrics::ReconcileMetrics;
 
 const STATUS_URI: &str =
     "/apis/weft.io/v1alpha1/bandwidthclasses/bulk/status?&force=true&fieldManager=weft-operator";
@@ -170,7 +171,10 @@ async fn a_conflict_is_a_reconcile_error_retried_with_growing_backoff() {
 #[tokio::test]
 async fn a_watch_ending_in_410_gone_is_followed_by_a_new_list() {
     let (client, mut server) = client();
-    let controller = tokio::spawn(bandwidth_controller::run(client));
+    let controller = tokio::spawn(bandwidth_controller::run(
+        client,
+        ReconcileMetrics::unregistered(),
+    ));
 
     let list = next(&mut server).await;
     assert_eq!(list.method, Method::GET);

@@ -18,6 +18,7 @@ use kube::runtime::watcher::Event;
 use kube::Client;
 use serde_json::{json, Value};
 use weft_crds::{WeftClusterwideNetworkPolicy, WeftNetworkPolicy};
+use weft_operator::metrics::ReconcileMetrics;
 use weft_operator::policy_controller::{self, reconcile, Context, PolicyObject, Settings};
 use weft_operator::policy_status::desired_status;
 
@@ -528,7 +529,11 @@ fn quick() -> Settings {
 }
 
 fn start(client: Client) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(policy_controller::run_with(client, quick()))
+    start_reporting(client, ReconcileMetrics::unregistered())
+}
+
+fn start_reporting(client: Client, metrics: ReconcileMetrics) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(policy_controller::run_with(client, quick(), metrics))
 }
 
 #[tokio::test]
@@ -536,11 +541,16 @@ async fn a_pod_label_change_leads_to_a_new_status_apply_and_an_unchanged_count_t
     let (client, handle) = client();
     let object = policy("WeftNetworkPolicy", "web", web(), None);
     let mut cluster = Cluster::new(handle, vec![object.clone()], vec![]);
-    let controllers = start(client);
+    let metrics = ReconcileMetrics::unregistered();
+    let controllers = start_reporting(client, metrics.clone());
 
     cluster.until_count(&object, 2).await;
     // Its own status change came back through the watch: nothing more to write.
     cluster.quiet_for(Duration::from_millis(800)).await;
+    assert!(
+        metrics.count("weftnetworkpolicy", true) >= 1,
+        "the reconciles are in the operator's metrics"
+    );
 
     cluster.modify(PODS, pod("shop", "db-1", json!({"app": "web"})));
     let apply = cluster.next_apply().await;
