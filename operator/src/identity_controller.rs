@@ -46,23 +46,26 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Patch, PatchParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
-use serde_json::{json, Value};
 use weft_core::cluster::ClusterId;
 use weft_core::identity::{
     make_identity, LabelFilter, SecurityLabels, FIRST_LOCAL_IDENTITY, LOCAL_IDENTITY_CAPACITY,
 };
-use weft_crds::identity::WeftIdentitySpec;
+use weft_crds::identity::{WeftIdentitySpec, WeftIdentityStatus};
 use weft_crds::{WeftEndpoint, WeftIdentity};
 
+use crate::conditions;
 pub use crate::identity_index::{
     labels_hash, preferred_local, IdentityIndex, KnownIdentity, LABELS_HASH_LABEL,
 };
 use crate::identity_index::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::identity_status::{self, Usage};
 use crate::metrics::Metrics;
 
 /// Whose writes these are (create and server-side apply).
@@ -269,26 +272,27 @@ pub fn error_policy(_pod: Arc<Pod>, error: &Error, _ctx: Arc<Context>) -> Action
     }
 }
 
-/// Server-side applies `status` to identity `id`; returns the object as written.
+/// Server-side applies the whole status `known` should carry with `usage` (conditions
+/// included: see `crate::identity_status`); returns the object as written.
 pub(crate) async fn write_status(
     ctx: &Context,
-    id: u32,
-    status: Value,
+    known: &KnownIdentity,
+    usage: Usage,
 ) -> Result<WeftIdentity, kube::Error> {
-    let patch = json!({
-        "apiVersion": "weft.io/v1alpha1",
-        "kind": "WeftIdentity",
-        "metadata": {"name": id.to_string()},
-        "status": status,
-    });
-    let written = ctx
-        .identity_api()
-        .patch_status(
-            &id.to_string(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+    let status =
+        identity_status::desired(known, ctx.config.cluster_id, usage, &Time(Timestamp::now()));
+    apply_status(ctx, known.id, &status).await
+}
+
+/// Server-side applies `status` (whole) to identity `id` and records the result in the index.
+pub(crate) async fn apply_status(
+    ctx: &Context,
+    id: u32,
+    status: &WeftIdentityStatus,
+) -> Result<WeftIdentity, kube::Error> {
+    let written =
+        conditions::apply_status(&ctx.identity_api(), &id.to_string(), "WeftIdentity", status)
+            .await?;
     ctx.identities.insert(&written);
     Ok(written)
 }
@@ -316,7 +320,7 @@ pub async fn ensure_identity(ctx: &Context, labels: &SecurityLabels) -> Result<u
                 return Ok(known.id);
             }
             // Back in use: say so, which also defeats a delete decided on the old version.
-            match write_status(ctx, known.id, json!({"endpoints": 1})).await {
+            match write_status(ctx, &known, Usage::in_use(1)).await {
                 Ok(_) => {
                     tracing::info!(identity = known.id, labels = %labels, "unused identity in use again");
                     return Ok(known.id);
@@ -386,9 +390,16 @@ async fn allocate(ctx: &Context, labels: &SecurityLabels) -> Result<Option<u32>,
         };
         match api.create(&params, &identity_object(id, labels)).await {
             Ok(created) => {
-                ctx.identities.insert(&created);
+                let known = ctx.identities.insert(&created);
                 ctx.metrics.identity.allocated.inc();
                 tracing::info!(identity = id, labels = %labels, "allocated identity");
+                // Conditions now rather than at the next garbage-collection pass, which also
+                // writes them if this fails: the identity is allocated either way.
+                if let Some(known) = known {
+                    if let Err(error) = write_status(ctx, &known, Usage::in_use(1)).await {
+                        tracing::warn!(identity = id, %error, "cannot write the new identity's status; the next garbage-collection pass will");
+                    }
+                }
                 return Ok(Some(id));
             }
             Err(error) if is_status(&error, 409) => {
@@ -509,6 +520,8 @@ pub async fn run(client: Client, config: IdentityConfig, metrics: Metrics) {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{json, Value};
+
     use super::*;
 
     fn namespace(name: &str, team: &str) -> Namespace {

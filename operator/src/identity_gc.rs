@@ -10,8 +10,10 @@
 //!    is not deleted (409, left for the next pass).
 //! 2. **Counting**: an identity's users are the pods whose security labels it stands for plus
 //!    the remaining endpoints naming it (`spec.identity`).
-//! 3. **Identities** (this cluster's only): the count goes to `status.endpoints`, written only
-//!    when it changed. An identity found without users gets `status.lastUsedTime` = now: the
+//! 3. **Identities** (this cluster's only): the count goes to `status.endpoints`, with the
+//!    conditions (`crate::identity_status`), written only when something changed; identities the
+//!    operator does not allocate (another cluster's range, a name that is not the number) get
+//!    only their `Valid=False` conditions. An identity found without users gets `status.lastUsedTime` = now: the
 //!    clock lives in the object, so an operator restart (or a new leader) does not restart it.
 //!    One unused for the grace period is deleted with a precondition on its uid and
 //!    resourceVersion: if it was taken into use again meanwhile, the allocator rewrote its
@@ -31,13 +33,13 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Preconditions};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use weft_core::identity::cluster_of;
 use weft_crds::WeftEndpoint;
 
 use crate::identity_controller::{
-    needs_identity, pod_security_labels, write_status, Context, Error,
+    apply_status, needs_identity, pod_security_labels, Context, Error,
 };
+use crate::identity_status::{self, Usage};
 
 /// The controller name in metrics.
 pub const CONTROLLER: &str = "identity-gc";
@@ -179,30 +181,22 @@ pub async fn collect_garbage(ctx: &Context, now: Timestamp) -> Result<GcReport, 
     }
 
     for known in ctx.identities.all() {
-        if cluster_of(known.id) != cluster.get() || !known.consistent {
-            continue;
-        }
-        let count = users.get(&known.id).copied().unwrap_or(0);
-        let status = known.status.clone().unwrap_or_default();
-        let written = if count > 0 {
-            if status.endpoints == Some(count) && status.last_used_time.is_none() {
-                continue;
-            }
-            report.identities_counted.push(known.id);
-            write_status(ctx, known.id, json!({"endpoints": count})).await
+        let ours = cluster_of(known.id) == cluster.get() && known.consistent;
+        let recorded = Usage::recorded(&known);
+        let usage = if !ours {
+            // Not an identity this operator allocates: only its conditions are written.
+            recorded.clone()
         } else {
-            match &status.last_used_time {
-                None => {
-                    report.identities_marked_unused.push(known.id);
-                    tracing::info!(identity = known.id, labels = %known.labels, grace = ?ctx.config.gc_grace, "identity unused; it will be deleted after the grace period");
-                    write_status(
-                        ctx,
-                        known.id,
-                        json!({"endpoints": 0, "lastUsedTime": Time(now)}),
-                    )
-                    .await
-                }
-                Some(since) if unused_for(since, now) >= ctx.config.gc_grace => {
+            match (
+                users.get(&known.id).copied().unwrap_or(0),
+                &recorded.last_used_time,
+            ) {
+                (count, _) if count > 0 => Usage::in_use(count),
+                (_, None) => Usage {
+                    endpoints: Some(0),
+                    last_used_time: Some(Time(now)),
+                },
+                (_, Some(since)) if unused_for(since, now) >= ctx.config.gc_grace => {
                     match delete_identity(ctx, &known).await {
                         Ok(true) => report.identities_deleted.push(known.id),
                         Ok(false) => {}
@@ -213,10 +207,23 @@ pub async fn collect_garbage(ctx: &Context, now: Timestamp) -> Result<GcReport, 
                     }
                     continue;
                 }
-                Some(_) => continue,
+                (_, Some(since)) => Usage {
+                    endpoints: Some(0),
+                    last_used_time: Some(since.clone()),
+                },
             }
         };
-        if let Err(source) = written {
+        let status = identity_status::desired(&known, cluster, usage.clone(), &Time(now));
+        if !identity_status::differs(&known, &status) {
+            continue;
+        }
+        if usage.last_used_time.is_some() && recorded.last_used_time.is_none() {
+            report.identities_marked_unused.push(known.id);
+            tracing::info!(identity = known.id, labels = %known.labels, grace = ?ctx.config.gc_grace, "identity unused; it will be deleted after the grace period");
+        } else if usage != recorded {
+            report.identities_counted.push(known.id);
+        }
+        if let Err(source) = apply_status(ctx, known.id, &status).await {
             if api_code(&source) == Some(404) {
                 ctx.identities.remove(known.id);
                 continue;

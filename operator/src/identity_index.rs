@@ -18,7 +18,7 @@ use kube::{Api, ResourceExt};
 use siphasher::sip128::SipHasher13;
 use weft_core::cluster::ClusterId;
 use weft_core::identity::{
-    cluster_of, SecurityLabels, FIRST_LOCAL_IDENTITY, LOCAL_IDENTITY_CAPACITY,
+    cluster_of, SecurityLabels, FIRST_LOCAL_IDENTITY, LOCAL_IDENTITY_CAPACITY, LOCAL_IDENTITY_MASK,
 };
 use weft_crds::identity::WeftIdentityStatus;
 use weft_crds::WeftIdentity;
@@ -70,9 +70,12 @@ pub struct KnownIdentity {
     pub uid: Option<String>,
     pub resource_version: Option<String>,
     pub status: Option<WeftIdentityStatus>,
-    /// `spec.id` agrees with the name. An object that does not still occupies its name (a create
-    /// with that name fails) but stands for no label set here.
+    /// `spec.id` agrees with the name and is not a reserved number. An object that does not
+    /// still occupies its name (a create with that name fails) but stands for no label set here.
     pub consistent: bool,
+    /// `spec.id` as written (differs from `id` in an inconsistent object).
+    pub spec_id: i64,
+    pub generation: Option<i64>,
 }
 
 impl KnownIdentity {
@@ -84,12 +87,13 @@ impl KnownIdentity {
             // "0256" and the like: not a name this operator gives.
             return None;
         }
-        let consistent = object.spec.id == i64::from(id);
+        let consistent =
+            object.spec.id == i64::from(id) && id & LOCAL_IDENTITY_MASK >= FIRST_LOCAL_IDENTITY;
         if !consistent {
             tracing::warn!(
                 name,
                 spec_id = object.spec.id,
-                "WeftIdentity whose spec.id is not its name; ignored for allocation"
+                "WeftIdentity whose spec.id is not its name or is a reserved number; ignored for allocation"
             );
         }
         Some(Self {
@@ -99,6 +103,8 @@ impl KnownIdentity {
             resource_version: object.metadata.resource_version.clone(),
             status: object.status.clone(),
             consistent,
+            spec_id: object.spec.id,
+            generation: object.metadata.generation,
         })
     }
 

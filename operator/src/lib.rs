@@ -6,6 +6,7 @@ pub mod global_service_controller;
 pub mod identity_controller;
 pub mod identity_gc;
 pub mod identity_index;
+pub mod identity_status;
 pub mod leader;
 pub mod metrics;
 pub mod peering_controller;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use http::Method;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::Event;
@@ -23,7 +24,8 @@ use weft_operator::identity_controller::{
     self, labels_hash, preferred_local, Context, IdentityConfig, IdentityIndex, LABELS_HASH_LABEL,
 };
 use weft_operator::identity_gc::{collect_garbage, GcReport};
-use weft_operator::identity_index;
+use weft_operator::identity_index::{self, KnownIdentity};
+use weft_operator::identity_status::{self, Usage};
 use weft_operator::metrics::Metrics;
 
 use support::{mock_client, status, stored, ApiServer};
@@ -85,6 +87,20 @@ fn identity_json(id: u32, labels: &SecurityLabels, status: Option<Value>) -> Val
 
 fn identity(id: u32, labels: &SecurityLabels, status: Option<Value>) -> WeftIdentity {
     serde_json::from_value(identity_json(id, labels, status)).expect("identity")
+}
+
+/// An identity whose status is what the operator last wrote: `usage` (the `endpoints` and
+/// `lastUsedTime` fields) and the conditions that go with it.
+fn settled(id: u32, labels: &SecurityLabels, usage: Value) -> WeftIdentity {
+    let mut object = identity(id, labels, Some(usage));
+    let known = KnownIdentity::from_object(&object).expect("one of ours");
+    object.status = Some(identity_status::desired(
+        &known,
+        cluster(),
+        Usage::recorded(&known),
+        &Time(Timestamp::now()),
+    ));
+    object
 }
 
 fn endpoint(namespace: &str, name: &str, identity: u32, owner_uid: Option<&str>) -> WeftEndpoint {
@@ -188,6 +204,45 @@ fn assert_create(call: &support::Call, id: u32, labels: &SecurityLabels) {
     );
 }
 
+/// The condition `type_` of a written status, as (status, reason).
+fn condition(status: &Value, type_: &str) -> (String, String) {
+    let found = status["conditions"]
+        .as_array()
+        .and_then(|conditions| conditions.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"));
+    (
+        found["status"].as_str().unwrap_or_default().to_owned(),
+        found["reason"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Right after a create the allocator applies the new identity's status: in use, Ready.
+async fn expect_status_of_new(server: &mut ApiServer, created: Value) {
+    let id = created["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_owned();
+    let call = server
+        .expect(Method::PATCH, &format!("{IDENTITIES}/{id}/status"))
+        .await;
+    assert_eq!(
+        call.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert_eq!(call.param("fieldManager").as_deref(), Some("weft-operator"));
+    assert!(call.body.get("spec").is_none(), "never a spec");
+    let status = call.body["status"].clone();
+    assert_eq!(status["endpoints"], 1);
+    assert_eq!(condition(&status, "Valid"), ("True".into(), "Valid".into()));
+    assert_eq!(
+        condition(&status, "Ready"),
+        ("True".into(), "Allocated".into())
+    );
+    let mut written = created;
+    written["status"] = status;
+    call.respond(200, written);
+}
+
 #[tokio::test]
 async fn a_new_pod_gets_a_weft_identity_created_with_a_post() {
     let Fixture { ctx, mut server } = fixture(vec![], vec![], vec![]);
@@ -213,7 +268,8 @@ async fn a_new_pod_gets_a_weft_identity_created_with_a_post() {
     let call = server.next().await;
     assert_create(&call, id, &labels);
     let created = stored(call.body.clone(), "uid-new", "101");
-    call.respond(201, created);
+    call.respond(201, created.clone());
+    expect_status_of_new(&mut server, created).await;
 
     running.await.expect("task").expect("reconcile");
     let known = ctx.identities.get(id).expect("recorded at once");
@@ -264,7 +320,8 @@ async fn a_409_on_create_rereads_and_takes_the_next_number() {
     let call = server.next().await;
     assert_create(&call, second, &labels);
     let created = stored(call.body.clone(), "uid-2", "102");
-    call.respond(201, created);
+    call.respond(201, created.clone());
+    expect_status_of_new(&mut server, created).await;
 
     running.await.expect("task").expect("reconcile");
     assert_eq!(
@@ -327,7 +384,8 @@ async fn a_number_the_cache_knows_is_taken_is_skipped_without_a_request() {
     let call = server.next().await;
     assert_create(&call, second, &labels);
     let created = stored(call.body.clone(), "uid-2", "102");
-    call.respond(201, created);
+    call.respond(201, created.clone());
+    expect_status_of_new(&mut server, created).await;
     running.await.expect("task").expect("reconcile");
 }
 
@@ -382,13 +440,17 @@ async fn an_identity_marked_unused_is_marked_in_use_again() {
         "server-side apply"
     );
     assert_eq!(call.param("fieldManager").as_deref(), Some("weft-operator"));
-    assert_eq!(
-        call.body["status"],
-        json!({"endpoints": 1}),
+    assert_eq!(call.body["status"]["endpoints"], 1);
+    assert!(
+        call.body["status"].get("lastUsedTime").is_none(),
         "lastUsedTime removed"
     );
+    assert_eq!(
+        condition(&call.body["status"], "Ready"),
+        ("True".into(), "Allocated".into())
+    );
     assert!(call.body.get("spec").is_none());
-    let mut written = identity_json(id, &labels, Some(json!({"endpoints": 1})));
+    let mut written = identity_json(id, &labels, Some(call.body["status"].clone()));
     written["metadata"]["resourceVersion"] = json!("900");
     call.respond(200, written);
     running.await.expect("task").expect("reconcile");
@@ -415,11 +477,11 @@ async fn gc_deletes_an_identity_unused_past_the_grace_period_with_a_precondition
                 &shop_labels("old"),
                 Some(json!({"endpoints": 0, "lastUsedTime": ago(16)})),
             ),
-            identity(used, &shop_labels("web"), Some(json!({"endpoints": 1}))),
-            identity(
+            settled(used, &shop_labels("web"), json!({"endpoints": 1})),
+            settled(
                 recent,
                 &shop_labels("recent"),
-                Some(json!({"endpoints": 0, "lastUsedTime": ago(5)})),
+                json!({"endpoints": 0, "lastUsedTime": ago(5)}),
             ),
         ],
     );
@@ -543,12 +605,16 @@ async fn gc_starts_the_clock_of_an_unused_identity_and_counts_used_ones() {
     let call = server
         .expect(Method::PATCH, &format!("{IDENTITIES}/{revived}/status"))
         .await;
-    assert_eq!(
-        call.body["status"],
-        json!({"endpoints": 2}),
-        "in use by two pods; the unused clock is removed"
+    assert_eq!(call.body["status"]["endpoints"], 2, "in use by two pods");
+    assert!(
+        call.body["status"].get("lastUsedTime").is_none(),
+        "the unused clock is removed"
     );
-    let body = identity_json(revived, &shop_labels("web"), Some(json!({"endpoints": 2})));
+    let body = identity_json(
+        revived,
+        &shop_labels("web"),
+        Some(call.body["status"].clone()),
+    );
     call.respond(200, body);
     let report = gc.await.expect("task").expect("gc");
     assert_eq!(report.identities_marked_unused, vec![fresh]);
@@ -567,11 +633,7 @@ async fn gc_deletes_the_endpoint_of_a_vanished_pod() {
             endpoint("shop", "web-3", id, None),
         ],
         // Users: pod web-1, endpoints web-1 and web-3 (web-2 is deleted).
-        vec![identity(
-            id,
-            &shop_labels("web"),
-            Some(json!({"endpoints": 3})),
-        )],
+        vec![settled(id, &shop_labels("web"), json!({"endpoints": 3}))],
     );
     let gc = tokio::spawn({
         let ctx = Arc::clone(&ctx);
@@ -662,4 +724,66 @@ async fn a_watch_ending_in_410_gone_relists_and_the_relist_replaces_the_index() 
         "deleted while the watch was down: gone after the relist"
     );
     feed.abort();
+}
+
+#[tokio::test]
+async fn gc_gives_identities_it_does_not_allocate_valid_false_once() {
+    let foreign = make_identity(ClusterId::new(4).expect("cluster ID"), 300);
+    let mismatched = make_identity(cluster(), 310);
+    let mut wrong = identity_json(mismatched, &shop_labels("db"), None);
+    wrong["spec"]["id"] = json!(mismatched + 1);
+    let Fixture { ctx, mut server } = fixture(
+        vec![],
+        vec![],
+        vec![
+            identity(foreign, &shop_labels("web"), None),
+            serde_json::from_value(wrong.clone()).expect("identity"),
+        ],
+    );
+    let run_gc = |ctx: Arc<Context>| {
+        tokio::spawn(async move {
+            collect_garbage(&ctx, Timestamp::now())
+                .await
+                .map_err(|e| e.to_string())
+        })
+    };
+    let gc = run_gc(Arc::clone(&ctx));
+    let mut written = Vec::new();
+    for _ in 0..2 {
+        let call = server.next().await;
+        assert_eq!(call.method, Method::PATCH);
+        let status = call.body["status"].clone();
+        let (id, object) = if call.path.ends_with(&format!("/{foreign}/status")) {
+            assert_eq!(
+                condition(&status, "Valid"),
+                ("False".into(), "OtherCluster".into())
+            );
+            (foreign, identity_json(foreign, &shop_labels("web"), None))
+        } else {
+            assert_eq!(call.path, format!("{IDENTITIES}/{mismatched}/status"));
+            assert_eq!(
+                condition(&status, "Valid"),
+                ("False".into(), "NameMismatch".into())
+            );
+            (mismatched, wrong.clone())
+        };
+        assert_eq!(
+            condition(&status, "Stalled"),
+            ("True".into(), condition(&status, "Valid").1)
+        );
+        assert!(status.get("endpoints").is_none(), "not counted: not ours");
+        let mut object = object;
+        object["status"] = status;
+        object["metadata"]["resourceVersion"] = json!("500");
+        call.respond(200, object);
+        written.push(id);
+    }
+    written.sort_unstable();
+    assert_eq!(written, vec![mismatched, foreign]);
+    let report = gc.await.expect("task").expect("gc");
+    assert!(report.identities_deleted.is_empty(), "never collected");
+    // The next pass finds the conditions current: no write.
+    let gc = run_gc(Arc::clone(&ctx));
+    gc.await.expect("task").expect("gc");
+    server.expect_nothing(Duration::from_millis(100)).await;
 }
