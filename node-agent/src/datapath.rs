@@ -358,6 +358,22 @@ impl Datapath {
         removed(IPCACHE, ipcache.remove(&key))
     }
 
+    /// Every ipcache entry (a restarted agent finds what the one before it wrote).
+    pub fn ipcache_entries(&mut self) -> Result<Vec<(Ipv4Net, IpcacheEntry)>, DatapathError> {
+        let ipcache: LpmTrie<_, u32, IpcacheEntry> = self.lpm_trie(IPCACHE)?;
+        let mut entries = Vec::new();
+        for item in ipcache.iter() {
+            let (key, entry) = item.map_err(map_error(IPCACHE))?;
+            let prefix = u8::try_from(key.prefix_len())
+                .ok()
+                .and_then(|len| Ipv4Net::new(Ipv4Addr::from(u32::from_be(key.data())), len).ok());
+            if let Some(prefix) = prefix {
+                entries.push((prefix, entry));
+            }
+        }
+        Ok(entries)
+    }
+
     pub fn upsert_peer_set(&mut self, identity: u32, set: PeerSet) -> Result<(), DatapathError> {
         self.hash_map(POLICY_PEER_SETS)?
             .insert(identity, set, 0)

@@ -9,6 +9,7 @@ pub mod kernel;
 pub mod kubernetes;
 pub mod netlink;
 pub mod node;
+pub mod peers;
 pub mod policy;
 pub mod services;
 pub mod unix_socket;

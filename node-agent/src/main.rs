@@ -18,16 +18,16 @@ use weft_agent::flows::reader::{self, FlowPipeline};
 use weft_agent::flows::store::FlowStore;
 use weft_agent::kubernetes::{self, cni_install, Mode, RequestedMode};
 use weft_agent::node::{NodeAgent, NodeSettings};
+use weft_agent::peers::{self, LocalNode, PeerNode, PeerRouting, PeerSync};
 use weft_agent::services::ServiceEngine;
 use weft_agent::{kernel, netlink};
 use weft_core::admin::Readiness;
 use weft_core::cluster::ClusterArgs;
 use weft_core::daemon::{shutdown_signal, start_admin};
-use weft_core::identity::ReservedIdentity;
 use weft_core::policy::model::EnforcementMode;
 use weft_core::service::maglev::TableSize;
 use weft_core::telemetry::LogArgs;
-use weft_node_bpf::maps::{IpcacheEntry, NodeConfig, RoutingMode as MapRoutingMode};
+use weft_node_bpf::maps::{NodeConfig, RoutingMode as MapRoutingMode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum RoutingMode {
@@ -58,27 +58,6 @@ const TUNNEL_OVERHEAD: u32 = 50;
 const NODE_READ_ATTEMPTS: u32 = 30;
 const NODE_READ_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Another node: where its pods live and how to reach it.
-#[derive(Clone, Debug)]
-struct Peer {
-    node_ip: Ipv4Addr,
-    pod_cidr: Ipv4Net,
-}
-
-impl std::str::FromStr for Peer {
-    type Err = String;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let (ip, cidr) = value
-            .split_once('=')
-            .ok_or_else(|| format!("{value:?}: write a peer as NODE_IP=POD_CIDR"))?;
-        Ok(Self {
-            node_ip: ip.parse().map_err(|e| format!("{ip:?}: {e}"))?,
-            pod_cidr: cidr.parse().map_err(|e| format!("{cidr:?}: {e}"))?,
-        })
-    }
-}
-
 /// Runs on every node: wires pods (CNI), programs the eBPF datapath, enforces policy, balances
 /// services and reports flows. In Kubernetes mode it learns the cluster from the API server;
 /// in local mode from files the sandbox keeps current.
@@ -91,7 +70,7 @@ struct Args {
     cluster: ClusterArgs,
     /// Where the cluster's state comes from: `kubernetes` (the API server), `local` (the files
     /// below), or `auto`: Kubernetes when a kubeconfig is given or the agent runs in a pod and
-    /// none of --endpoint-directory, --policy-file, --service-file is given.
+    /// none of --endpoint-directory, --policy-file, --service-file, --peers-file is given.
     #[arg(long, value_enum, default_value_t = RequestedMode::Auto)]
     mode: RequestedMode,
     /// A kubeconfig to run against a cluster from outside it; in a pod, the in-cluster
@@ -116,10 +95,17 @@ struct Args {
     /// Default: in Kubernetes mode the device holding the node's address, else `eth0`.
     #[arg(long)]
     uplink: Option<String>,
-    /// Another node, as NODE_IP=POD_CIDR (repeatable). In local mode the sandbox passes every
-    /// node; in Kubernetes mode they come from the Node objects (and these are added).
-    #[arg(long = "peer")]
-    peers: Vec<Peer>,
+    /// Another node, as NODE_IP=POD_CIDR (repeatable): a static peer, wired for as long as the
+    /// agent runs, in addition to those of --peers-file (and of the Node objects in Kubernetes
+    /// mode). A pod CIDR claimed by a flag and by the file goes to the flag's node.
+    #[arg(long = "peer", value_parser = peers::parse_peer_flag)]
+    peers: Vec<PeerNode>,
+    /// A JSON list of the other nodes (`[{"name", "nodeIP", "podCIDR"}]`; an entry with this
+    /// node's address is skipped), re-read whenever it is replaced: nodes that join, leave or
+    /// change are wired and unwired as it changes. Kept current by the sandbox in local mode;
+    /// Kubernetes mode writes it from the Node objects.
+    #[arg(long)]
+    peers_file: Option<PathBuf>,
     /// Where bpffs is mounted; maps and links are pinned below it in `weft/`.
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
@@ -190,6 +176,7 @@ async fn main() -> anyhow::Result<()> {
         ("--endpoint-directory", args.endpoint_directory.is_some()),
         ("--policy-file", args.policy_file.is_some()),
         ("--service-file", args.service_file.is_some()),
+        ("--peers-file", args.peers_file.is_some()),
     ]
     .into_iter()
     .filter_map(|(flag, given)| given.then_some(flag))
@@ -226,7 +213,6 @@ async fn main() -> anyhow::Result<()> {
     for (what, consequence) in report.missing() {
         tracing::error!(missing = what, "{consequence}");
     }
-    let mut peers = args.peers.clone();
     let mut cluster = None;
     let (pod_cidr, node_ip, detected) = match mode {
         Mode::Local => {
@@ -246,14 +232,18 @@ async fn main() -> anyhow::Result<()> {
                 NODE_READ_INTERVAL,
             )
             .await?;
+            // The Node watch keeps the peers file current, but the first peer pass runs before
+            // it has listed: that pass also removes what the pinned ipcache holds for peers
+            // not in the file, so with the file of an earlier run (nodes gone or added while
+            // the agent was down) or none (first start, state directory lost) it would unwire
+            // live nodes or miss new ones until the watch catches up. One LIST, written to the
+            // file before the watches start, closes that gap; the watch then rewrites it.
             let listed = kubernetes::node::list_peers(&client, &args.node_name).await?;
-            for (node_ip, pod_cidr) in &listed {
-                if !peers.iter().any(|peer| peer.node_ip == *node_ip) {
-                    peers.push(Peer {
-                        node_ip: *node_ip,
-                        pod_cidr: *pod_cidr,
-                    });
-                }
+            let paths = kubernetes::FilePaths::under(&args.state_dir);
+            if let Err(error) =
+                kubernetes::write_atomically(&paths.peers_file, &peers::to_file_bytes(&listed))
+            {
+                tracing::warn!(%error, path = %paths.peers_file.display(), "cannot write the peers file; the first pass uses what it held");
             }
             tracing::info!(
                 pod_cidr = %addressing.pod_cidr,
@@ -262,10 +252,10 @@ async fn main() -> anyhow::Result<()> {
                 "read this node and its peers from the cluster"
             );
             // The watches keep the engines' files current (see the kubernetes module).
-            let paths = kubernetes::FilePaths::under(&args.state_dir);
             args.endpoint_directory = Some(paths.endpoint_directory.clone());
             args.policy_file = Some(paths.policy_file.clone());
             args.service_file = Some(paths.service_file.clone());
+            args.peers_file = Some(paths.peers_file.clone());
             let watches = kubernetes::watch::start(
                 client.clone(),
                 kubernetes::watch::WatchSettings {
@@ -282,7 +272,7 @@ async fn main() -> anyhow::Result<()> {
                 // The image's init container may have installed it; pods fail visibly if not.
                 Err(error) => tracing::warn!(%error, "CNI plugin not installed"),
             }
-            cluster = Some((client, watches, listed));
+            cluster = Some((client, watches));
             let detected = if args.uplink.is_none() || args.mtu.is_none() {
                 match kubernetes::uplink::device_with_address(addressing.node_ip).await {
                     Ok(Some(device)) => Some(device),
@@ -350,28 +340,21 @@ async fn main() -> anyhow::Result<()> {
     datapath
         .attach_network(&uplink)
         .with_context(|| format!("attaching to the uplink {uplink}"))?;
-    for peer in &peers {
-        if peer.node_ip == node_ip {
-            continue;
-        }
-        datapath.upsert_ipcache(
-            peer.pod_cidr,
-            IpcacheEntry {
-                identity: ReservedIdentity::Unknown.id(),
-                tunnel_endpoint: u32::from(peer.node_ip).to_be(),
-            },
-        )?;
-        // The kernel needs the way too: for FIB lookups and the fallback path in native mode,
-        // and in tunnel mode for the node's own traffic to remote pods (and replies to them),
-        // which to_tunnel addresses.
-        match args.routing_mode {
-            RoutingMode::Native => netlink::route_via(peer.pod_cidr, peer.node_ip).await?,
-            RoutingMode::Tunnel => {
-                netlink::route_dev(peer.pod_cidr, tunnel_ifindex, node_ip).await?
-            }
-        }
-        tracing::info!(pod_cidr = %peer.pod_cidr, node_ip = %peer.node_ip, "peer node known");
-    }
+    // Peers get an ipcache entry and a route (see the peers module): the kernel needs the way
+    // too, for FIB lookups and the fallback path in native mode, and in tunnel mode for the
+    // node's own traffic to remote pods (and replies to them), which to_tunnel addresses.
+    let peer_sync = PeerSync::new(
+        LocalNode { node_ip, pod_cidr },
+        args.peers.clone(),
+        args.peers_file.clone(),
+    );
+    let peer_routing = match args.routing_mode {
+        RoutingMode::Native => PeerRouting::Native,
+        RoutingMode::Tunnel => PeerRouting::Tunnel {
+            ifindex: tunnel_ifindex,
+            source: node_ip,
+        },
+    };
 
     let pod_mtu = match args.routing_mode {
         RoutingMode::Native => mtu,
@@ -405,7 +388,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!(%error, "the Observe API stopped");
         }
     });
-    let agent = NodeAgent::open(
+    let mut agent = NodeAgent::open(
         NodeSettings {
             state_dir: args.state_dir.clone(),
             pod_cidr,
@@ -426,15 +409,14 @@ async fn main() -> anyhow::Result<()> {
                 table_size,
                 args.maglev_seed,
             ),
-            peers: peers
-                .iter()
-                .filter(|peer| peer.node_ip != node_ip)
-                .map(|peer| (peer.node_ip, peer.pod_cidr))
-                .collect(),
+            peers: peer_sync,
+            peer_routing,
         },
         datapath,
     )
     .context("opening the node's state")?;
+    // Peers are wired before the first pod is: a pod that starts now reaches every known node.
+    agent.sync_peers().await;
     let agent = Arc::new(tokio::sync::Mutex::new(agent));
     // Identities come from the cluster (the sandbox's directory in local mode); apply them to
     // this node's endpoints as they are assigned or change.
@@ -445,6 +427,8 @@ async fn main() -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 let mut agent = agent.lock().await;
+                // Peers first: the policy pass then sees the peer set they left.
+                agent.sync_peers().await;
                 if let Err(error) = tokio::task::block_in_place(|| agent.sync_identities()) {
                     tracing::warn!(%error, "cannot apply endpoint identities");
                 }
@@ -464,10 +448,10 @@ async fn main() -> anyhow::Result<()> {
     let mut cluster_tasks = Vec::new();
     match cluster {
         None => readiness.set_ready(kernel_ready),
-        Some((client, mut watches, listed)) => {
+        Some((client, mut watches)) => {
             cluster_tasks.push(tokio::spawn(
                 kubernetes::endpoints::Publisher {
-                    client: client.clone(),
+                    client,
                     node: args.node_name.clone(),
                     records_dir: args.state_dir.join("endpoints"),
                     pods: watches.local_pods.clone(),
@@ -475,11 +459,6 @@ async fn main() -> anyhow::Result<()> {
                 }
                 .run(),
             ));
-            cluster_tasks.push(tokio::spawn(kubernetes::node::warn_on_peer_changes(
-                client,
-                args.node_name.clone(),
-                listed,
-            )));
             // The runtime sends pods here once the conflist exists: only when the agent
             // answers on its socket and knows the cluster's identities and policies.
             let synced = watches.synced();

@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 use nix::sched::{setns, CloneFlags};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourState;
-use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
 use rtnetlink::{new_connection, Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,10 @@ fn errno(error: &rtnetlink::Error) -> Option<i32> {
 
 fn is_no_device(error: &rtnetlink::Error) -> bool {
     errno(error) == Some(nix::errno::Errno::ENODEV as i32)
+}
+
+fn is_no_such_route(error: &rtnetlink::Error) -> bool {
+    errno(error) == Some(nix::errno::Errno::ESRCH as i32)
 }
 
 /// A handle in the calling thread's namespace; needs a Tokio runtime with IO enabled.
@@ -305,6 +309,39 @@ pub async fn route_via(destination: Ipv4Net, gateway: Ipv4Addr) -> Result<(), Ne
         .execute()
         .await
         .map_err(request(format!("routing {destination} via {gateway}")))
+}
+
+/// Where a route sends its traffic: what [`route_del`] matches besides the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteNextHop {
+    /// Through this gateway ([`route_via`]).
+    Gateway(Ipv4Addr),
+    /// Out of the device with this index ([`route_dev`]).
+    Device(u32),
+}
+
+/// Removes the main table's route to `destination` through `next_hop` in the calling thread's
+/// namespace; a route to the same destination elsewhere is left alone. Returns whether there
+/// was one (removing a route that is gone is not an error).
+pub async fn route_del(destination: Ipv4Net, next_hop: RouteNextHop) -> Result<bool, NetlinkError> {
+    let node = handle_here()?;
+    let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(destination.network(), destination.prefix_len())
+        // Any scope and protocol: as `ip route del`, match on destination and next hop.
+        .scope(RouteScope::NoWhere)
+        .protocol(RouteProtocol::Unspec);
+    route = match next_hop {
+        RouteNextHop::Gateway(gateway) => route.gateway(gateway),
+        RouteNextHop::Device(ifindex) => route.output_interface(ifindex),
+    };
+    match node.route().del(route.build()).execute().await {
+        Ok(()) => Ok(true),
+        Err(error) if is_no_such_route(&error) => Ok(false),
+        Err(source) => Err(NetlinkError::Request {
+            what: format!("removing the route to {destination} ({next_hop:?})"),
+            source,
+        }),
+    }
 }
 
 /// The VXLAN device tunnel mode sends through: external (collect-metadata) mode, so the

@@ -16,6 +16,7 @@ use crate::datapath::{Datapath, DatapathError};
 use crate::flows::directory::{Directory, EndpointMeta};
 use crate::flows::enrich::Origin;
 use crate::ipam::{Ipam, IpamError};
+use crate::peers::{KernelPeers, PeerRouting, PeerSync};
 use crate::policy::{PolicyEngine, PolicyInputs};
 use crate::services::ServiceEngine;
 use std::sync::{Arc, Mutex};
@@ -60,7 +61,10 @@ pub struct NodeAgent {
     policy: PolicyEngine,
     services: ServiceEngine,
     node_ip: Ipv4Addr,
+    /// (node IP, pod CIDR) of every other node, as [`PeerSync`] last reported them.
     peers: Vec<(Ipv4Addr, Ipv4Net)>,
+    peer_sync: PeerSync,
+    peer_routing: PeerRouting,
 }
 
 /// What the node agent is configured with.
@@ -79,8 +83,10 @@ pub struct NodeSettings {
     /// Where the compiled policy in force is published (for naming rules in flows).
     pub policy_in_force: Arc<Mutex<Option<weft_core::policy::compile::Compiled>>>,
     pub node_ip: Ipv4Addr,
-    /// (node IP, pod CIDR) of every other node.
-    pub peers: Vec<(Ipv4Addr, Ipv4Net)>,
+    /// Wires the other nodes (static peers and the peers file); see [`NodeAgent::sync_peers`].
+    pub peers: PeerSync,
+    /// How routes to the other nodes' pods go.
+    pub peer_routing: PeerRouting,
     /// Balances the cluster's services (local mode: from a file the sandbox keeps current).
     pub services: ServiceEngine,
 }
@@ -88,7 +94,24 @@ pub struct NodeSettings {
 impl NodeAgent {
     /// Opens the node's persisted state in `state_dir` and writes every known endpoint into the
     /// (possibly already pinned) maps again, so the datapath matches the records.
-    pub fn open(settings: NodeSettings, datapath: Datapath) -> Result<Self, NodeError> {
+    pub fn open(settings: NodeSettings, mut datapath: Datapath) -> Result<Self, NodeError> {
+        let mut peer_sync = settings.peers;
+        // Before the policy engine writes anything: what it owns must not be taken for peers.
+        match datapath.ipcache_entries() {
+            Ok(entries) => {
+                let adopted = peer_sync.adopt(entries);
+                if adopted > 0 {
+                    tracing::info!(
+                        peers = adopted,
+                        "found peer nodes wired by a previous run; those no longer wanted are removed on the first pass"
+                    );
+                }
+            }
+            Err(error) => tracing::error!(
+                %error,
+                "cannot read the ipcache: peer nodes a previous run wired and that left since stay wired"
+            ),
+        }
         let ipam = Ipam::open(settings.state_dir.join("ipam.json"), settings.pod_cidr)?;
         let records_dir = settings.state_dir.join("endpoints");
         let mut endpoints = BTreeMap::new();
@@ -122,7 +145,9 @@ impl NodeAgent {
                 Some(settings.state_dir.join(crate::policy::ENFORCEMENT_REPORT)),
             ),
             node_ip: settings.node_ip,
-            peers: settings.peers,
+            peers: Vec::new(),
+            peer_sync,
+            peer_routing: settings.peer_routing,
             services: settings.services,
         };
         let adopted: Vec<EndpointRecord> = agent.endpoints.values().cloned().collect();
@@ -248,6 +273,21 @@ impl NodeAgent {
             self.endpoints.insert(container_id.clone(), record);
         }
         Ok(assigned.len())
+    }
+
+    /// Brings the other nodes' ipcache entries and routes in line with the static peers and
+    /// the peers file (see [`crate::peers`]); failures are logged and tried again on the next
+    /// call. When the peer set changed, the next [`Self::sync_policy`] recomputes the
+    /// remote-node identities and remote pods' tunnel endpoints.
+    pub async fn sync_peers(&mut self) {
+        let mut dataplane = KernelPeers {
+            datapath: &mut self.datapath,
+            routing: self.peer_routing,
+        };
+        if let Some(peers) = self.peer_sync.sync(&mut dataplane).await {
+            tracing::info!(peers = peers.len(), "peer nodes in force");
+            self.peers = peers;
+        }
     }
 
     /// Brings policy enforcement in line with the cluster's policies, identities and this

@@ -177,6 +177,7 @@ impl PolicyEngine {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             inputs.directory_generation.hash(&mut hasher);
             inputs.local.hash(&mut hasher);
+            inputs.peers.hash(&mut hasher);
             self.file.inode().hash(&mut hasher);
             hasher.finish()
         };

@@ -3,7 +3,7 @@
 //! changed, and never half-read.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde_json::Value;
@@ -12,6 +12,9 @@ pub struct WatchedFile {
     path: Option<PathBuf>,
     /// Inode and modification time of the version last read: a replaced file has a new inode.
     version: Option<(u64, SystemTime)>,
+    /// The version last read could not be used: it is read again on every call (a writer that
+    /// rewrites the file in place may not have finished), but warned about only once.
+    unreadable: bool,
 }
 
 impl WatchedFile {
@@ -20,7 +23,13 @@ impl WatchedFile {
         Self {
             path,
             version: None,
+            unreadable: false,
         }
+    }
+
+    /// The file watched, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// The objects, when the file changed since the last call; `None` when it did not (or is
@@ -31,23 +40,67 @@ impl WatchedFile {
         let version = std::fs::metadata(path)
             .and_then(|m| Ok((m.ino(), m.modified()?)))
             .ok();
-        if version == self.version {
+        if version == self.version && !self.unreadable {
             return None;
         }
-        let objects = match std::fs::read(path).map(|bytes| serde_json::from_slice(&bytes)) {
-            Ok(Ok(objects)) => objects,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, path = %path.display(), "{what} file unreadable; keeping what is in force");
-                return None;
-            }
-            Err(_) => Vec::new(),
-        };
+        let new_version = version != self.version;
+        // Remember the version even when it cannot be used, so that the next one is compared
+        // with the file that is there (whose inode the next replacement cannot reuse).
         self.version = version;
-        Some(objects)
+        let problem = match std::fs::read(path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(objects) => {
+                    self.unreadable = false;
+                    return Some(objects);
+                }
+                Err(error) => error.to_string(),
+            },
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                self.unreadable = false;
+                return Some(Vec::new());
+            }
+            Err(error) => error.to_string(),
+        };
+        if new_version || !self.unreadable {
+            tracing::warn!(error = %problem, path = %path.display(), "{what} file unreadable; keeping what is in force");
+        }
+        self.unreadable = true;
+        None
     }
 
     /// The inode of the version read (changes whenever the file is replaced).
     pub fn inode(&self) -> Option<u64> {
         self.version.map(|(inode, _)| inode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_file_is_read_once_and_a_broken_one_keeps_nothing_new() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("objects.json");
+        let mut file = WatchedFile::new(Some(path.clone()));
+        assert_eq!(
+            file.changed_objects("test"),
+            None,
+            "no file yet, nothing new"
+        );
+        crate::kubernetes::write_atomically(&path, b"[1]").expect("write");
+        assert_eq!(file.changed_objects("test"), Some(vec![Value::from(1)]));
+        assert_eq!(file.changed_objects("test"), None, "read once");
+        crate::kubernetes::write_atomically(&path, b"[2").expect("write");
+        assert_eq!(file.changed_objects("test"), None, "broken");
+        assert_eq!(file.changed_objects("test"), None, "still broken");
+        crate::kubernetes::write_atomically(&path, b"[3]").expect("write");
+        assert_eq!(file.changed_objects("test"), Some(vec![Value::from(3)]));
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(
+            file.changed_objects("test"),
+            Some(vec![]),
+            "gone: no objects"
+        );
     }
 }

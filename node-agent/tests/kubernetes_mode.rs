@@ -22,6 +22,7 @@ use weft_agent::flows::directory::EndpointMeta;
 use weft_agent::kubernetes::files::{self, DirectoryInputs};
 use weft_agent::kubernetes::{cni_install, endpoints, node, watch, FilePaths};
 use weft_agent::node::EndpointRecord;
+use weft_agent::peers::PeerNode;
 use weft_crds::{
     GlobalService, WeftClusterwideNetworkPolicy, WeftEndpoint, WeftIdentity, WeftNetworkPolicy,
 };
@@ -204,11 +205,133 @@ async fn other_nodes_become_peers_from_a_list() {
     api.await.expect("api server");
     assert_eq!(
         peers,
-        vec![(
-            "192.168.7.2".parse().unwrap(),
-            "10.244.1.0/24".parse().unwrap()
-        )]
+        vec![PeerNode {
+            name: "node-b".into(),
+            node_ip: "192.168.7.2".parse().unwrap(),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+        }]
     );
+}
+
+/// Answers a held WATCH with `events` (the body ends after them: the watcher watches again from
+/// the last version, as after a server-side timeout).
+fn watch_events(events: &[Value]) -> Response<Body> {
+    let mut bytes = Vec::new();
+    for event in events {
+        bytes.extend(serde_json::to_vec(event).expect("json"));
+        bytes.push(b'\n');
+    }
+    Response::builder()
+        .body(Body::from(bytes))
+        .expect("response")
+}
+
+/// The peers file's (name, node IP, pod CIDR) once it reads as `expected` (within 5 s).
+async fn peers_file_becomes(path: &std::path::Path, expected: &[(&str, &str, &str)]) {
+    let expected: Vec<(String, String, String)> = expected
+        .iter()
+        .map(|(name, ip, cidr)| (name.to_string(), ip.to_string(), cidr.to_string()))
+        .collect();
+    let read = || -> Vec<(String, String, String)> {
+        let objects: Vec<Value> = std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        // The agent's own parser reads it.
+        weft_agent::peers::parse_peers(&objects)
+            .expect("a valid peers file")
+            .into_iter()
+            .map(|peer| {
+                (
+                    peer.name,
+                    peer.node_ip.to_string(),
+                    peer.pod_cidr.to_string(),
+                )
+            })
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while read() != expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the peers file is {:?}, expected {expected:?}",
+            read()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_node_watch_keeps_the_peers_file_current_as_nodes_join_change_and_leave() {
+    let (client, mut server) = mock_client();
+    let state = tempfile::tempdir().expect("tempdir");
+    let path = FilePaths::under(state.path()).peers_file;
+    let (tasks, synced) = watch::peers_file(client, "node-a", path.clone());
+
+    let (list, send) = server.next_request().await.expect("LIST nodes");
+    assert_eq!(list.uri().path(), "/api/v1/nodes");
+    assert!(!list
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .contains("watch=true"));
+    send.send_response(ok(&json!({
+        "apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "10"},
+        "items": [
+            node_object("node-a", &["10.244.0.0/24"], Some("192.168.7.1")),
+            node_object("node-b", &["10.244.1.0/24"], Some("192.168.7.2")),
+            // Registered, no pod CIDR yet.
+            node_object("node-c", &[], Some("192.168.7.3")),
+        ],
+    })));
+    tokio::time::timeout(Duration::from_secs(5), synced)
+        .await
+        .expect("the file is written once the nodes are listed")
+        .expect("writer alive");
+    peers_file_becomes(&path, &[("node-b", "192.168.7.2", "10.244.1.0/24")]).await;
+
+    // An autoscaled node joins, and node-c gets its pod CIDR.
+    let (watch_request, send) = server.next_request().await.expect("WATCH nodes");
+    let query = watch_request.uri().query().unwrap_or_default().to_owned();
+    assert!(query.contains("watch=true"), "{query}");
+    assert!(query.contains("resourceVersion=10"), "{query}");
+    send.send_response(watch_events(&[
+        json!({"type": "ADDED", "object": node_object("gpu-7", &["10.244.7.0/24"], Some("192.168.7.7"))}),
+        json!({"type": "MODIFIED", "object": node_object("node-c", &["10.244.3.0/24"], Some("192.168.7.3"))}),
+    ]));
+    peers_file_becomes(
+        &path,
+        &[
+            ("gpu-7", "192.168.7.7", "10.244.7.0/24"),
+            ("node-b", "192.168.7.2", "10.244.1.0/24"),
+            ("node-c", "192.168.7.3", "10.244.3.0/24"),
+        ],
+    )
+    .await;
+
+    // node-b leaves, gpu-7 comes back with another address.
+    let (watch_request, send) = server.next_request().await.expect("WATCH nodes again");
+    assert!(watch_request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .contains("watch=true"));
+    send.send_response(watch_events(&[
+        json!({"type": "DELETED", "object": node_object("node-b", &["10.244.1.0/24"], Some("192.168.7.2"))}),
+        json!({"type": "MODIFIED", "object": node_object("gpu-7", &["10.244.7.0/24"], Some("192.168.7.77"))}),
+    ]));
+    peers_file_becomes(
+        &path,
+        &[
+            ("gpu-7", "192.168.7.77", "10.244.7.0/24"),
+            ("node-c", "192.168.7.3", "10.244.3.0/24"),
+        ],
+    )
+    .await;
+    let (_held, _send) = server.next_request().await.expect("watching on");
+    for task in tasks {
+        task.abort();
+    }
 }
 
 // --- The pod watch --------------------------------------------------------------------------
@@ -499,6 +622,13 @@ async fn the_watches_write_the_engines_files_once_everything_is_listed() {
     let (weft, clusterwide, kubernetes) = policies();
     let lists = BTreeMap::from([
         (
+            "/api/v1/nodes",
+            json!([
+                node_object("node-a", &["10.244.0.0/24"], Some("192.168.7.1")),
+                node_object("node-b", &["10.244.1.0/24"], Some("192.168.7.2")),
+            ]),
+        ),
+        (
             "/api/v1/pods",
             json!([pod_object(
                 "ml",
@@ -575,6 +705,13 @@ async fn the_watches_write_the_engines_files_once_everything_is_listed() {
             .expect("service JSON");
     assert_eq!(service_file.len(), 1);
     assert_eq!(service_file[0]["kind"], "Service");
+
+    let peers_file: Value =
+        serde_json::from_slice(&std::fs::read(&paths.peers_file).expect("peers")).expect("JSON");
+    assert_eq!(
+        peers_file,
+        json!([{"name": "node-b", "nodeIP": "192.168.7.2", "podCIDR": "10.244.1.0/24"}])
+    );
 
     for task in &watches.tasks {
         task.abort();

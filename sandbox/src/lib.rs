@@ -334,11 +334,19 @@ impl Sandbox {
         if let Some(cgroup) = &cgroup {
             args.extend(["--cgroup-root".into(), cgroup.display().to_string()]);
         }
-        for peer in &self.plan.nodes {
-            if peer.netns != node.netns {
-                args.extend(["--peer".into(), format!("{}={}", peer.ip, peer.pod_cidr)]);
-            }
+        // Every other node of the sandbox, once: a restarted agent reads the file as it was
+        // left (tests change it to take nodes away and bring them back).
+        let peers_file = self.peers_file(&node.cluster, &node.name);
+        if !peers_file.exists() {
+            let others: Vec<&NodePlan> = self
+                .plan
+                .nodes
+                .iter()
+                .filter(|peer| peer.netns != node.netns)
+                .collect();
+            self.write_peers_file(node, &others)?;
         }
+        args.extend(["--peers-file".into(), peers_file.display().to_string()]);
         let pid = host::spawn_daemon(
             &self.bin_dir.join("weft-agent"),
             &args,
@@ -365,6 +373,38 @@ impl Sandbox {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// The file a node's agent reads its peers from (`--peers-file`): what the Node watch
+    /// gives it in a cluster.
+    pub fn peers_file(&self, cluster: &str, node: &str) -> PathBuf {
+        self.run_dir
+            .join("nodes")
+            .join(format!("{cluster}-{node}"))
+            .join("peers.json")
+    }
+
+    /// Writes `node`'s peers file with `peers` (`up` writes every other node of the sandbox);
+    /// the agent wires new peers and unwires those left out within a second.
+    pub fn write_peers_file(
+        &self,
+        node: &NodePlan,
+        peers: &[&NodePlan],
+    ) -> Result<(), SandboxError> {
+        let entries: Vec<serde_json::Value> = peers
+            .iter()
+            .map(|peer| {
+                serde_json::json!({
+                    "name": format!("{}-{}", peer.cluster, peer.name),
+                    "nodeIP": peer.ip,
+                    "podCIDR": peer.pod_cidr,
+                })
+            })
+            .collect();
+        write_atomically(
+            &self.peers_file(&node.cluster, &node.name),
+            &serde_json::to_vec(&entries).unwrap_or_default(),
+        )
     }
 
     /// Restarts a node's agent (after it was killed, say), with the same arguments.

@@ -2,11 +2,11 @@
 //! this module; the engines (policy, services, the flow directory, the node's endpoints) are
 //! the same as in local mode and never see a Kubernetes client.
 //!
-//! - [`node`]: this node's pod CIDR and InternalIP from its Node object, the other nodes as
-//!   peers, and a watch that says when the node set changed.
+//! - [`node`]: this node's pod CIDR and InternalIP from its Node object, and the other nodes as
+//!   peers (the peers file's content).
 //! - [`watch`]: kube-runtime reflectors over this node's Pods (field selector
 //!   `spec.nodeName=<node>`), and cluster-wide Namespaces, WeftIdentities, WeftEndpoints, the
-//!   three policy kinds, Services, EndpointSlices and GlobalServices.
+//!   three policy kinds, Services, EndpointSlices, GlobalServices and Nodes.
 //! - [`files`]: what the engines read, built from those objects (pure functions).
 //! - [`endpoints`]: publishes a WeftEndpoint (server-side apply, field manager `weft-agent`) for
 //!   every pod this agent wired, and deletes it when the pod is released.
@@ -15,8 +15,9 @@
 //!
 //! ## The files are the agent's internal event transport
 //!
-//! In local mode the sandbox writes three JSON files the engines poll: the endpoint directory,
-//! the policy file and the service file. In Kubernetes mode the watches write the *same* files
+//! In local mode the sandbox writes four JSON files the engines poll: the endpoint directory,
+//! the policy file, the service file and the peers file (the other nodes, see
+//! [`crate::peers`]). In Kubernetes mode the watches write the *same* files
 //! (into `<state dir>/kubernetes/`, a temporary file renamed over the old one, rewritten ~200 ms
 //! after the last change and only when their content changed), and the engines are given their
 //! paths. So both modes feed the engines exactly the same inputs, and the engines are tested
@@ -43,7 +44,7 @@ pub const FIELD_MANAGER: &str = "weft-agent";
 pub enum RequestedMode {
     /// Kubernetes when a configuration is available (`--kubeconfig`, `KUBECONFIG`, or running
     /// in a pod) and no local-mode file (`--endpoint-directory`, `--policy-file`,
-    /// `--service-file`) is given; local otherwise.
+    /// `--service-file`, `--peers-file`) is given; local otherwise.
     Auto,
     /// Files kept current by someone else (the sandbox); no Kubernetes.
     Local,
@@ -108,6 +109,8 @@ pub struct FilePaths {
     pub endpoint_directory: PathBuf,
     pub policy_file: PathBuf,
     pub service_file: PathBuf,
+    /// The other nodes (see [`crate::peers`]).
+    pub peers_file: PathBuf,
 }
 
 impl FilePaths {
@@ -117,6 +120,7 @@ impl FilePaths {
             endpoint_directory: dir.join("endpoints.json"),
             policy_file: dir.join("policies.json"),
             service_file: dir.join("services.json"),
+            peers_file: dir.join("peers.json"),
         }
     }
 }

@@ -3,17 +3,20 @@
 //! The pod CIDR is `spec.podCIDRs` (first IPv4; `spec.podCIDR` on clusters that only set that),
 //! which kube-controller-manager assigns with `--allocate-node-cidrs`. The node's address is the
 //! first IPv4 `InternalIP` in `status.addresses`. Flags (`--pod-cidr`, `--node-ip`) win.
+//!
+//! The other nodes become the peers file (`<state dir>/kubernetes/peers.json`, see
+//! [`crate::peers`]): listed once at start, then kept current by a Node watch ([`super::watch`]),
+//! so nodes that join, leave or change their address or pod CIDR are wired without a restart.
 
-use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use futures::StreamExt;
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus};
 use kube::api::ListParams;
-use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
+
+use crate::peers::PeerNode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -119,34 +122,39 @@ pub async fn wait_for_addressing(
     }
 }
 
-/// The other nodes with a pod CIDR and an address, as (node IP, pod CIDR), sorted. Nodes
-/// missing either are left out with a warning: their pods are unreachable until they have both
-/// and the agent restarts.
-pub fn peers_of<'a>(
-    nodes: impl IntoIterator<Item = &'a Node>,
-    me: &str,
-) -> Vec<(Ipv4Addr, Ipv4Net)> {
-    let mut peers = BTreeSet::new();
-    for node in nodes {
-        let name = node.name_any();
-        if name == me {
-            continue;
-        }
-        match (internal_ip_of(node), pod_cidr_of(node)) {
-            (Some(ip), Some(cidr)) => {
-                peers.insert((ip, cidr));
-            }
-            _ => tracing::warn!(
-                node = %name,
-                "node has no IPv4 InternalIP or pod CIDR yet; its pods are unreachable from here until it has both and this agent restarts"
-            ),
-        }
-    }
-    peers.into_iter().collect()
+/// The other nodes with a pod CIDR and an address, sorted by name: the peers file's content.
+/// Nodes missing either are left out (see [`incomplete_nodes`]).
+pub fn peers_of<'a>(nodes: impl IntoIterator<Item = &'a Node>, me: &str) -> Vec<PeerNode> {
+    let mut peers: Vec<PeerNode> = nodes
+        .into_iter()
+        .filter(|node| node.name_any() != me)
+        .filter_map(|node| {
+            Some(PeerNode {
+                name: node.name_any(),
+                node_ip: internal_ip_of(node)?,
+                pod_cidr: pod_cidr_of(node)?,
+            })
+        })
+        .collect();
+    peers.sort();
+    peers
+}
+
+/// The other nodes [`peers_of`] leaves out because they have no IPv4 InternalIP or pod CIDR
+/// (yet: a joining node gets its pod CIDR shortly after it registers), sorted.
+pub fn incomplete_nodes<'a>(nodes: impl IntoIterator<Item = &'a Node>, me: &str) -> Vec<String> {
+    let mut names: Vec<String> = nodes
+        .into_iter()
+        .filter(|node| node.name_any() != me)
+        .filter(|node| internal_ip_of(node).is_none() || pod_cidr_of(node).is_none())
+        .map(|node| node.name_any())
+        .collect();
+    names.sort();
+    names
 }
 
 /// The other nodes now (LIST).
-pub async fn list_peers(client: &Client, me: &str) -> Result<Vec<(Ipv4Addr, Ipv4Net)>, NodeError> {
+pub async fn list_peers(client: &Client, me: &str) -> Result<Vec<PeerNode>, NodeError> {
     let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await
@@ -154,53 +162,27 @@ pub async fn list_peers(client: &Client, me: &str) -> Result<Vec<(Ipv4Addr, Ipv4
             node: "(all)".into(),
             source,
         })?;
+    for name in incomplete_nodes(&nodes.items, me) {
+        tracing::warn!(node = %name, "node has no IPv4 InternalIP or pod CIDR yet; its pods are unreachable from here until it has both");
+    }
     Ok(peers_of(&nodes.items, me))
 }
 
-/// Watches Nodes and warns when the peer set differs from the one the datapath was built with:
-/// peers are wired at start (ipcache, routes), so new or changed nodes need a restart.
-pub async fn warn_on_peer_changes(client: Client, me: String, known: Vec<(Ipv4Addr, Ipv4Net)>) {
-    let (store, writer) = reflector::store::<Node>();
-    let mut last_warned = known.clone();
-    let mut events = std::pin::pin!(reflector(
-        writer,
-        watcher(Api::<Node>::all(client), watcher::Config::default())
-            .default_backoff()
-            .modify(|node| node.managed_fields_mut().clear()),
-    ));
-    while let Some(event) = events.next().await {
-        match event {
-            Err(error) => {
-                tracing::warn!(%error, "watching Nodes failed; retrying with backoff");
-                continue;
-            }
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-            Ok(_) => {}
-        }
-        let now = peers_of(store.state().iter().map(AsRef::as_ref), &me);
-        if now != last_warned {
-            let added: Vec<String> = now
-                .iter()
-                .filter(|peer| !known.contains(peer))
-                .map(|(ip, cidr)| format!("{ip}={cidr}"))
-                .collect();
-            let removed: Vec<String> = known
-                .iter()
-                .filter(|peer| !now.contains(peer))
-                .map(|(ip, cidr)| format!("{ip}={cidr}"))
-                .collect();
-            if added.is_empty() && removed.is_empty() {
-                tracing::info!("the cluster's nodes are back to those this agent started with");
-            } else {
-                tracing::warn!(
-                    added = ?added,
-                    removed = ?removed,
-                    "the cluster's nodes changed; restart this agent to route to new nodes' pods and forget removed ones"
-                );
-            }
-            last_warned = now;
-        }
-    }
+/// Keeps of a watched Node only what [`peers_of`] reads (its name, pod CIDRs and addresses):
+/// every agent watches every Node, and their images, conditions and annotations are most of
+/// them.
+pub fn trim(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    node.spec = node.spec.take().map(|spec| NodeSpec {
+        pod_cidr: spec.pod_cidr,
+        pod_cidrs: spec.pod_cidrs,
+        ..NodeSpec::default()
+    });
+    node.status = node.status.take().map(|status| NodeStatus {
+        addresses: status.addresses,
+        ..NodeStatus::default()
+    });
 }
 
 #[cfg(test)]
@@ -266,10 +248,33 @@ mod tests {
         ];
         assert_eq!(
             peers_of(&nodes, "a"),
-            vec![(
-                "192.168.1.2".parse().unwrap(),
-                "10.244.1.0/24".parse().unwrap()
-            )]
+            vec![PeerNode {
+                name: "b".into(),
+                node_ip: "192.168.1.2".parse().unwrap(),
+                pod_cidr: "10.244.1.0/24".parse().unwrap()
+            }]
         );
+        assert_eq!(incomplete_nodes(&nodes, "a"), vec!["c".to_owned()]);
+    }
+
+    #[test]
+    fn a_trimmed_node_keeps_what_makes_it_a_peer() {
+        let mut full: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "b", "annotations": {"big": "x"}, "labels": {"pool": "gpu"}},
+            "spec": {"podCIDRs": ["10.244.1.0/24"], "taints": [{"key": "gpu", "effect": "NoSchedule"}]},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "192.168.1.2"}],
+                "images": [{"names": ["registry/very-large-image:1"], "sizeBytes": 1}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }))
+        .expect("node");
+        let before = peers_of([&full], "a");
+        trim(&mut full);
+        assert_eq!(peers_of([&full], "a"), before);
+        assert_eq!(before.len(), 1);
+        let status = full.status.as_ref().expect("status");
+        assert!(status.images.is_none() && status.conditions.is_none());
+        assert!(full.metadata.annotations.is_none());
     }
 }

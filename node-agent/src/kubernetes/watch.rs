@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::reflector::{self, Store};
@@ -25,7 +25,8 @@ use weft_crds::{
 };
 
 use super::files::{self, DirectoryInputs};
-use super::{write_atomically, FilePaths};
+use super::{node, write_atomically, FilePaths};
+use crate::peers;
 
 /// How long a file waits after a change for more changes before it is rewritten.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -58,14 +59,31 @@ where
         + Sync
         + 'static,
 {
+    // Only the fields the files use are worth their memory.
+    reflect_trimmed(api, config, kind, changed, |object: &mut K| {
+        object.managed_fields_mut().clear()
+    })
+}
+
+/// As [`reflect`], with `trim` applied to every object before it is stored.
+pub fn reflect_trimmed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: &'static str,
+    changed: Arc<Notify>,
+    trim: impl FnMut(&mut K) + Send + 'static,
+) -> Reflected<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     let (store, writer) = reflector::store::<K>();
-    let events = reflector::reflector(
-        writer,
-        watcher(api, config)
-            .default_backoff()
-            // Only the fields the files use are worth their memory.
-            .modify(|object: &mut K| object.managed_fields_mut().clear()),
-    );
+    let events = reflector::reflector(writer, watcher(api, config).default_backoff().modify(trim));
     let task = events
         .for_each(move |event| {
             match event {
@@ -131,7 +149,7 @@ where
     .boxed()
 }
 
-/// Starts every watch and the three file writers.
+/// Starts every watch and the four file writers.
 pub fn start(client: Client, settings: WatchSettings) -> Watches {
     let directory_changed = Arc::new(Notify::new());
     let policies_changed = Arc::new(Notify::new());
@@ -193,7 +211,7 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
         Arc::clone(&services_changed),
     );
     let globals = reflect::<GlobalService>(
-        Api::all(client),
+        Api::all(client.clone()),
         watcher::Config::default(),
         "GlobalService",
         Arc::clone(&services_changed),
@@ -294,6 +312,14 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
         )));
     }
 
+    // The peers file.
+    {
+        let (peer_tasks, peers_synced) =
+            peers_file(client, &settings.node, settings.paths.peers_file.clone());
+        tasks.extend(peer_tasks);
+        synced.push(peers_synced);
+    }
+
     let local_pods = pods.store.clone();
     let endpoint_store = endpoints.store.clone();
     for task in [
@@ -316,6 +342,49 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
         synced,
         tasks,
     }
+}
+
+/// Watches Nodes (trimmed to what makes a peer) and keeps the peers file at `path` equal to
+/// every other node with an address and a pod CIDR (see [`crate::peers`]): nodes that join,
+/// leave or change reach the agent's peer pass within a debounce. Returns the tasks, and a
+/// receiver that resolves once the file was written from a complete listing.
+pub fn peers_file(
+    client: Client,
+    me: &str,
+    path: PathBuf,
+) -> (Vec<JoinHandle<()>>, oneshot::Receiver<()>) {
+    let changed = Arc::new(Notify::new());
+    let nodes = reflect_trimmed::<Node>(
+        Api::all(client),
+        watcher::Config::default(),
+        "Node",
+        Arc::clone(&changed),
+        node::trim,
+    );
+    let store = nodes.store.clone();
+    let all_ready = ready(&store);
+    let me = me.to_owned();
+    // Nodes left out for lack of an address or pod CIDR are warned about when that set
+    // changes, not on every rewrite.
+    let incomplete = std::sync::Mutex::new(Vec::<String>::new());
+    let build = move || {
+        let state = store.state();
+        let now = node::incomplete_nodes(state.iter().map(AsRef::as_ref), &me);
+        let mut warned = incomplete.lock().unwrap_or_else(|p| p.into_inner());
+        if *warned != now {
+            for name in now.iter().filter(|name| !warned.contains(name)) {
+                tracing::warn!(node = %name, "node has no IPv4 InternalIP or pod CIDR yet; its pods are unreachable from here until it has both");
+            }
+            *warned = now;
+        }
+        peers::to_file_bytes(&node::peers_of(state.iter().map(AsRef::as_ref), &me))
+    };
+    let (done, wait) = oneshot::channel();
+    let tasks = vec![
+        tokio::spawn(nodes.task),
+        tokio::spawn(keep_written(path, changed, all_ready, build, done)),
+    ];
+    (tasks, wait)
 }
 
 /// Keeps `path` equal to `build()`: first once `ready`, then `DEBOUNCE` after each change,
