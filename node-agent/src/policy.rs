@@ -45,17 +45,39 @@ pub struct PolicyEngine {
     /// Where the node reports whether its policy is enforced as written (see
     /// [`EnforcementReport`]); `None` reports nowhere but the log.
     report: Option<PathBuf>,
-    /// The problem last reported, so the file is written only when it changes.
-    reported: Option<Option<String>>,
+    /// Local endpoints' isolation under the policy in force.
+    isolation: BTreeMap<Ipv4Addr, Isolation>,
+    /// The report last written, so the file is written only when it changes.
+    reported: Option<EnforcementReport>,
 }
 
 /// What the node tells about its enforcement: `weftctl policy status` shows a node's problem
-/// next to the policies and fails, as it does for an invalid policy.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// next to the policies and fails, as it does for an invalid policy; in Kubernetes mode each
+/// pod's `WeftEndpoint` status carries it (`crate::kubernetes::endpoints`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EnforcementReport {
     /// Why the policy in force is not what the policies say (it does not compile, or a map is
     /// full); `None` when it is.
     pub problem: Option<String>,
+    /// Whether the policy in force isolates each local endpoint (by address), in each
+    /// direction: isolated traffic is allowed only by a rule.
+    #[serde(default)]
+    pub endpoints: BTreeMap<Ipv4Addr, Isolation>,
+}
+
+/// Whether policy isolates an endpoint in each direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Isolation {
+    pub ingress: bool,
+    pub egress: bool,
+}
+
+impl EnforcementReport {
+    /// Reads a report an agent wrote; `None` if there is none (yet) or it does not parse.
+    pub fn read(path: &std::path::Path) -> Option<Self> {
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
 }
 
 /// The report's file name in the agent's state directory.
@@ -103,6 +125,7 @@ impl PolicyEngine {
     ) -> Self {
         Self {
             report,
+            isolation: BTreeMap::new(),
             reported: None,
             mode,
             file: WatchedFile::new(file),
@@ -354,6 +377,18 @@ impl PolicyEngine {
             "policy in force"
         );
         self.installed = installed;
+        self.isolation = inputs
+            .local
+            .iter()
+            .map(|(ifindex, ip, _)| {
+                let policy = compiled.endpoints.get(ifindex);
+                let isolation = Isolation {
+                    ingress: policy.is_some_and(|p| p.isolated_ingress),
+                    egress: policy.is_some_and(|p| p.isolated_egress),
+                };
+                (*ip, isolation)
+            })
+            .collect();
         *self.compiled.lock().unwrap_or_else(|p| p.into_inner()) = Some(compiled);
         self.report(None);
         Ok(())
@@ -361,14 +396,15 @@ impl PolicyEngine {
 
     /// Writes the enforcement report when it changed (atomically: others poll it).
     fn report(&mut self, problem: Option<String>) {
-        if self.reported.as_ref() == Some(&problem) {
+        let report = EnforcementReport {
+            problem,
+            endpoints: self.isolation.clone(),
+        };
+        if self.reported.as_ref() == Some(&report) {
             return;
         }
         let Some(path) = &self.report else {
             return;
-        };
-        let report = EnforcementReport {
-            problem: problem.clone(),
         };
         let temporary = path.with_extension("json.tmp");
         let written = serde_json::to_vec(&report)
@@ -376,7 +412,7 @@ impl PolicyEngine {
             .and_then(|json| std::fs::write(&temporary, json))
             .and_then(|()| std::fs::rename(&temporary, path));
         match written {
-            Ok(()) => self.reported = Some(problem),
+            Ok(()) => self.reported = Some(report),
             Err(error) => {
                 tracing::warn!(%error, path = %path.display(), "cannot write the policy enforcement report")
             }
