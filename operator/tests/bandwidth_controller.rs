@@ -5,7 +5,7 @@ mod apiserver_mock;
 use std::sync::Arc;
 use std::time::Duration;
 
-use apiserver_mock::{client, expect_event, next, no_more_requests};
+use apiserver_mock::client;
 use http::Method;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -48,7 +48,8 @@ async fn a_valid_class_becomes_ready_with_one_status_apply() {
     let object = class("10G", Some("1G"), None);
     let reconciler = tokio::spawn(reconcile(typed(&object), ctx));
 
-    let apply = next(&mut server)
+    let apply = server
+        .next()
         .await
         .expect_request(Method::PATCH, STATUS_URI)
         .expect_apply()
@@ -65,7 +66,7 @@ async fn a_valid_class_becomes_ready_with_one_status_apply() {
 
     let action = reconciler.await.expect("task").expect("reconcile");
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -75,7 +76,8 @@ async fn an_invalid_class_is_valid_false_stalled_and_gets_a_warning_event() {
     let object = class("1G", Some("2G"), None);
     let reconciler = tokio::spawn(reconcile(typed(&object), ctx));
 
-    let apply = next(&mut server)
+    let apply = server
+        .next()
         .await
         .expect_request(Method::PATCH, STATUS_URI)
         .expect_apply()
@@ -93,7 +95,7 @@ async fn an_invalid_class_is_valid_false_stalled_and_gets_a_warning_event() {
     apply.respond_with_status(object);
 
     // Cluster-scoped objects' Events go to the default namespace.
-    let event = expect_event(&mut server, "default").await;
+    let event = server.expect_event("default").await;
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "GuaranteedRateAboveMaxRate");
     assert_eq!(event["note"], message.as_str());
@@ -107,7 +109,7 @@ async fn an_invalid_class_is_valid_false_stalled_and_gets_a_warning_event() {
         .expect("task")
         .expect("invalid is not an error");
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -132,7 +134,7 @@ async fn an_unchanged_status_is_not_written_again() {
         Some(serde_json::to_value(&status).expect("status")),
     );
     let reconciler = tokio::spawn(reconcile(typed(&object), ctx));
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
     reconciler.await.expect("task").expect("reconcile");
 }
 
@@ -142,7 +144,7 @@ async fn a_conflict_is_a_reconcile_error_retried_with_growing_backoff() {
     let ctx = Arc::new(Context::new(client));
     let object = typed(&class("10G", None, None));
     let reconciler = tokio::spawn(reconcile(object.clone(), ctx.clone()));
-    next(&mut server).await.respond_conflict();
+    server.next().await.respond_conflict();
     let error = reconciler
         .await
         .expect("task")
@@ -159,7 +161,7 @@ async fn a_conflict_is_a_reconcile_error_retried_with_growing_backoff() {
 
     // A successful reconcile resets the backoff.
     let reconciler = tokio::spawn(reconcile(object.clone(), ctx.clone()));
-    let apply = next(&mut server).await;
+    let apply = server.next().await;
     apply.respond_with_status(class("10G", None, None));
     reconciler.await.expect("task").expect("reconcile");
     assert_eq!(
@@ -176,7 +178,7 @@ async fn a_watch_ending_in_410_gone_is_followed_by_a_new_list() {
         ReconcileMetrics::unregistered(),
     ));
 
-    let list = next(&mut server).await;
+    let list = server.next().await;
     assert_eq!(list.method, Method::GET);
     assert!(
         list.uri
@@ -190,7 +192,7 @@ async fn a_watch_ending_in_410_gone_is_followed_by_a_new_list() {
         json!({"apiVersion": "weft.io/v1alpha1", "kind": "BandwidthClassList", "metadata": {"resourceVersion": "100"}, "items": []}),
     );
 
-    let watch = next(&mut server).await;
+    let watch = server.next().await;
     assert!(
         watch
             .uri
@@ -202,10 +204,10 @@ async fn a_watch_ending_in_410_gone_is_followed_by_a_new_list() {
     );
     watch.respond_watch(&[json!({
         "type": "ERROR",
-        "object": apiserver_mock::failure(410, "Expired", "too old resource version: 100 (250)"),
+        "object": apiserver_mock::status(410, "Expired", "too old resource version: 100 (250)"),
     })]);
 
-    let relist = next(&mut server).await;
+    let relist = server.next().await;
     assert_eq!(relist.method, Method::GET);
     assert!(
         relist

@@ -5,7 +5,7 @@ mod apiserver_mock;
 
 use std::sync::Arc;
 
-use apiserver_mock::{client, expect_event, next, no_more_requests, Handle};
+use apiserver_mock::{client, ApiServer};
 use http::Method;
 use k8s_openapi::api::core::v1::Service;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -70,7 +70,7 @@ fn cache(objects: &[Value]) -> Store<GlobalService> {
     reader
 }
 
-fn context(cached: &[Value]) -> (Arc<Context>, Handle) {
+fn context(cached: &[Value]) -> (Arc<Context>, ApiServer) {
     let (client, server) = client();
     (Arc::new(Context::new(client, cache(cached))), server)
 }
@@ -84,12 +84,14 @@ async fn an_annotated_service_gets_an_owned_global_service_by_server_side_apply(
     let reconciler = tokio::spawn(reconcile_service(typed(&svc), ctx));
 
     // Whose object it is is decided on a fresh read, not the cache.
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, GLOBAL_SERVICE_URI)
         .respond_not_found_global();
 
-    let apply = next(&mut server)
+    let apply = server
+        .next()
         .await
         .expect_request(Method::PATCH, APPLY_URI)
         .expect_apply();
@@ -114,7 +116,7 @@ async fn an_annotated_service_gets_an_owned_global_service_by_server_side_apply(
     apply.respond(201, created);
 
     reconciler.await.expect("task").expect("reconcile");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -123,11 +125,13 @@ async fn ciliums_annotations_are_honoured_too() {
     let svc =
         service(json!({"io.cilium/global-service": "true", "service.cilium.io/shared": "false"}));
     let reconciler = tokio::spawn(reconcile_service(typed(&svc), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, GLOBAL_SERVICE_URI)
         .respond_not_found_global();
-    let apply = next(&mut server)
+    let apply = server
+        .next()
         .await
         .expect_request(Method::PATCH, APPLY_URI)
         .expect_apply();
@@ -145,7 +149,8 @@ async fn a_hand_written_global_service_is_never_overwritten() {
     let (ctx, mut server) = context(&[]);
     let svc = service(json!({"weft.io/global": "true", "weft.io/affinity": "local"}));
     let reconciler = tokio::spawn(reconcile_service(typed(&svc), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, GLOBAL_SERVICE_URI)
         .respond(
@@ -157,7 +162,7 @@ async fn a_hand_written_global_service_is_never_overwritten() {
             ),
         );
     reconciler.await.expect("task").expect("reconcile");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -165,7 +170,8 @@ async fn an_up_to_date_owned_global_service_is_not_written_again() {
     let (ctx, mut server) = context(&[]);
     let svc = service(json!({"weft.io/global": "true", "weft.io/affinity": "local"}));
     let reconciler = tokio::spawn(reconcile_service(typed(&svc), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, GLOBAL_SERVICE_URI)
         .respond(
@@ -177,7 +183,7 @@ async fn an_up_to_date_owned_global_service_is_not_written_again() {
             ),
         );
     reconciler.await.expect("task").expect("reconcile");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -185,7 +191,8 @@ async fn a_changed_annotation_updates_the_owned_global_service_only_if_unchanged
     let (ctx, mut server) = context(&[]);
     let svc = service(json!({"weft.io/global": "true", "weft.io/affinity": "local"}));
     let reconciler = tokio::spawn(reconcile_service(typed(&svc), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, GLOBAL_SERVICE_URI)
         .respond(
@@ -196,7 +203,8 @@ async fn a_changed_annotation_updates_the_owned_global_service_only_if_unchanged
                 None,
             ),
         );
-    let apply = next(&mut server)
+    let apply = server
+        .next()
         .await
         .expect_request(Method::PATCH, APPLY_URI)
         .expect_apply();
@@ -224,7 +232,8 @@ async fn removing_the_annotation_deletes_the_owned_global_service() {
     let (ctx, mut server) = context(&[owned]);
     let svc = service(json!({"weft.io/affinity": "local"}));
     let reconciler = tokio::spawn(reconcile_service(typed(&svc), ctx));
-    let delete = next(&mut server)
+    let delete = server
+        .next()
         .await
         .expect_request(Method::DELETE, &format!("{GLOBAL_SERVICE_URI}?"));
     assert_eq!(
@@ -237,7 +246,7 @@ async fn removing_the_annotation_deletes_the_owned_global_service() {
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
     );
     reconciler.await.expect("task").expect("reconcile");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -250,7 +259,8 @@ async fn global_false_deletes_too_and_a_gone_object_is_fine() {
     let (ctx, mut server) = context(&[owned]);
     let svc = service(json!({"weft.io/global": "false"}));
     let reconciler = tokio::spawn(reconcile_service(typed(&svc), ctx));
-    let delete = next(&mut server)
+    let delete = server
+        .next()
         .await
         .expect_request(Method::DELETE, &format!("{GLOBAL_SERVICE_URI}?"));
     delete.respond_not_found("globalservices.weft.io", "web");
@@ -267,7 +277,7 @@ async fn removing_the_annotation_leaves_a_hand_written_global_service() {
     let svc = service(json!({}));
     let reconciler = tokio::spawn(reconcile_service(typed(&svc), ctx));
     reconciler.await.expect("task").expect("reconcile");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -280,7 +290,7 @@ async fn a_bad_annotation_changes_nothing_and_is_reported_on_the_service() {
     let (ctx, mut server) = context(&[owned]);
     let svc = service(json!({"weft.io/global": "yes"}));
     let reconciler = tokio::spawn(reconcile_service(typed(&svc), ctx));
-    let event = expect_event(&mut server, "shop").await;
+    let event = server.expect_event("shop").await;
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "InvalidAnnotation");
     assert_eq!(event["regarding"]["kind"], "Service");
@@ -292,7 +302,7 @@ async fn a_bad_annotation_changes_nothing_and_is_reported_on_the_service() {
         "{event}"
     );
     reconciler.await.expect("task").expect("reconcile");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 // ------------------------------------------------------------ status
@@ -302,11 +312,13 @@ async fn a_global_service_whose_service_is_missing_waits_with_service_not_found(
     let (ctx, mut server) = context(&[]);
     let object = global(false, json!({"serviceName": "web"}), None);
     let reconciler = tokio::spawn(reconcile_status(typed(&object), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, SERVICE_URI)
         .respond_not_found("services", "web");
-    let apply = next(&mut server)
+    let apply = server
+        .next()
         .await
         .expect_request(Method::PATCH, STATUS_URI)
         .expect_apply()
@@ -324,7 +336,7 @@ async fn a_global_service_whose_service_is_missing_waits_with_service_not_found(
     );
     apply.respond_with_status(object);
     reconciler.await.expect("task").expect("reconcile");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -336,11 +348,13 @@ async fn a_hand_written_global_service_reports_the_annotation_conflict_and_an_ev
         None,
     );
     let reconciler = tokio::spawn(reconcile_status(typed(&object), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, SERVICE_URI)
         .respond(200, service(json!({"service.cilium.io/global": "true"})));
-    let apply = next(&mut server)
+    let apply = server
+        .next()
         .await
         .expect_request(Method::PATCH, STATUS_URI)
         .expect_apply()
@@ -357,14 +371,14 @@ async fn a_hand_written_global_service_reports_the_annotation_conflict_and_an_ev
     );
     apply.respond_with_status(object);
 
-    let event = expect_event(&mut server, "shop").await;
+    let event = server.expect_event("shop").await;
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "AnnotationConflict");
     assert_eq!(event["regarding"]["kind"], "GlobalService");
     assert_eq!(event["related"]["kind"], "Service");
     assert_eq!(event["related"]["name"], "web");
     reconciler.await.expect("task").expect("reconcile");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -376,11 +390,13 @@ async fn an_owned_global_service_is_ready_without_a_conflict() {
         None,
     );
     let reconciler = tokio::spawn(reconcile_status(typed(&object), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, SERVICE_URI)
         .respond(200, service(json!({"weft.io/global": "true"})));
-    let apply = next(&mut server)
+    let apply = server
+        .next()
         .await
         .expect_request(Method::PATCH, STATUS_URI)
         .expect_condition("Ready", "True", "Accepted");
@@ -391,7 +407,7 @@ async fn an_owned_global_service_is_ready_without_a_conflict() {
         .all(|c| c["type"] != "AnnotationConflict"));
     apply.respond_with_status(object);
     reconciler.await.expect("task").expect("reconcile");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -400,11 +416,12 @@ async fn an_unchanged_global_service_status_is_not_written_again() {
     let first = global(false, json!({"serviceName": "web"}), None);
     // The status the first reconcile writes…
     let reconciler = tokio::spawn(reconcile_status(typed(&first), ctx.clone()));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, SERVICE_URI)
         .respond(200, service(json!({})));
-    let apply = next(&mut server).await;
+    let apply = server.next().await;
     let written = apply.body["status"].clone();
     apply.respond_with_status(first);
     reconciler.await.expect("task").expect("reconcile");
@@ -412,12 +429,13 @@ async fn an_unchanged_global_service_status_is_not_written_again() {
     // …is what the object carries next time: one read, no write.
     let again = global(false, json!({"serviceName": "web"}), Some(written));
     let reconciler = tokio::spawn(reconcile_status(typed(&again), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, SERVICE_URI)
         .respond(200, service(json!({})));
     reconciler.await.expect("task").expect("reconcile");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -425,11 +443,13 @@ async fn a_conflict_writing_the_status_is_a_reconcile_error() {
     let (ctx, mut server) = context(&[]);
     let object = global(false, json!({"serviceName": "web"}), None);
     let reconciler = tokio::spawn(reconcile_status(typed(&object), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, SERVICE_URI)
         .respond(200, service(json!({})));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::PATCH, STATUS_URI)
         .respond_conflict();

@@ -1,7 +1,7 @@
 //! Identity allocation and garbage collection against a scripted API server: each scenario
 //! asserts every request the operator makes, in order, and answers as the API server would.
 
-mod support;
+mod apiserver_mock;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use weft_operator::identity_index::{self, KnownIdentity};
 use weft_operator::identity_status::{self, Usage};
 use weft_operator::metrics::Metrics;
 
-use support::{mock_client, status, stored, ApiServer};
+use apiserver_mock::{client, status, stored, ApiServer, Exchange};
 
 const IDENTITIES: &str = "/apis/weft.io/v1alpha1/weftidentities";
 
@@ -136,7 +136,7 @@ struct Fixture {
 }
 
 fn fixture(pods: Vec<Pod>, endpoints: Vec<WeftEndpoint>, identities: Vec<WeftIdentity>) -> Fixture {
-    let (client, server) = mock_client();
+    let (client, server) = client();
     let index = Arc::new(IdentityIndex::new());
     index.apply(&Event::Init);
     for object in identities {
@@ -176,7 +176,7 @@ async fn reconcile(ctx: &Arc<Context>, pod: Pod) -> tokio::task::JoinHandle<Resu
     })
 }
 
-fn assert_create(call: &support::Call, id: u32, labels: &SecurityLabels) {
+fn assert_create(call: &Exchange, id: u32, labels: &SecurityLabels) {
     assert_eq!(call.method, Method::POST);
     assert_eq!(call.path, IDENTITIES);
     assert_eq!(call.param("fieldManager").as_deref(), Some("weft-operator"));
@@ -675,7 +675,7 @@ async fn gc_deletes_the_endpoint_of_a_vanished_pod() {
 
 #[tokio::test]
 async fn a_watch_ending_in_410_gone_relists_and_the_relist_replaces_the_index() {
-    let (client, mut server) = mock_client();
+    let (client, mut server) = client();
     let index = Arc::new(IdentityIndex::new());
     let feed = tokio::spawn(identity_index::feed(
         Api::<WeftIdentity>::all(client),
@@ -699,9 +699,7 @@ async fn a_watch_ending_in_410_gone_relists_and_the_relist_replaces_the_index() 
     assert!(index.get(a).is_some());
     // The version was compacted away while watching: the server ends the watch with 410.
     let gone = json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version: 100 (150)")});
-    let mut line = serde_json::to_vec(&gone).expect("json");
-    line.push(b'\n');
-    watch.respond_bytes(200, line);
+    watch.respond_watch(&[gone]);
 
     let relist = server.expect(Method::GET, IDENTITIES).await;
     assert_eq!(

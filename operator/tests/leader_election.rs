@@ -1,6 +1,6 @@
 //! Leader election on a coordination.k8s.io/v1 Lease against a scripted API server.
 
-mod support;
+mod apiserver_mock;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use weft_operator::leader::{LeaderElectionConfig, LeaderElector};
 use weft_operator::metrics::Metrics;
 
-use support::{mock_client, stored, ApiServer};
+use apiserver_mock::{client, stored, ApiServer};
 
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/weft-system/leases";
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/weft-system/leases/weft-operator";
@@ -58,7 +58,7 @@ async fn acquire(elector: &mut LeaderElector, server: &mut ApiServer) -> Value {
 
 #[tokio::test]
 async fn an_absent_lease_is_acquired_with_a_post() {
-    let (client, mut server) = mock_client();
+    let (client, mut server) = client();
     let metrics = Metrics::unregistered();
     let mut elector = LeaderElector::new(client, config("operator-a")).with_metrics(&metrics);
     let mut leadership = elector.subscribe();
@@ -92,7 +92,7 @@ async fn an_absent_lease_is_acquired_with_a_post() {
 
 #[tokio::test]
 async fn the_leader_renews_with_a_put_carrying_the_resource_version() {
-    let (client, mut server) = mock_client();
+    let (client, mut server) = client();
     let mut elector = LeaderElector::new(client, config("operator-a"));
     let created = acquire(&mut elector, &mut server).await;
 
@@ -127,7 +127,7 @@ async fn the_leader_renews_with_a_put_carrying_the_resource_version() {
 
 #[tokio::test]
 async fn a_409_on_renewal_means_not_leader() {
-    let (client, mut server) = mock_client();
+    let (client, mut server) = client();
     let metrics = Metrics::unregistered();
     let mut elector = LeaderElector::new(client, config("operator-a")).with_metrics(&metrics);
     let mut leadership = elector.subscribe();
@@ -155,7 +155,7 @@ async fn a_409_on_renewal_means_not_leader() {
 
 #[tokio::test]
 async fn a_foreign_lease_is_respected_until_it_expires_then_taken_over() {
-    let (client, mut server) = mock_client();
+    let (client, mut server) = client();
     let mut config = config("operator-a");
     config.lease_duration = Duration::from_millis(400);
     let mut elector = LeaderElector::new(client, config);
@@ -205,7 +205,7 @@ async fn a_foreign_lease_is_respected_until_it_expires_then_taken_over() {
 
 #[tokio::test]
 async fn a_lease_that_keeps_being_renewed_is_never_taken() {
-    let (client, mut server) = mock_client();
+    let (client, mut server) = client();
     let mut config = config("operator-a");
     config.lease_duration = Duration::from_millis(300);
     let mut elector = LeaderElector::new(client, config);
@@ -232,7 +232,7 @@ async fn a_lease_that_keeps_being_renewed_is_never_taken() {
 
 #[tokio::test]
 async fn a_leader_whose_renewal_hangs_steps_down_at_the_renew_deadline() {
-    let (client, mut server) = mock_client();
+    let (client, mut server) = client();
     let mut config = config("operator-a");
     config.renew_deadline = Duration::from_millis(300);
     let mut elector = LeaderElector::new(client, config);
@@ -259,7 +259,7 @@ async fn a_leader_whose_renewal_hangs_steps_down_at_the_renew_deadline() {
 
 #[tokio::test]
 async fn a_released_lease_is_taken_at_once() {
-    let (client, mut server) = mock_client();
+    let (client, mut server) = client();
     let mut elector = LeaderElector::new(client, config("operator-a"));
     let released = lease(None, "9", 4, "2026-11-02T09:00:00.000000Z");
     let round = async {
@@ -280,7 +280,7 @@ async fn a_released_lease_is_taken_at_once() {
 
 #[tokio::test]
 async fn release_gives_the_lease_up() {
-    let (client, mut server) = mock_client();
+    let (client, mut server) = client();
     let mut elector = LeaderElector::new(client, config("operator-a"));
     acquire(&mut elector, &mut server).await;
     let answer = async {
@@ -314,7 +314,7 @@ impl Drop for Running {
 
 #[tokio::test]
 async fn run_while_leader_runs_the_work_only_while_leading() {
-    let (client, mut server) = mock_client();
+    let (client, mut server) = client();
     let mut config = config("operator-a");
     config.retry_period = Duration::from_millis(50);
     let elector = LeaderElector::new(client, config);

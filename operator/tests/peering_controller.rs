@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use apiserver_mock::{client, expect_event, next, no_more_requests, Handle};
+use apiserver_mock::{client, ApiServer};
 use http::Method;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
@@ -104,7 +104,7 @@ fn cluster() -> ClusterName {
     ClusterName::new("west").expect("cluster name")
 }
 
-fn context() -> (Arc<Context>, Handle) {
+fn context() -> (Arc<Context>, ApiServer) {
     let (client, server) = client();
     let settings = PeeringSettings {
         cluster_name: cluster(),
@@ -122,7 +122,7 @@ async fn reconcile_with_secret(
     answer: impl FnOnce(apiserver_mock::Exchange),
 ) -> (
     apiserver_mock::Exchange,
-    Handle,
+    ApiServer,
     tokio::task::JoinHandle<Action>,
 ) {
     let (ctx, mut server) = context();
@@ -132,12 +132,9 @@ async fn reconcile_with_secret(
             .await
             .expect("an invalid Secret is not a reconcile error")
     });
-    answer(
-        next(&mut server)
-            .await
-            .expect_request(Method::GET, SECRET_URI),
-    );
-    let apply = next(&mut server)
+    answer(server.next().await.expect_request(Method::GET, SECRET_URI));
+    let apply = server
+        .next()
         .await
         .expect_request(Method::PATCH, STATUS_URI)
         .expect_apply();
@@ -170,7 +167,7 @@ async fn a_valid_secret_makes_the_peering_ready_with_connected_unknown() {
     apply.respond_with_status(peering(None));
     let action = reconciler.await.expect("task");
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -191,12 +188,12 @@ async fn an_expired_certificate_is_certificate_expired_with_an_event() {
         "{text}"
     );
     apply.respond_with_status(peering(None));
-    let event = expect_event(&mut server, "default").await;
+    let event = server.expect_event("default").await;
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "CertificateExpired");
     assert_eq!(event["regarding"]["kind"], "ClusterPeering");
     reconciler.await.expect("task");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -213,7 +210,7 @@ async fn a_certificate_for_another_cluster_is_wrong_cluster_name() {
         "{text}"
     );
     apply.respond_with_status(peering(None));
-    expect_event(&mut server, "default").await;
+    server.expect_event("default").await;
     reconciler.await.expect("task");
 }
 
@@ -226,7 +223,7 @@ async fn a_missing_secret_is_secret_not_found() {
         .expect_condition("Connected", "Unknown", "NotImplemented");
     assert!(message(&apply, "Valid").contains("weft-system/mesh-tls does not exist"));
     apply.respond_with_status(peering(None));
-    expect_event(&mut server, "default").await;
+    server.expect_event("default").await;
     reconciler.await.expect("task");
 }
 
@@ -235,14 +232,14 @@ async fn a_secret_the_operator_may_not_read_is_reported_not_retried() {
     let (apply, mut server, reconciler) = reconcile_with_secret(|get| {
         get.respond(
             403,
-            apiserver_mock::failure(403, "Forbidden", "secrets \"mesh-tls\" is forbidden"),
+            apiserver_mock::status(403, "Forbidden", "secrets \"mesh-tls\" is forbidden"),
         )
     })
     .await;
     apply
         .expect_condition("Valid", "False", "SecretNotReadable")
         .respond_with_status(peering(None));
-    expect_event(&mut server, "default").await;
+    server.expect_event("default").await;
     reconciler.await.expect("task");
 }
 
@@ -251,17 +248,19 @@ async fn a_secret_in_another_namespace_is_read_there() {
     let (ctx, mut server) = context();
     let object = peering(Some("mesh"));
     let reconciler = tokio::spawn(reconcile(typed(&object), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, "/api/v1/namespaces/mesh/secrets/mesh-tls")
         .respond_not_found("secrets", "mesh-tls");
-    let apply = next(&mut server)
+    let apply = server
+        .next()
         .await
         .expect_request(Method::PATCH, STATUS_URI)
         .expect_condition("Valid", "False", "SecretNotFound");
     assert!(message(&apply, "Valid").contains("Secret mesh/mesh-tls"));
     apply.respond_with_status(object);
-    expect_event(&mut server, "default").await;
+    server.expect_event("default").await;
     reconciler.await.expect("task").expect("reconcile");
 }
 
@@ -281,12 +280,13 @@ async fn an_unchanged_status_is_not_written_again() {
 
     let (ctx, mut server) = context();
     let reconciler = tokio::spawn(reconcile(typed(&current), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, SECRET_URI)
         .respond(200, body);
     reconciler.await.expect("task").expect("reconcile");
-    no_more_requests(&mut server).await;
+    server.no_more_requests().await;
 }
 
 #[tokio::test]
@@ -294,11 +294,13 @@ async fn a_conflict_writing_the_status_is_a_reconcile_error() {
     let (ctx, mut server) = context();
     let object = peering(None);
     let reconciler = tokio::spawn(reconcile(typed(&object), ctx));
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::GET, SECRET_URI)
         .respond_not_found("secrets", "mesh-tls");
-    next(&mut server)
+    server
+        .next()
         .await
         .expect_request(Method::PATCH, STATUS_URI)
         .respond_conflict();

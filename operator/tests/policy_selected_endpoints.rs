@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use apiserver_mock::{client, next, no_more_requests, Exchange, Handle};
+use apiserver_mock::{client, ApiServer, Exchange};
 use http::Method;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -138,7 +138,7 @@ where
 
 struct Fixture {
     ctx: Arc<Context>,
-    server: Handle,
+    server: ApiServer,
     pods: Writer<Pod>,
     namespaces: Writer<Namespace>,
 }
@@ -170,7 +170,9 @@ fn reconcile_in_background<P: PolicyObject>(
 /// as the API server would and returns the applied body.
 async fn apply_of<P: PolicyObject>(fixture: &mut Fixture, object: &Value, name: &str) -> Value {
     let running = reconcile_in_background::<P>(&fixture.ctx, object);
-    let apply = next(&mut fixture.server)
+    let apply = fixture
+        .server
+        .next()
         .await
         .expect_request(Method::PATCH, &status_uri(P::KIND, name))
         .expect_apply();
@@ -179,14 +181,14 @@ async fn apply_of<P: PolicyObject>(fixture: &mut Fixture, object: &Value, name: 
     let body = apply.body.clone();
     apply.respond_with_status(object.clone());
     running.await.expect("reconcile");
-    no_more_requests(&mut fixture.server).await;
+    fixture.server.no_more_requests().await;
     body
 }
 
 /// Reconciles `object` and asserts it writes nothing.
 async fn no_apply_for<P: PolicyObject>(fixture: &mut Fixture, object: &Value) {
     let running = reconcile_in_background::<P>(&fixture.ctx, object);
-    no_more_requests(&mut fixture.server).await;
+    fixture.server.no_more_requests().await;
     tokio::time::timeout(Duration::from_secs(2), running)
         .await
         .expect("reconcile finished without writing")
@@ -383,7 +385,7 @@ async fn before_the_caches_are_complete_the_conditions_are_written_without_a_cou
 /// from the last version), and a status apply is handed to the test, whose answer is also sent
 /// to the policy watch as the API server would.
 struct Cluster {
-    handle: Handle,
+    server: ApiServer,
     lists: HashMap<&'static str, Vec<Value>>,
     held: HashMap<String, Exchange>,
     queued: HashMap<String, Vec<Value>>,
@@ -391,9 +393,9 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(handle: Handle, policies: Vec<Value>, clusterwide: Vec<Value>) -> Self {
+    fn new(server: ApiServer, policies: Vec<Value>, clusterwide: Vec<Value>) -> Self {
         Self {
-            handle,
+            server,
             lists: HashMap::from([
                 (POLICIES, policies),
                 (CLUSTERWIDE, clusterwide),
@@ -430,7 +432,7 @@ impl Cluster {
     /// Serves requests until a status apply arrives, which is returned unanswered.
     async fn next_apply(&mut self) -> Exchange {
         loop {
-            let exchange = next(&mut self.handle).await;
+            let exchange = self.server.next().await;
             if let Some(apply) = self.serve(exchange) {
                 return apply;
             }
@@ -440,7 +442,7 @@ impl Cluster {
     /// Serves requests for `wait`, failing on a status apply.
     async fn quiet_for(&mut self, wait: Duration) {
         let until = tokio::time::Instant::now() + wait;
-        while let Ok(exchange) = tokio::time::timeout_at(until, next(&mut self.handle)).await {
+        while let Ok(exchange) = tokio::time::timeout_at(until, self.server.next()).await {
             if let Some(apply) = self.serve(exchange) {
                 panic!("unexpected status apply: {} {}", apply.uri, apply.body);
             }
@@ -448,21 +450,16 @@ impl Cluster {
     }
 
     fn serve(&mut self, exchange: Exchange) -> Option<Exchange> {
-        let (path, query) = exchange
-            .uri
-            .split_once('?')
-            .map(|(path, query)| (path.to_owned(), query.to_owned()))
-            .unwrap_or((exchange.uri.clone(), String::new()));
-        if exchange.method == Method::PATCH && path.ends_with("/status") {
+        if exchange.method == Method::PATCH && exchange.path.ends_with("/status") {
             return Some(exchange);
         }
         assert_eq!(exchange.method, Method::GET, "{}", exchange.uri);
         let collection = *self
             .lists
             .keys()
-            .find(|c| **c == path)
+            .find(|c| **c == exchange.path)
             .unwrap_or_else(|| panic!("unexpected request GET {}", exchange.uri));
-        if query.contains("watch=true") {
+        if exchange.query.contains("watch=true") {
             self.held.insert(collection.to_owned(), exchange);
             self.deliver(collection);
         } else {
@@ -538,9 +535,9 @@ fn start_reporting(client: Client, metrics: ReconcileMetrics) -> tokio::task::Jo
 
 #[tokio::test]
 async fn a_pod_label_change_leads_to_a_new_status_apply_and_an_unchanged_count_to_none() {
-    let (client, handle) = client();
+    let (client, server) = client();
     let object = policy("WeftNetworkPolicy", "web", web(), None);
-    let mut cluster = Cluster::new(handle, vec![object.clone()], vec![]);
+    let mut cluster = Cluster::new(server, vec![object.clone()], vec![]);
     let metrics = ReconcileMetrics::unregistered();
     let controllers = start_reporting(client, metrics.clone());
 
@@ -586,14 +583,14 @@ async fn a_pod_label_change_leads_to_a_new_status_apply_and_an_unchanged_count_t
 
 #[tokio::test]
 async fn a_namespace_label_change_recounts_clusterwide_policies() {
-    let (client, handle) = client();
+    let (client, server) = client();
     let object = policy(
         "WeftClusterwideNetworkPolicy",
         "team-a",
         json!({"matchLabels": {"k8s:io.cilium.k8s.namespace.labels.team": "a"}}),
         None,
     );
-    let mut cluster = Cluster::new(handle, vec![], vec![object.clone()]);
+    let mut cluster = Cluster::new(server, vec![], vec![object.clone()]);
     let controllers = start(client);
 
     cluster.until_count(&object, 3).await;
