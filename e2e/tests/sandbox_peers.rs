@@ -120,19 +120,13 @@ fn assert_wired(sandbox: &TestSandbox, node: &NodePlan, peer: &NodePlan, remote_
     });
 }
 
-/// Waits until `node` has neither a route nor an ipcache entry for `peer`'s pod CIDR and, with
-/// `pod_entry`, no entry for `remote_pod` either.
-fn assert_unwired(
-    sandbox: &TestSandbox,
-    node: &NodePlan,
-    peer: &NodePlan,
-    remote_pod: Ipv4Addr,
-    pod_entry: bool,
-) {
+/// Waits until `node` has neither a route nor an ipcache entry for `peer`'s pod CIDR, and no
+/// entry for `remote_pod` either.
+fn assert_unwired(sandbox: &TestSandbox, node: &NodePlan, peer: &NodePlan, remote_pod: Ipv4Addr) {
     wait_for(
         &format!("{} unwires {}", node.name, peer.name),
         || match wiring(sandbox, node, peer, remote_pod) {
-            (route, None, pod) if route.is_empty() && (!pod_entry || pod.is_none()) => Ok(()),
+            (route, None, None) if route.is_empty() => Ok(()),
             state => Err(format!("{state:?}")),
         },
     );
@@ -165,7 +159,7 @@ fn nodes_leave_and_join(routing_mode: &str) {
         .sandbox
         .write_peers_file(&n1, &[])
         .expect("write n1's peers");
-    assert_unwired(&sandbox, &n1, &n2, b1.ip, true);
+    assert_unwired(&sandbox, &n1, &n2, b1.ip);
     assert!(
         !echo_reachable(&a1.netns, b1_echo, 1),
         "a1 -> b1 works although n1 no longer knows n2"
@@ -183,8 +177,8 @@ fn nodes_leave_and_join(routing_mode: &str) {
     );
 
     // n2 leaves while n1's agent is down: the restarted agent finds n2's entry in the pinned
-    // ipcache and unwires it (entry and route). b1's /32 is the policy engine's, which does not
-    // yet clear what an earlier run wrote, so it is not checked here.
+    // ipcache and unwires it (entry and route), and the policy engine removes b1's /32, which
+    // the earlier run wrote.
     let agent = sandbox
         .sandbox
         .agents
@@ -206,7 +200,7 @@ fn nodes_leave_and_join(routing_mode: &str) {
         .sandbox
         .restart_agent("c1", "n1")
         .expect("restart n1's agent");
-    assert_unwired(&sandbox, &n1, &n2, b1.ip, false);
+    assert_unwired(&sandbox, &n1, &n2, b1.ip);
     // And the restarted agent follows the file as well.
     sandbox
         .sandbox

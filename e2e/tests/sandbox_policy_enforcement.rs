@@ -1,6 +1,8 @@
 //! Policy on real packets: every connection of a matrix passes or not exactly as
 //! `weftctl policy explain` says; denied connections name their rule in flows; replies pass;
-//! a policy update keeps connections it still allows and stops the ones it denies.
+//! a policy update keeps connections it still allows and stops the ones it denies; a policy
+//! changed or deleted while a node's agent was down is enforced as it now stands once the agent
+//! is back (nothing the earlier run wrote outlives it).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -8,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use weft_e2e::sandbox::{echo_reachable, in_netns, observe, TestSandbox};
-use weft_sandbox::default_bin_dir;
+use weft_sandbox::{default_bin_dir, host};
 
 fn pod(name: &str, namespace: &str, app: &str, node: &str) -> String {
     format!(
@@ -319,4 +321,126 @@ fn replies_pass_and_an_update_keeps_allowed_connections_and_stops_denied_ones() 
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The server takes `ports` from the client, and is isolated otherwise.
+fn server_policy(ports: &[u16]) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|port| format!("{{port: '{port}', protocol: TCP}}"))
+        .collect();
+    format!("apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {{name: server, namespace: training}}\nspec:\n  endpointSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: client}}}}]\n    toPorts: [{{ports: [{}]}}]\n---\n", ports.join(", "))
+}
+
+/// No SSH from the client to the server, whatever allows it.
+const SERVER_NO_SSH: &str = "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {name: server-no-ssh, namespace: training}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: '22', protocol: TCP}]}]\n---\n";
+
+/// Another pod takes anything from the client: this policy stays throughout, so the client's
+/// peer set keeps the bit that the server's rules name (they name the same peers).
+const DEBUG_FROM_CLIENT: &str = "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {name: debug-from-client, namespace: training}\nspec:\n  endpointSelector: {matchLabels: {app: debug}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n";
+
+/// Polls until `from` reaching `to` is `expected` (agents apply policy within a second or two).
+fn wait_until_connects(from: &str, to: SocketAddr, expected: bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connects(from, to) != expected {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_policy_changed_or_deleted_while_the_agent_is_down_is_enforced_as_it_stands_after_a_restart() {
+    let mut sandbox = TestSandbox::up(
+        "- {name: c1, id: 1, podCIDR: 10.1.0.0/16, nodes: [n1], manifests: [namespaces.yaml, pods.yaml, policies.yaml]}\n",
+        &[
+            ("namespaces.yaml", NAMESPACES),
+            (
+                "pods.yaml",
+                &[
+                    pod("server", "training", "server", "n1"),
+                    pod("client", "training", "client", "n1"),
+                    pod("debug", "training", "debug", "n1"),
+                ]
+                .concat(),
+            ),
+            (
+                "policies.yaml",
+                &[&server_policy(&[8080, 29400]), SERVER_NO_SSH, DEBUG_FROM_CLIENT].concat(),
+            ),
+        ],
+    );
+    let (server, client, debug) = (
+        sandbox.pod("server").clone(),
+        sandbox.pod("client").clone(),
+        sandbox.pod("debug").clone(),
+    );
+    let port = |port: u16| SocketAddr::from((server.ip, port));
+    wait_until_connects(
+        &debug.netns,
+        port(8080),
+        false,
+        "the policies never came into force",
+    );
+    assert!(
+        connects(&client.netns, port(8080)),
+        "the client may use 8080"
+    );
+    assert!(connects(&client.netns, port(29400)), "and 29400");
+    assert!(!connects(&client.netns, port(22)), "but not 22");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stop_agent = |sandbox: &TestSandbox| {
+        let agent = sandbox
+            .sandbox
+            .agents
+            .iter()
+            .find(|agent| agent.cluster == "c1" && agent.node == "n1")
+            .expect("n1's agent")
+            .pid;
+        host::stop_process(agent);
+    };
+
+    // 29400 is taken out of the rule while the agent is down: the restarted agent removes the
+    // allow entry the earlier run wrote for it.
+    stop_agent(&sandbox);
+    let narrowed = dir.path().join("narrowed.yaml");
+    std::fs::write(&narrowed, server_policy(&[8080])).expect("write");
+    sandbox.sandbox.apply(None, &narrowed).expect("apply");
+    sandbox
+        .sandbox
+        .restart_agent("c1", "n1")
+        .expect("restart n1's agent");
+    wait_until_connects(
+        &client.netns,
+        port(29400),
+        false,
+        "29400 is still allowed after the restart, though no rule allows it any more",
+    );
+    assert!(connects(&client.netns, port(8080)), "8080 is still allowed");
+    assert!(
+        !connects(&debug.netns, port(8080)),
+        "the server is still isolated"
+    );
+
+    // The server's policies are deleted while the agent is down: the server is open again,
+    // and the deny the earlier run wrote does not outlive its policy.
+    stop_agent(&sandbox);
+    let servers = dir.path().join("servers.yaml");
+    std::fs::write(&servers, [&server_policy(&[8080]), SERVER_NO_SSH].concat()).expect("write");
+    sandbox.sandbox.delete(None, &servers).expect("delete");
+    sandbox
+        .sandbox
+        .restart_agent("c1", "n1")
+        .expect("restart n1's agent");
+    wait_until_connects(
+        &debug.netns,
+        port(8080),
+        true,
+        "the server is still isolated after the restart, though no policy selects it",
+    );
+    assert!(
+        connects(&client.netns, port(22)),
+        "22 is still denied after the restart, though no policy denies it any more"
+    );
+    assert!(connects(&client.netns, port(29400)), "29400 is open again");
 }

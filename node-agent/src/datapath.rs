@@ -110,6 +110,18 @@ pub struct InstalledLoadBalancing {
     pub tables: Vec<u32>,
 }
 
+/// Keys found in the policy maps (left by an earlier agent, say).
+#[derive(Default)]
+pub struct InstalledPolicy {
+    /// Host veth ifindexes with an isolation entry (`endpoint_policies`).
+    pub endpoints: Vec<u32>,
+    /// Identities with a peer set (`policy_peer_sets`).
+    pub peer_sets: Vec<u32>,
+    /// Port entries (`policy_entries`) as [`Datapath::upsert_policy_entry`] takes them: the
+    /// key's data (port in network byte order) and how many bits of the port are significant.
+    pub entries: Vec<(PolicyKeyData, u8)>,
+}
+
 /// The loaded programs and their pinned maps.
 pub struct Datapath {
     pod: Ebpf,
@@ -421,6 +433,40 @@ impl Datapath {
     pub fn remove_endpoint_policy(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         let mut states: HashMap<_, u32, EndpointPolicy> = self.hash_map(ENDPOINT_POLICIES)?;
         removed(ENDPOINT_POLICIES, states.remove(&ifindex))
+    }
+
+    /// What an earlier agent left in the policy maps, so that what the policy in force no
+    /// longer wants can be removed. An entry whose prefix length does not fit the key's layout
+    /// (fixed part, then at most 16 port bits) is skipped: it was not written by an agent.
+    pub fn installed_policy(&mut self) -> Result<InstalledPolicy, DatapathError> {
+        let states: HashMap<_, u32, EndpointPolicy> = self.hash_map(ENDPOINT_POLICIES)?;
+        let endpoints = states
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(ENDPOINT_POLICIES))?;
+        let sets: HashMap<_, u32, PeerSet> = self.hash_map(POLICY_PEER_SETS)?;
+        let peer_sets = sets
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(POLICY_PEER_SETS))?;
+        let trie: LpmTrie<_, PolicyKeyData, PolicyEntry> = self.lpm_trie(POLICY_ENTRIES)?;
+        let mut entries = Vec::new();
+        for key in trie.keys() {
+            let key = key.map_err(map_error(POLICY_ENTRIES))?;
+            let port_bits = key
+                .prefix_len()
+                .checked_sub(POLICY_KEY_FIXED_BITS)
+                .filter(|bits| *bits <= u16::BITS)
+                .and_then(|bits| u8::try_from(bits).ok());
+            if let Some(port_bits) = port_bits {
+                entries.push((key.data(), port_bits));
+            }
+        }
+        Ok(InstalledPolicy {
+            endpoints,
+            peer_sets,
+            entries,
+        })
     }
 
     pub fn upsert_frontend(

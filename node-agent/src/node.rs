@@ -2,7 +2,7 @@
 //! the CNI requests it answers. Endpoint records are persisted so a restarted agent adopts the
 //! pods that kept running without it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -12,7 +12,7 @@ use weft_core::identity::ReservedIdentity;
 use weft_node_bpf::maps::{EndpointInfo, IpcacheEntry};
 
 use crate::cni::api::{PodRef, Registration, Request, Response, POD_GATEWAY};
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::{Datapath, DatapathError, InstalledPolicy};
 use crate::flows::directory::{Directory, EndpointMeta};
 use crate::flows::enrich::Origin;
 use crate::ipam::{Ipam, IpamError};
@@ -97,21 +97,25 @@ impl NodeAgent {
     pub fn open(settings: NodeSettings, mut datapath: Datapath) -> Result<Self, NodeError> {
         let mut peer_sync = settings.peers;
         // Before the policy engine writes anything: what it owns must not be taken for peers.
-        match datapath.ipcache_entries() {
+        let pinned_ipcache = match datapath.ipcache_entries() {
             Ok(entries) => {
-                let adopted = peer_sync.adopt(entries);
+                let adopted = peer_sync.adopt(entries.iter().copied());
                 if adopted > 0 {
                     tracing::info!(
                         peers = adopted,
                         "found peer nodes wired by a previous run; those no longer wanted are removed on the first pass"
                     );
                 }
+                entries
             }
-            Err(error) => tracing::error!(
-                %error,
-                "cannot read the ipcache: peer nodes a previous run wired and that left since stay wired"
-            ),
-        }
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    "cannot read the ipcache: peer nodes a previous run wired and that left since stay wired, and so do the remote pods and policy prefixes it named"
+                );
+                Vec::new()
+            }
+        };
         let ipam = Ipam::open(settings.state_dir.join("ipam.json"), settings.pod_cidr)?;
         let records_dir = settings.state_dir.join("endpoints");
         let mut endpoints = BTreeMap::new();
@@ -130,6 +134,33 @@ impl NodeAgent {
                 endpoints.insert(record.container_id.clone(), record);
             }
         }
+        let mut policy = PolicyEngine::new(
+            settings.policy_file,
+            settings.enforcement,
+            settings.policy_in_force,
+            Some(settings.state_dir.join(crate::policy::ENFORCEMENT_REPORT)),
+        );
+        // The policy maps outlive the agent too: what an earlier run wrote for rules, policies,
+        // endpoints and remote pods that went away while it was down is removed by the first
+        // install, after the new entries and isolation flags are in place.
+        let found = datapath.installed_policy().unwrap_or_else(|error| {
+            tracing::error!(
+                %error,
+                "cannot read the policy maps: entries a previous run wrote that the policy in force no longer wants stay in force"
+            );
+            InstalledPolicy::default()
+        });
+        let local: BTreeSet<Ipv4Addr> = endpoints.values().map(|record| record.ip).collect();
+        let adopted = policy.adopt(found, &pinned_ipcache, &local);
+        if !adopted.is_empty() {
+            tracing::info!(
+                endpoints = adopted.endpoints,
+                policy_entries = adopted.entries,
+                peer_sets = adopted.peer_sets,
+                ipcache = adopted.ipcache,
+                "found policy state written by a previous run; what the policy in force does not want is removed on the first install"
+            );
+        }
         let mut agent = Self {
             ipam,
             datapath,
@@ -138,12 +169,7 @@ impl NodeAgent {
             mtu: settings.mtu,
             origin: settings.origin,
             directory: settings.directory,
-            policy: PolicyEngine::new(
-                settings.policy_file,
-                settings.enforcement,
-                settings.policy_in_force,
-                Some(settings.state_dir.join(crate::policy::ENFORCEMENT_REPORT)),
-            ),
+            policy,
             node_ip: settings.node_ip,
             peers: Vec::new(),
             peer_sync,

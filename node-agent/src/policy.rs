@@ -4,6 +4,10 @@
 //!
 //! Updates are ordered so a change never opens a gap: new entries first, then isolation flags,
 //! then stale entries removed.
+//!
+//! The maps are pinned, so they outlive the agent: at start [`PolicyEngine::adopt`] takes over
+//! what an earlier run wrote, and the first install removes whatever the policy in force then
+//! does not want (a rule removed, a policy deleted, a remote pod gone while the agent was down).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -23,7 +27,7 @@ use weft_node_bpf::maps::{
     PEER_SET_WORDS, POLICY_PROTO_OTHER,
 };
 
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::{Datapath, DatapathError, InstalledPolicy};
 use crate::flows::directory::EndpointMeta;
 use crate::watched_file::WatchedFile;
 
@@ -49,6 +53,39 @@ pub struct PolicyEngine {
     isolation: BTreeMap<Ipv4Addr, Isolation>,
     /// The report last written, so the file is written only when it changes.
     reported: Option<EnforcementReport>,
+    /// `installed` holds what an earlier run left (see [`Self::adopt`]) and no install has
+    /// replaced it yet.
+    adopted: bool,
+}
+
+/// How many keys of each kind [`PolicyEngine::adopt`] took over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Adopted {
+    pub endpoints: usize,
+    pub peer_sets: usize,
+    pub entries: usize,
+    pub ipcache: usize,
+}
+
+impl Adopted {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Whether the policy engine writes ipcache entries like `entry`: a remote pod's /32 (its
+/// identity, behind its node), a node address (`host`, `remote-node`) or a prefix a policy names
+/// (a CIDR identity). Peers' pod CIDRs (`unknown` behind the peer: [`crate::peers`]) and local
+/// endpoints' /32s (their identity, no tunnel endpoint: `crate::node`) are not the engine's.
+/// Identities of clusters 256 and up reach past [`CIDR_IDENTITY_BASE`], so a local endpoint's
+/// entry is told by its address too (see [`PolicyEngine::adopt`]).
+fn owns_ipcache_entry(entry: &IpcacheEntry) -> bool {
+    if entry.tunnel_endpoint != 0 {
+        return entry.identity != ReservedIdentity::Unknown.id();
+    }
+    entry.identity == ReservedIdentity::Host.id()
+        || entry.identity == ReservedIdentity::RemoteNode.id()
+        || entry.identity >= CIDR_IDENTITY_BASE
 }
 
 /// What the node tells about its enforcement: `weftctl policy status` shows a node's problem
@@ -134,7 +171,61 @@ impl PolicyEngine {
             installed: Installed::default(),
             last_inputs: None,
             compiled,
+            adopted: false,
         }
+    }
+
+    /// Takes over what an earlier run left in the pinned maps (`found`, and the engine's entries
+    /// of `ipcache`: not those of the local endpoints at `local`), as if this run had installed
+    /// it, so that the next install removes whatever the policies then in force do not want.
+    /// Call it before the first [`Self::sync`], which then installs even if nothing changed —
+    /// unless the policy file cannot be read: until it can, what the earlier run left stays.
+    pub fn adopt(
+        &mut self,
+        found: InstalledPolicy,
+        ipcache: &[(Ipv4Net, IpcacheEntry)],
+        local: &BTreeSet<Ipv4Addr>,
+    ) -> Adopted {
+        let before = Adopted {
+            endpoints: self.installed.endpoints.len(),
+            peer_sets: self.installed.peer_sets.len(),
+            entries: self.installed.entries.len(),
+            ipcache: self.installed.ipcache.len(),
+        };
+        self.installed.endpoints.extend(found.endpoints);
+        self.installed.peer_sets.extend(found.peer_sets);
+        self.installed
+            .entries
+            .extend(found.entries.into_iter().map(|(data, bits)| {
+                (
+                    data.endpoint,
+                    data.direction,
+                    data.protocol,
+                    u16::from_be(data.port),
+                    bits,
+                )
+            }));
+        self.installed.ipcache.extend(
+            ipcache
+                .iter()
+                .filter(|(prefix, entry)| {
+                    owns_ipcache_entry(entry)
+                        && !(prefix.prefix_len() == 32 && local.contains(&prefix.network()))
+                })
+                .map(|(prefix, _)| *prefix),
+        );
+        let adopted = Adopted {
+            endpoints: self.installed.endpoints.len() - before.endpoints,
+            peer_sets: self.installed.peer_sets.len() - before.peer_sets,
+            entries: self.installed.entries.len() - before.entries,
+            ipcache: self.installed.ipcache.len() - before.ipcache,
+        };
+        if !adopted.is_empty() {
+            self.adopted = true;
+            // The next sync installs even if neither the policies nor the inputs change.
+            self.last_inputs = None;
+        }
+        adopted
     }
 
     /// Re-reads the policy file if it changed. Returns whether the policy set changed.
@@ -195,6 +286,11 @@ impl PolicyEngine {
         inputs: &PolicyInputs<'_>,
     ) -> Result<(), DatapathError> {
         let reloaded = self.reload();
+        if self.adopted && self.file.unreadable() {
+            // Nothing is known of the policies yet: what the earlier run left stays in force
+            // rather than being taken for stale (the file's problem is logged by `reload`).
+            return Ok(());
+        }
         let fingerprint = {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -377,6 +473,7 @@ impl PolicyEngine {
             "policy in force"
         );
         self.installed = installed;
+        self.adopted = false;
         self.isolation = inputs
             .local
             .iter()
@@ -475,4 +572,101 @@ fn named_ports(meta: &EndpointMeta) -> NamedPorts {
             (name.clone(), (protocol, *port))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(identity: u32, tunnel_endpoint: Ipv4Addr) -> IpcacheEntry {
+        IpcacheEntry {
+            identity,
+            tunnel_endpoint: u32::from(tunnel_endpoint).to_be(),
+        }
+    }
+
+    #[test]
+    fn adopts_the_policy_maps_and_only_its_own_ipcache_entries() {
+        let mut engine = PolicyEngine::new(
+            None,
+            EnforcementMode::Default,
+            Arc::new(Mutex::new(None)),
+            None,
+        );
+        let peer = Ipv4Addr::new(192, 168, 0, 2);
+        let none = Ipv4Addr::UNSPECIFIED;
+        let pod = 0x1_0100;
+        let high_cluster_pod = (300 << 16) | 0x100;
+        let ipcache = [
+            // A peer's pod CIDR: the peers' module's.
+            (
+                "10.2.0.0/16".parse().unwrap(),
+                entry(ReservedIdentity::Unknown.id(), peer),
+            ),
+            // A remote pod, the peer node, this node, a policy's prefix: the engine's.
+            ("10.2.0.7/32".parse().unwrap(), entry(pod, peer)),
+            (
+                "192.168.0.2/32".parse().unwrap(),
+                entry(ReservedIdentity::RemoteNode.id(), none),
+            ),
+            (
+                "192.168.0.1/32".parse().unwrap(),
+                entry(ReservedIdentity::Host.id(), none),
+            ),
+            (
+                "203.0.113.0/24".parse().unwrap(),
+                entry(CIDR_IDENTITY_BASE + 3, none),
+            ),
+            // Local endpoints, also one whose identity reaches past the CIDR base: node.rs's.
+            ("10.1.0.5/32".parse().unwrap(), entry(pod, none)),
+            (
+                "10.1.0.6/32".parse().unwrap(),
+                entry(high_cluster_pod, none),
+            ),
+        ];
+        let local = [Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(10, 1, 0, 6)]
+            .into_iter()
+            .collect();
+        let found = InstalledPolicy {
+            endpoints: vec![11, 12],
+            peer_sets: vec![pod, ReservedIdentity::World.id()],
+            entries: vec![(
+                PolicyKeyData {
+                    endpoint: 11,
+                    direction: PolicyDirection::Ingress as u8,
+                    protocol: 6,
+                    port: 29400u16.to_be(),
+                },
+                16,
+            )],
+        };
+        let adopted = engine.adopt(found, &ipcache, &local);
+        assert_eq!(
+            adopted,
+            Adopted {
+                endpoints: 2,
+                peer_sets: 2,
+                entries: 1,
+                ipcache: 4
+            }
+        );
+        assert_eq!(
+            engine.installed.entries,
+            [(11, PolicyDirection::Ingress as u8, 6, 29400, 16)]
+                .into_iter()
+                .collect(),
+            "the port in host order, as write_allows records it"
+        );
+        let expected: BTreeSet<Ipv4Net> = [
+            "10.2.0.7/32",
+            "192.168.0.2/32",
+            "192.168.0.1/32",
+            "203.0.113.0/24",
+        ]
+        .into_iter()
+        .map(|prefix| prefix.parse().unwrap())
+        .collect();
+        assert_eq!(engine.installed.ipcache, expected);
+        assert!(engine.adopted && engine.last_inputs.is_none());
+    }
 }

@@ -68,6 +68,11 @@ impl WatchedFile {
         None
     }
 
+    /// Whether the version last looked at could not be used (see [`Self::changed_objects`]).
+    pub fn unreadable(&self) -> bool {
+        self.unreadable
+    }
+
     /// The inode of the version read (changes whenever the file is replaced).
     pub fn inode(&self) -> Option<u64> {
         self.version.map(|(inode, _)| inode)
