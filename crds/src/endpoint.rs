@@ -67,6 +67,11 @@ pub struct WeftEndpointStatus {
     pub enforcement: Option<Enforcement>,
 }
 
+/// The reason of a `WeftEndpoint`'s `Ready=False` when its node does not enforce the cluster's
+/// policies as written (they do not compile for its endpoints, a map is full); the condition's
+/// message is the node's problem. `weftctl policy status` lists such nodes.
+pub const POLICY_NOT_ENFORCED: &str = "PolicyNotEnforced";
+
 /// Where the endpoint is in its life on the node.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "kebab-case")]

@@ -70,6 +70,10 @@ pub enum Outcome {
         /// The `Ready` condition's message: what the invalid spec means for the cluster.
         not_ready: String,
     },
+    /// The spec is valid, but something outside it keeps it from taking effect as written
+    /// until a person acts (a node that cannot enforce the cluster's policies, say):
+    /// `Valid=True`, `Ready=False`, `Stalled=True`, with the problem's reason.
+    Degraded { valid: String, problem: Finding },
 }
 
 impl Outcome {
@@ -145,6 +149,22 @@ pub fn conditions(
                 waiting.message.clone(),
             ),
             c(CONDITION_STALLED, Status::False, "Valid", String::new()),
+        ],
+        Outcome::Degraded { valid, problem } => vec![
+            c(CONDITION_VALID, Status::True, "Valid", valid.clone()),
+            c(
+                CONDITION_READY,
+                Status::False,
+                &problem.reason,
+                problem.message.clone(),
+            ),
+            c(CONDITION_RECONCILING, Status::False, "Done", String::new()),
+            c(
+                CONDITION_STALLED,
+                Status::True,
+                &problem.reason,
+                problem.message.clone(),
+            ),
         ],
         Outcome::Invalid { invalid, not_ready } => vec![
             c(
@@ -260,6 +280,25 @@ mod tests {
                 ("Connected", "Unknown", "NotImplemented"),
             ]
         );
+    }
+
+    #[test]
+    fn degraded_is_valid_not_ready_and_stalled_with_the_problem() {
+        let outcome = Outcome::Degraded {
+            valid: "wired".into(),
+            problem: Finding::new("PolicyNotEnforced", "a map is full"),
+        };
+        let conditions = conditions(None, &outcome, &[], &[], &at(1));
+        assert_eq!(
+            kinds(&conditions),
+            [
+                ("Valid", "True", "Valid"),
+                ("Ready", "False", "PolicyNotEnforced"),
+                ("Reconciling", "False", "Done"),
+                ("Stalled", "True", "PolicyNotEnforced"),
+            ]
+        );
+        assert_eq!(conditions[1].message, "a map is full");
     }
 
     #[test]

@@ -456,6 +456,7 @@ async fn main() -> anyhow::Result<()> {
                     records_dir: args.state_dir.join("endpoints"),
                     pods: watches.local_pods.clone(),
                     endpoints: watches.endpoints.clone(),
+                    report: args.state_dir.join(weft_agent::policy::ENFORCEMENT_REPORT),
                 }
                 .run(),
             ));

@@ -805,10 +805,55 @@ async fn a_weft_endpoint_is_server_side_applied_and_owned_by_its_pod() {
     let _: WeftEndpoint = serde_json::from_value(body).expect("a WeftEndpoint");
 }
 
+/// The next request, which must be a server-side apply to `uri_path`; answered with its body.
+async fn expect_apply(server: &mut ApiServer, uri_path: &str) -> Value {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(5), server.next_request())
+        .await
+        .expect("a request within 5 s")
+        .expect("PATCH");
+    assert_eq!(request.method(), Method::PATCH);
+    assert_eq!(request.uri().path(), uri_path);
+    let query = request.uri().query().unwrap_or_default().to_owned();
+    assert!(
+        query.contains("fieldManager=weft-agent") && query.contains("force=true"),
+        "{query}"
+    );
+    let body = body_of(request).await;
+    // The API server answers with the whole object, also for a status write.
+    let mut object = endpoint_object("ml", "trainer", "node-a", "10.244.0.5", 5);
+    for part in ["spec", "status"] {
+        if let Some(value) = body.get(part) {
+            object[part] = value.clone();
+        }
+    }
+    send.send_response(ok(&object));
+    body
+}
+
+/// A written status's condition `type_` as (status, reason).
+fn condition(status: &Value, type_: &str) -> (String, String) {
+    let found = status["conditions"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} in {status}"));
+    (
+        found["status"].as_str().unwrap_or_default().to_owned(),
+        found["reason"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+fn write_report(path: &std::path::Path, report: &weft_agent::policy::EnforcementReport) {
+    std::fs::write(path, serde_json::to_vec(report).unwrap()).unwrap();
+}
+
 #[tokio::test]
-async fn a_wired_pod_gets_its_weft_endpoint_and_loses_it_when_released() {
+async fn a_wired_pod_gets_its_weft_endpoint_with_its_enforcement_and_loses_it_when_released() {
+    use weft_agent::policy::{EnforcementReport, Isolation};
+    const OBJECT: &str = "/apis/weft.io/v1alpha1/namespaces/ml/weftendpoints/trainer";
+    const STATUS: &str = "/apis/weft.io/v1alpha1/namespaces/ml/weftendpoints/trainer/status";
     let (client, mut server) = mock_client();
     let records = tempfile::tempdir().expect("tempdir");
+    let report = records.path().join("policy-enforcement.json");
     let (pods, mut pod_writer) = reflector::store::<Pod>();
     pod_writer.apply_watcher_event(&Event::Apply(
         serde_json::from_value(pod_object(
@@ -832,28 +877,34 @@ async fn a_wired_pod_gets_its_weft_endpoint_and_loses_it_when_released() {
         records_dir: records.path().to_owned(),
         pods,
         endpoints: endpoint_store,
+        report: report.clone(),
     };
-    let mut applied = BTreeMap::new();
+    let mut applied = endpoints::Published::default();
 
-    // CNI ADD wrote the record: the endpoint is applied.
+    // CNI ADD wrote the record: the endpoint is applied, then its status, waiting for its
+    // identity.
+    let record_path = records.path().join("c-trainer.json");
     std::fs::write(
-        records.path().join("c-trainer.json"),
+        &record_path,
         serde_json::to_vec(&record("ml", "trainer", "10.244.0.5", 5)).unwrap(),
     )
     .unwrap();
     let api = tokio::spawn(async move {
-        let (request, send) = server.next_request().await.expect("PATCH");
-        assert_eq!(request.method(), Method::PATCH);
-        assert!(request
-            .uri()
-            .path()
-            .ends_with("/namespaces/ml/weftendpoints/trainer"));
-        let body = body_of(request).await;
+        let body = expect_apply(&mut server, OBJECT).await;
         assert_eq!(
             body["spec"]["identity"], 5,
             "init until an identity is assigned"
         );
-        send.send_response(ok(&body));
+        let body = expect_apply(&mut server, STATUS).await;
+        assert!(body.get("spec").is_none(), "a status write carries no spec");
+        let status = &body["status"];
+        assert_eq!(status["state"], "waiting-for-identity");
+        assert_eq!(
+            condition(status, "Ready"),
+            ("False".into(), "WaitingForIdentity".into())
+        );
+        assert_eq!(condition(status, "Reconciling").0, "True");
+        assert_eq!(condition(status, "Valid").0, "True");
         server
     });
     publisher.pass(&mut applied).await;
@@ -867,15 +918,78 @@ async fn a_wired_pod_gets_its_weft_endpoint_and_loses_it_when_released() {
         "an unchanged endpoint is not applied again"
     );
 
+    // The identity arrives and the node enforces a policy isolating the pod's ingress.
+    std::fs::write(
+        &record_path,
+        serde_json::to_vec(&record("ml", "trainer", "10.244.0.5", 65_792)).unwrap(),
+    )
+    .unwrap();
+    let isolated = EnforcementReport {
+        problem: None,
+        endpoints: [(
+            "10.244.0.5".parse().unwrap(),
+            Isolation {
+                ingress: true,
+                egress: false,
+            },
+        )]
+        .into(),
+    };
+    write_report(&report, &isolated);
+    let api = tokio::spawn(async move {
+        let body = expect_apply(&mut server, OBJECT).await;
+        assert_eq!(body["spec"]["identity"], 65_792);
+        let body = expect_apply(&mut server, STATUS).await;
+        let status = &body["status"];
+        assert_eq!(status["state"], "ready");
+        assert_eq!(
+            status["enforcement"],
+            json!({"ingress": true, "egress": false})
+        );
+        assert_eq!(
+            condition(status, "Ready"),
+            ("True".into(), "Enforced".into())
+        );
+        server
+    });
+    publisher.pass(&mut applied).await;
+    let mut server = api.await.expect("api server");
+
+    // The node cannot enforce the cluster's policies as written: said in the status only.
+    write_report(
+        &report,
+        &EnforcementReport {
+            problem: Some("the policies do not compile (1100 peer selectors)".into()),
+            ..isolated
+        },
+    );
+    let api = tokio::spawn(async move {
+        let body = expect_apply(&mut server, STATUS).await;
+        let status = &body["status"];
+        assert_eq!(
+            condition(status, "Ready"),
+            ("False".into(), "PolicyNotEnforced".into())
+        );
+        assert_eq!(
+            condition(status, "Stalled"),
+            ("True".into(), "PolicyNotEnforced".into())
+        );
+        assert_eq!(condition(status, "Valid").0, "True");
+        let message = status["conditions"][1]["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(message.contains("1100 peer selectors"), "{message}");
+        server
+    });
+    publisher.pass(&mut applied).await;
+    let mut server = api.await.expect("api server");
+
     // CNI DEL removed the record: the endpoint is deleted.
-    std::fs::remove_file(records.path().join("c-trainer.json")).unwrap();
+    std::fs::remove_file(&record_path).unwrap();
     let api = tokio::spawn(async move {
         let (request, send) = server.next_request().await.expect("DELETE");
         assert_eq!(request.method(), Method::DELETE);
-        assert_eq!(
-            request.uri().path(),
-            "/apis/weft.io/v1alpha1/namespaces/ml/weftendpoints/trainer"
-        );
+        assert_eq!(request.uri().path(), OBJECT);
         send.send_response(status(404, "NotFound"));
         tokio::time::timeout(Duration::from_millis(100), server.next_request())
             .await
@@ -904,6 +1018,7 @@ async fn an_endpoint_left_by_an_earlier_run_is_deleted_only_if_it_is_still_this_
         records_dir: records.path().to_owned(),
         pods,
         endpoints: endpoint_store,
+        report: records.path().join("policy-enforcement.json"),
     };
     let api = tokio::spawn(async move {
         let (request, send) = server.next_request().await.expect("DELETE");
@@ -912,7 +1027,7 @@ async fn an_endpoint_left_by_an_earlier_run_is_deleted_only_if_it_is_still_this_
         send.send_response(status(409, "Conflict"));
         body
     });
-    publisher.pass(&mut BTreeMap::new()).await;
+    publisher.pass(&mut endpoints::Published::default()).await;
     let body = api.await.expect("api server");
     assert_eq!(
         body["preconditions"]["uid"], "wep-gone",

@@ -93,6 +93,7 @@ fn cluster(weft_policies: Vec<Value>) -> Fixtures {
         weft_policies,
         clusterwide_policies: vec![],
         network_policies: vec![frontend_egress()],
+        weft_endpoints: vec![],
         without_crds: false,
     }
 }
@@ -446,4 +447,49 @@ async fn status_with_every_count_in_the_statuses_reads_no_pods() {
         !requests.iter().any(|r| r.contains("/pods")),
         "{requests:#?}"
     );
+}
+
+/// A WeftEndpoint as node `node`'s agent writes it, `Ready` with `reason` and `message`.
+fn weft_endpoint(name: &str, node: &str, reason: &str, message: &str) -> Value {
+    let ready = if reason == "Enforced" {
+        "True"
+    } else {
+        "False"
+    };
+    json!({
+        "apiVersion": "weft.io/v1alpha1", "kind": "WeftEndpoint",
+        "metadata": {"name": name, "namespace": "ml"},
+        "spec": {"ips": ["10.244.1.10"], "identity": 65792, "nodeName": node},
+        "status": {"state": "ready", "conditions": [
+            {"type": "Valid", "status": "True", "reason": "Valid", "message": "wired",
+             "lastTransitionTime": "2025-01-01T00:00:00Z"},
+            {"type": "Ready", "status": ready, "reason": reason, "message": message,
+             "lastTransitionTime": "2025-01-01T00:00:00Z"},
+        ]},
+    })
+}
+
+#[tokio::test]
+async fn status_names_the_nodes_whose_endpoints_report_their_policy_is_not_enforced_and_fails() {
+    let mut fixtures = cluster(vec![model_access(Some(valid_status(1)))]);
+    fixtures.network_policies.clear();
+    fixtures.weft_endpoints = vec![
+        weft_endpoint("model", "n1", "Enforced", "identity 65792; policy isolates ingress"),
+        weft_endpoint("a", "n2", "PolicyNotEnforced", "the policies do not compile (too many peer selectors: 1100, at most 1024); the policy in force before stays"),
+        weft_endpoint("b", "n2", "PolicyNotEnforced", "the policies do not compile (too many peer selectors: 1100, at most 1024); the policy in force before stays"),
+        weft_endpoint("c", "n3", "WaitingForIdentity", "not yet"),
+    ];
+    let (client, _) = serve(fixtures);
+    let report = status_from_cluster(&client, "kind-dev")
+        .await
+        .expect("status");
+    let text = report.render(None);
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("node ")).collect();
+    assert_eq!(
+        lines,
+        ["node kind-dev/n2 does not enforce the policies as written: the policies do not compile (too many peer selectors: 1100, at most 1024); the policy in force before stays"],
+        "one line per node, only for nodes that say so:\n{text}"
+    );
+    assert!(!report.any_invalid(), "the policies themselves are valid");
+    assert_eq!(report.exit_code(), ExitCode::FAILURE);
 }

@@ -14,14 +14,20 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
+use weft_core::identity::ReservedIdentity;
+use weft_crds::endpoint::{EndpointState, Enforcement, WeftEndpointStatus};
+use weft_crds::status::{conditions, Condition, Finding, Outcome};
 use weft_crds::WeftEndpoint;
 
 use super::FIELD_MANAGER;
 use crate::node::EndpointRecord;
+use crate::policy::EnforcementReport;
 
 /// How often the records are compared with what was published.
 pub const RESYNC: Duration = Duration::from_secs(1);
@@ -89,6 +95,111 @@ pub fn desired_endpoint(record: &EndpointRecord, pod: &Pod, node: &str) -> Value
     })
 }
 
+use weft_crds::endpoint::POLICY_NOT_ENFORCED;
+
+/// What the agent says of an endpoint in its `WeftEndpoint` status: where it is in its life
+/// (`state`), whether policy isolates it (`enforcement`, from the node's enforcement report), and
+/// kstatus conditions — `Ready=True` (`Enforced`) when the pod has its identity and the node
+/// enforces the cluster's policies as written; `Ready=False`, `Reconciling=True` while it waits
+/// for its identity or the node's first policy computation; `Ready=False`, `Stalled=True`
+/// (`PolicyNotEnforced`, with the node's problem) when the node keeps an older policy or
+/// fails closed because the current one cannot be enforced, which needs a person.
+/// `previous`: the conditions the object carries, whose transition times are kept.
+pub fn desired_status(
+    record: &EndpointRecord,
+    node: &str,
+    report: Option<&EnforcementReport>,
+    previous: &[Condition],
+    now: &Time,
+) -> WeftEndpointStatus {
+    let waiting_for_identity = record.identity == ReservedIdentity::Init.id();
+    let isolation = report.and_then(|report| report.endpoints.get(&record.ip));
+    let valid = format!("wired by the agent of node {node}");
+    let outcome = if waiting_for_identity {
+        Outcome::Waiting {
+            valid,
+            waiting: Finding::new(
+                "WaitingForIdentity",
+                "the pod's security identity is not known yet (the operator allocates a WeftIdentity for its labels); until then it has the init identity",
+            ),
+        }
+    } else {
+        match (report, isolation) {
+            (
+                Some(EnforcementReport {
+                    problem: Some(problem),
+                    ..
+                }),
+                _,
+            ) => Outcome::Degraded {
+                valid,
+                // The agent's own words, as `weftctl policy status` shows them per node.
+                problem: Finding::new(POLICY_NOT_ENFORCED, problem.clone()),
+            },
+            (Some(_), Some(isolation)) => Outcome::Ready {
+                valid,
+                ready: Finding::new(
+                    "Enforced",
+                    format!(
+                        "identity {}; policy isolates {}",
+                        record.identity,
+                        match (isolation.ingress, isolation.egress) {
+                            (true, true) => "ingress and egress",
+                            (true, false) => "ingress",
+                            (false, true) => "egress",
+                            (false, false) => "neither direction: all traffic is allowed",
+                        }
+                    ),
+                ),
+            },
+            _ => Outcome::Waiting {
+                valid,
+                waiting: Finding::new(
+                    "PolicyPending",
+                    "the node has not computed the endpoint's policy yet",
+                ),
+            },
+        }
+    };
+    WeftEndpointStatus {
+        observed_generation: None,
+        conditions: conditions(None, &outcome, &[], previous, now),
+        state: Some(if waiting_for_identity {
+            EndpointState::WaitingForIdentity
+        } else if matches!(outcome, Outcome::Ready { .. } | Outcome::Degraded { .. }) {
+            EndpointState::Ready
+        } else {
+            EndpointState::Regenerating
+        }),
+        enforcement: isolation.map(|isolation| Enforcement {
+            ingress: isolation.ingress,
+            egress: isolation.egress,
+            policy_revision: None,
+        }),
+    }
+}
+
+/// Server-side applies `status` to the endpoint's `/status` subresource.
+pub async fn apply_status(
+    client: &Client,
+    (namespace, name): &PodKey,
+    status: &WeftEndpointStatus,
+) -> Result<(), kube::Error> {
+    let patch = json!({
+        "apiVersion": "weft.io/v1alpha1",
+        "kind": "WeftEndpoint",
+        "status": status,
+    });
+    Api::<WeftEndpoint>::namespaced(client.clone(), namespace)
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map(|_| ())
+}
+
 /// Server-side applies `endpoint` (from [`desired_endpoint`]).
 pub async fn apply(client: &Client, endpoint: &Value) -> Result<(), kube::Error> {
     let namespace = endpoint["metadata"]["namespace"]
@@ -139,6 +250,22 @@ pub struct Publisher {
     pub pods: Store<Pod>,
     /// The cluster's WeftEndpoints.
     pub endpoints: Store<WeftEndpoint>,
+    /// The policy engine's enforcement report (`crate::policy::ENFORCEMENT_REPORT`).
+    pub report: PathBuf,
+}
+
+/// What the publisher last wrote, so that it writes only what changed.
+#[derive(Default)]
+pub struct Published {
+    specs: BTreeMap<PodKey, Value>,
+    statuses: BTreeMap<PodKey, WeftEndpointStatus>,
+}
+
+impl Published {
+    /// Whether nothing is recorded as published.
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty() && self.statuses.is_empty()
+    }
 }
 
 impl Publisher {
@@ -146,7 +273,7 @@ impl Publisher {
     pub async fn run(self) {
         let _ = self.pods.wait_until_ready().await;
         let _ = self.endpoints.wait_until_ready().await;
-        let mut applied: BTreeMap<PodKey, Value> = BTreeMap::new();
+        let mut applied = Published::default();
         let mut tick = tokio::time::interval(RESYNC);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -156,8 +283,9 @@ impl Publisher {
     }
 
     /// One comparison: applies what changed, deletes what is no longer wired here.
-    pub async fn pass(&self, applied: &mut BTreeMap<PodKey, Value>) {
+    pub async fn pass(&self, applied: &mut Published) {
         let records = read_records(&self.records_dir);
+        let report = EnforcementReport::read(&self.report);
         let wanted: BTreeSet<PodKey> = records
             .iter()
             .map(|record| (record.pod.namespace.clone(), record.pod.name.clone()))
@@ -170,18 +298,50 @@ impl Publisher {
                 continue;
             };
             let desired = desired_endpoint(record, &pod, &self.node);
-            if applied.get(&key) == Some(&desired) {
+            if applied.specs.get(&key) != Some(&desired) {
+                match apply(&self.client, &desired).await {
+                    Ok(()) => {
+                        tracing::debug!(pod = %format!("{}/{}", key.0, key.1), identity = record.identity, "WeftEndpoint applied");
+                        applied.specs.insert(key.clone(), desired);
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            pod = %format!("{}/{}", key.0, key.1),
+                            %error,
+                            "cannot write the pod's WeftEndpoint; retrying"
+                        );
+                        continue;
+                    }
+                }
+            }
+            // What was written last, else what the object carries (after a restart).
+            let current = applied.statuses.get(&key).cloned().or_else(|| {
+                self.endpoints
+                    .get(&ObjectRef::new(&key.1).within(&key.0))
+                    .and_then(|endpoint| endpoint.status.clone())
+            });
+            let previous = current
+                .as_ref()
+                .map(|status| status.conditions.as_slice())
+                .unwrap_or_default();
+            let status = desired_status(
+                record,
+                &self.node,
+                report.as_ref(),
+                previous,
+                &Time(Timestamp::now()),
+            );
+            if current.as_ref() == Some(&status) {
                 continue;
             }
-            match apply(&self.client, &desired).await {
+            match apply_status(&self.client, &key, &status).await {
                 Ok(()) => {
-                    tracing::debug!(pod = %format!("{}/{}", key.0, key.1), identity = record.identity, "WeftEndpoint applied");
-                    applied.insert(key, desired);
+                    applied.statuses.insert(key, status);
                 }
                 Err(error) => tracing::warn!(
                     pod = %format!("{}/{}", key.0, key.1),
                     %error,
-                    "cannot write the pod's WeftEndpoint; retrying"
+                    "cannot write the status of the pod's WeftEndpoint; retrying"
                 ),
             }
         }
@@ -201,7 +361,7 @@ impl Publisher {
                 )
             })
             .collect();
-        for key in applied.keys() {
+        for key in applied.specs.keys() {
             stale.entry(key.clone()).or_insert(None);
         }
         stale.retain(|key, _| !wanted.contains(key));
@@ -209,7 +369,8 @@ impl Publisher {
             match delete(&self.client, &key, uid).await {
                 Ok(()) => {
                     tracing::debug!(pod = %format!("{}/{}", key.0, key.1), "WeftEndpoint deleted");
-                    applied.remove(&key);
+                    applied.specs.remove(&key);
+                    applied.statuses.remove(&key);
                 }
                 Err(error) => tracing::warn!(
                     pod = %format!("{}/{}", key.0, key.1),

@@ -20,11 +20,13 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::Value;
 use weft_core::identity::{LabelFilter, SecurityLabels};
-use weft_crds::{WeftClusterwideNetworkPolicy, WeftNetworkPolicy};
+use weft_crds::endpoint::POLICY_NOT_ENFORCED;
+use weft_crds::status::CONDITION_READY;
+use weft_crds::{WeftClusterwideNetworkPolicy, WeftEndpoint, WeftNetworkPolicy};
 
 use super::explain::{explain, parse_target, Explanation};
 use super::inventory::{named_ports, Inventory, NodeView, PodView, PolicyEntry, ReportedStatus};
-use super::status::{status, StatusReport};
+use super::status::{status, NodeProblem, StatusReport};
 
 /// Page size of LIST requests, as kubectl uses.
 const PAGE: u32 = 500;
@@ -163,7 +165,47 @@ pub async fn status_from_cluster(client: &Client, cluster: &str) -> anyhow::Resu
         (Vec::new(), Vec::new())
     };
     let inventory = inventory(cluster, &pods, &namespaces, policies);
-    Ok(status(&inventory, true))
+    let mut report = status(&inventory, true);
+    // Optional: without it the policies' statuses still show (say, RBAC without weftendpoints).
+    match list(
+        Api::<WeftEndpoint>::all(client.clone()),
+        ListParams::default(),
+        "weftendpoints.weft.io",
+    )
+    .await
+    {
+        Ok(endpoints) => report.node_problems = node_problems(cluster, &endpoints),
+        Err(error) => eprintln!(
+            "warning: {error:#}; nodes that do not enforce the policies as written are not shown"
+        ),
+    }
+    Ok(report)
+}
+
+/// The nodes whose agents report, in their endpoints' `Ready` condition, that they do not
+/// enforce the policies as written: one line per node, with its problem.
+pub fn node_problems(cluster: &str, endpoints: &[WeftEndpoint]) -> Vec<NodeProblem> {
+    let mut by_node: BTreeMap<&str, &str> = BTreeMap::new();
+    for endpoint in endpoints {
+        let not_enforced = endpoint
+            .status
+            .iter()
+            .flat_map(|status| status.conditions.iter())
+            .find(|c| c.type_ == CONDITION_READY && c.reason == POLICY_NOT_ENFORCED);
+        if let Some(condition) = not_enforced {
+            by_node
+                .entry(endpoint.spec.node_name.as_str())
+                .or_insert(condition.message.as_str());
+        }
+    }
+    by_node
+        .into_iter()
+        .map(|(node, problem)| NodeProblem {
+            cluster: cluster.to_owned(),
+            node: node.to_owned(),
+            problem: problem.to_owned(),
+        })
+        .collect()
 }
 
 /// The inventory of a cluster from what was read, its pods and nodes labelled `cluster`.

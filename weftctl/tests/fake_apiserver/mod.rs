@@ -21,6 +21,7 @@ pub struct Fixtures {
     pub weft_policies: Vec<Value>,
     pub clusterwide_policies: Vec<Value>,
     pub network_policies: Vec<Value>,
+    pub weft_endpoints: Vec<Value>,
     /// Whether Weft's CRDs are installed (the Weft kinds are served).
     pub without_crds: bool,
 }
@@ -77,6 +78,9 @@ fn answer(fixtures: &Fixtures, path: &str, query: &[(String, String)]) -> (u16, 
         }
         ["apis", "weft.io", "v1alpha1", "weftnetworkpolicies"] if !fixtures.without_crds => {
             (&fixtures.weft_policies, "WeftNetworkPolicyList", None)
+        }
+        ["apis", "weft.io", "v1alpha1", "weftendpoints"] if !fixtures.without_crds => {
+            (&fixtures.weft_endpoints, "WeftEndpointList", None)
         }
         ["apis", "weft.io", "v1alpha1", "weftclusterwidenetworkpolicies"]
             if !fixtures.without_crds =>
