@@ -211,4 +211,24 @@ fn nodes_leave_and_join(routing_mode: &str) {
         echo_reachable(&a1.netns, b1_echo, 5),
         "a1 -> b1 once n2 is back after the restart"
     );
+
+    // A policy naming n2's pod CIDR as a CIDR leaves n2's entry as it is: n1 still forwards
+    // to n2's pods through it (CIDR rules select addresses outside the cluster only).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("cidr.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {{name: from-n2-cidr, namespace: default}}\nspec:\n  endpointSelector: {{matchLabels: {{app: a1}}}}\n  ingress:\n  - fromCIDR: [\"{}\"]\n",
+            n2.pod_cidr
+        ),
+    )
+    .expect("write the policy");
+    sandbox.sandbox.apply(None, &policy).expect("apply");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_wired(&sandbox, &n1, &n2, b1.ip);
+    assert!(
+        echo_reachable(&a1.netns, b1_echo, 5),
+        "a1 -> b1 with a policy naming n2's pod CIDR"
+    );
 }

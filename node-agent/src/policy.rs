@@ -31,8 +31,10 @@ use crate::datapath::{Datapath, DatapathError, InstalledPolicy};
 use crate::flows::directory::EndpointMeta;
 use crate::watched_file::WatchedFile;
 
-/// First identity number for CIDR prefixes named by policies (local scope, as Cilium's).
-pub const CIDR_IDENTITY_BASE: u32 = 1 << 24;
+/// First identity number for CIDR prefixes named by policies (node-local, as Cilium's): above
+/// every cluster-scoped identity (cluster IDs up to 511 in bits 16-24), so a prefix's number
+/// never equals a pod identity of any cluster in the mesh.
+pub const CIDR_IDENTITY_BASE: u32 = 1 << 25;
 
 /// The policies in force on the node and what was written for them.
 pub struct PolicyEngine {
@@ -77,8 +79,7 @@ impl Adopted {
 /// identity, behind its node), a node address (`host`, `remote-node`) or a prefix a policy names
 /// (a CIDR identity). Peers' pod CIDRs (`unknown` behind the peer: [`crate::peers`]) and local
 /// endpoints' /32s (their identity, no tunnel endpoint: `crate::node`) are not the engine's.
-/// Identities of clusters 256 and up reach past [`CIDR_IDENTITY_BASE`], so a local endpoint's
-/// entry is told by its address too (see [`PolicyEngine::adopt`]).
+/// A local endpoint's entry is also told by its address (see [`PolicyEngine::adopt`]).
 fn owns_ipcache_entry(entry: &IpcacheEntry) -> bool {
     if entry.tunnel_endpoint != 0 {
         return entry.identity != ReservedIdentity::Unknown.id();
@@ -400,7 +401,19 @@ impl PolicyEngine {
                 tunnel_endpoint: 0,
             },
         );
+        // A prefix that is another owner's entry — a peer's pod CIDR (`crate::peers`), a local
+        // pod's address (`crate::node`) — keeps that entry: overwriting it would break
+        // forwarding to those pods, and CIDR rules select only addresses outside the cluster.
+        let owned_elsewhere: BTreeSet<Ipv4Net> = inputs
+            .peers
+            .iter()
+            .map(|(_, cidr)| *cidr)
+            .chain(local_ips.iter().map(|ip| Ipv4Net::from(*ip)))
+            .collect();
         for (index, prefix) in prefixes.iter().enumerate() {
+            if owned_elsewhere.contains(prefix) {
+                continue;
+            }
             ipcache.entry(*prefix).or_insert(IpcacheEntry {
                 identity: CIDR_IDENTITY_BASE + index as u32,
                 tunnel_endpoint: 0,
@@ -463,6 +476,10 @@ impl PolicyEngine {
             datapath.remove_peer_set(*identity)?;
         }
         for prefix in self.installed.ipcache.difference(&installed.ipcache) {
+            // Taken over by a peer or a local pod since (see above): theirs now.
+            if owned_elsewhere.contains(prefix) {
+                continue;
+            }
             datapath.remove_ipcache(*prefix)?;
         }
         let (entries, sets) = compiled.map_entries();
