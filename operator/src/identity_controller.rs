@@ -50,6 +50,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
@@ -169,6 +170,8 @@ pub struct Context {
     pub endpoints: Store<WeftEndpoint>,
     pub identities: Arc<IdentityIndex>,
     pub metrics: Metrics,
+    /// Warning Events for identities the operator does not allocate.
+    pub recorder: Recorder,
     /// Serialises this replica's allocations and garbage-collection deletes.
     pub(crate) allocation: tokio::sync::Mutex<()>,
 }
@@ -184,6 +187,7 @@ impl Context {
         metrics: Metrics,
     ) -> Self {
         Self {
+            recorder: Recorder::new(client.clone(), conditions::REPORTER.into()),
             client,
             config,
             pods,

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Preconditions};
@@ -36,9 +36,11 @@ use kube::{Api, ResourceExt};
 use weft_core::identity::cluster_of;
 use weft_crds::WeftEndpoint;
 
+use crate::conditions;
 use crate::identity_controller::{
     apply_status, needs_identity, pod_security_labels, Context, Error,
 };
+use crate::identity_index::KnownIdentity;
 use crate::identity_status::{self, Usage};
 
 /// The controller name in metrics.
@@ -128,6 +130,18 @@ async fn collect_endpoint(ctx: &Context, endpoint: &WeftEndpoint) -> Result<bool
             name: format!("{namespace}/{name}"),
             source,
         }),
+    }
+}
+
+/// A reference to the identity, for its Events.
+fn object_reference(known: &KnownIdentity) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(format!("{}/{}", weft_crds::GROUP, weft_crds::VERSION)),
+        kind: Some("WeftIdentity".into()),
+        name: Some(known.id.to_string()),
+        uid: known.uid.clone(),
+        resource_version: known.resource_version.clone(),
+        ..ObjectReference::default()
     }
 }
 
@@ -223,17 +237,31 @@ pub async fn collect_garbage(ctx: &Context, now: Timestamp) -> Result<GcReport, 
         } else if usage != recorded {
             report.identities_counted.push(known.id);
         }
-        if let Err(source) = apply_status(ctx, known.id, &status).await {
-            if api_code(&source) == Some(404) {
+        match apply_status(ctx, known.id, &status).await {
+            Ok(_) if !ours => {
+                let outcome = identity_status::outcome(&known, cluster, &recorded);
+                conditions::warn_if_invalid(
+                    &ctx.recorder,
+                    &object_reference(&known),
+                    "WeftIdentity",
+                    &outcome,
+                )
+                .await;
+                continue;
+            }
+            Ok(_) => continue,
+            Err(source) if api_code(&source) == Some(404) => {
                 ctx.identities.remove(known.id);
                 continue;
             }
-            let error = Error::WriteStatus {
-                id: known.id,
-                source,
-            };
-            tracing::warn!(%error, "identity garbage collection");
-            first_error.get_or_insert(error);
+            Err(source) => {
+                let error = Error::WriteStatus {
+                    id: known.id,
+                    source,
+                };
+                tracing::warn!(%error, "identity garbage collection");
+                first_error.get_or_insert(error);
+            }
         }
     }
     match first_error {

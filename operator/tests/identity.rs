@@ -774,6 +774,11 @@ async fn gc_gives_identities_it_does_not_allocate_valid_false_once() {
         object["status"] = status;
         object["metadata"]["resourceVersion"] = json!("500");
         call.respond(200, object);
+        // A Warning Event says the same (cluster-scoped objects' Events go to `default`).
+        let event = server.expect_event("default").await;
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["regarding"]["kind"], "WeftIdentity");
+        assert_eq!(event["regarding"]["name"], id.to_string());
         written.push(id);
     }
     written.sort_unstable();
