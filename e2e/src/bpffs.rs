@@ -32,3 +32,30 @@ impl Drop for Bpffs {
         let _ = std::fs::remove_dir(&self.path);
     }
 }
+
+/// The entries of a pinned map as (key bytes, value bytes), from `bpftool map dump -j`; empty if
+/// the map cannot be read.
+pub fn pinned_map_entries(pin: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let Ok(output) = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(pin)
+        .arg("-j")
+        .output()
+    else {
+        return Vec::new();
+    };
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_slice(&output.stdout).unwrap_or_default();
+    let bytes = |value: &serde_json::Value| -> Vec<u8> {
+        value
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+            .collect()
+    };
+    entries
+        .iter()
+        .map(|entry| (bytes(&entry["key"]), bytes(&entry["value"])))
+        .collect()
+}

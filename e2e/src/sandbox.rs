@@ -63,6 +63,19 @@ impl TestSandbox {
         self.sandbox = Sandbox::load(Some(&self.name)).expect("reload state");
     }
 
+    /// Stops a node's agent (as a crash would; the sandbox still lists it, so
+    /// `restart_agent` brings it back and teardown finds nothing to stop).
+    pub fn stop_agent(&self, cluster: &str, node: &str) {
+        let agent = self
+            .sandbox
+            .agents
+            .iter()
+            .find(|agent| agent.cluster == cluster && agent.node == node)
+            .unwrap_or_else(|| panic!("no agent on {cluster}/{node}"))
+            .pid;
+        weft_sandbox::host::stop_process(agent);
+    }
+
     pub fn node_netns(&self, cluster: &str, node: &str) -> String {
         self.sandbox
             .plan

@@ -2,9 +2,9 @@
 //! will in a cluster), and each node's datapath carries them in its endpoint map.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use weft_e2e::bpffs::pinned_map_entries;
 use weft_e2e::sandbox::{flow_ends, http_get, observe, TestSandbox};
 
 fn pod(name: &str, app: &str, node: &str) -> String {
@@ -15,27 +15,9 @@ fn pod(name: &str, app: &str, node: &str) -> String {
 
 /// IP → identity in a node's pinned endpoint map (`struct endpoint_info`: ifindex, identity…).
 fn datapath_identities(bpffs: &std::path::Path) -> BTreeMap<String, u32> {
-    let output = Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(bpffs.join("weft/endpoints"))
-        .arg("-j")
-        .output()
-        .expect("bpftool");
-    let entries: Vec<serde_json::Value> =
-        serde_json::from_slice(&output.stdout).unwrap_or_default();
-    let bytes = |value: &serde_json::Value| -> Vec<u8> {
-        value
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
-            .collect()
-    };
-    entries
-        .iter()
-        .filter_map(|entry| {
-            let key = bytes(&entry["key"]);
-            let value = bytes(&entry["value"]);
+    pinned_map_entries(&bpffs.join("weft/endpoints"))
+        .into_iter()
+        .filter_map(|(key, value)| {
             let ip = format!(
                 "{}.{}.{}.{}",
                 key.first()?,

@@ -9,9 +9,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use weft_e2e::bpffs::pinned_map_entries;
 use weft_e2e::sandbox::{echo_reachable, TestSandbox};
 use weft_sandbox::config::RoutingMode;
-use weft_sandbox::host;
 use weft_sandbox::plan::NodePlan;
 
 fn pod(name: &str, node: &str) -> String {
@@ -24,27 +24,9 @@ fn pod(name: &str, node: &str) -> String {
 /// prefix length, then the address in network order; `struct ipcache_entry`: identity, then the
 /// tunnel endpoint in network order).
 fn ipcache(node_bpffs: &Path) -> BTreeMap<String, Entry> {
-    let output = Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(node_bpffs.join("weft/ipcache"))
-        .arg("-j")
-        .output()
-        .expect("bpftool");
-    let entries: Vec<serde_json::Value> =
-        serde_json::from_slice(&output.stdout).unwrap_or_default();
-    let bytes = |value: &serde_json::Value| -> Vec<u8> {
-        value
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
-            .collect()
-    };
-    entries
-        .iter()
-        .filter_map(|entry| {
-            let key = bytes(&entry["key"]);
-            let value = bytes(&entry["value"]);
+    pinned_map_entries(&node_bpffs.join("weft/ipcache"))
+        .into_iter()
+        .filter_map(|(key, value)| {
             let prefix_len = u32::from_le_bytes(key.get(0..4)?.try_into().ok()?);
             let address: [u8; 4] = key.get(4..8)?.try_into().ok()?;
             let identity = u32::from_le_bytes(value.get(0..4)?.try_into().ok()?);
@@ -179,14 +161,7 @@ fn nodes_leave_and_join(routing_mode: &str) {
     // n2 leaves while n1's agent is down: the restarted agent finds n2's entry in the pinned
     // ipcache and unwires it (entry and route), and the policy engine removes b1's /32, which
     // the earlier run wrote.
-    let agent = sandbox
-        .sandbox
-        .agents
-        .iter()
-        .find(|agent| agent.cluster == "c1" && agent.node == "n1")
-        .expect("n1's agent")
-        .pid;
-    host::stop_process(agent);
+    sandbox.stop_agent("c1", "n1");
     sandbox
         .sandbox
         .write_peers_file(&n1, &[])

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use weft_e2e::sandbox::{echo_reachable, in_netns, observe, TestSandbox};
-use weft_sandbox::{default_bin_dir, host};
+use weft_sandbox::default_bin_dir;
 
 fn pod(name: &str, namespace: &str, app: &str, node: &str) -> String {
     format!(
@@ -389,20 +389,10 @@ fn a_policy_changed_or_deleted_while_the_agent_is_down_is_enforced_as_it_stands_
     assert!(!connects(&client.netns, port(22)), "but not 22");
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let stop_agent = |sandbox: &TestSandbox| {
-        let agent = sandbox
-            .sandbox
-            .agents
-            .iter()
-            .find(|agent| agent.cluster == "c1" && agent.node == "n1")
-            .expect("n1's agent")
-            .pid;
-        host::stop_process(agent);
-    };
 
     // 29400 is taken out of the rule while the agent is down: the restarted agent removes the
     // allow entry the earlier run wrote for it.
-    stop_agent(&sandbox);
+    sandbox.stop_agent("c1", "n1");
     let narrowed = dir.path().join("narrowed.yaml");
     std::fs::write(&narrowed, server_policy(&[8080])).expect("write");
     sandbox.sandbox.apply(None, &narrowed).expect("apply");
@@ -424,7 +414,7 @@ fn a_policy_changed_or_deleted_while_the_agent_is_down_is_enforced_as_it_stands_
 
     // The server's policies are deleted while the agent is down: the server is open again,
     // and the deny the earlier run wrote does not outlive its policy.
-    stop_agent(&sandbox);
+    sandbox.stop_agent("c1", "n1");
     let servers = dir.path().join("servers.yaml");
     std::fs::write(&servers, [&server_policy(&[8080]), SERVER_NO_SSH].concat()).expect("write");
     sandbox.sandbox.delete(None, &servers).expect("delete");
