@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::api::networking::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -96,21 +96,23 @@ fn scoped(model: Selector, namespace: Option<&str>) -> Selector {
     }
 }
 
-fn cidr(value: &str, field: &str) -> Result<Ipv4Net, PolicyError> {
+fn cidr(value: &str, field: &str) -> Result<IpNet, PolicyError> {
     let parsed = if value.contains('/') {
-        value.parse::<Ipv4Net>().ok()
+        value.parse::<IpNet>().ok()
     } else {
-        value.parse::<std::net::Ipv4Addr>().ok().map(Ipv4Net::from)
+        value.parse::<std::net::IpAddr>().ok().map(IpNet::from)
     };
     parsed.map(|net| net.trunc()).ok_or_else(|| {
         error(
             field,
             InvalidReason::BadCidr,
-            format!("{value:?} is not an IPv4 address or CIDR (IPv6 policy is not supported yet)"),
+            format!("{value:?} is not an IP address or CIDR"),
         )
     })
 }
 
+/// A CIDR peer. IPv6 ones are kept as peers the IPv4 datapath never meets (see
+/// `Peer::Ipv6Cidr`), so dual-stack policies apply unchanged.
 fn cidr_rule(cidr_value: &str, except: &[String], field: &str) -> Result<Peer, PolicyError> {
     let outer = cidr(cidr_value, &format!("{field}.cidr"))?;
     let mut excepts = Vec::new();
@@ -125,9 +127,27 @@ fn cidr_rule(cidr_value: &str, except: &[String], field: &str) -> Result<Peer, P
         }
         excepts.push(inner);
     }
-    Ok(Peer::Cidr {
-        cidr: outer,
-        except: excepts,
+    Ok(match outer {
+        IpNet::V4(cidr) => Peer::Cidr {
+            cidr,
+            except: excepts
+                .into_iter()
+                .filter_map(|net| match net {
+                    IpNet::V4(net) => Some(net),
+                    IpNet::V6(_) => None,
+                })
+                .collect(),
+        },
+        IpNet::V6(cidr) => Peer::Ipv6Cidr {
+            cidr,
+            except: excepts
+                .into_iter()
+                .filter_map(|net| match net {
+                    IpNet::V6(net) => Some(net),
+                    IpNet::V4(_) => None,
+                })
+                .collect(),
+        },
     })
 }
 
@@ -667,6 +687,44 @@ mod tests {
             &connection,
         )
         .verdict
+    }
+
+    #[test]
+    fn ipv6_cidrs_are_accepted_and_select_nothing_in_the_ipv4_datapath() {
+        let policy = weft_policy(&yaml::<WeftNetworkPolicy>(
+            "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {name: store, namespace: training}\nspec:\n  endpointSelector: {matchLabels: {app: trainer}}\n  egress:\n  - toCIDRSet:\n    - {cidr: 10.200.0.0/16, except: [10.200.255.0/24]}\n    - {cidr: 'fd00:200::/48', except: ['fd00:200:0:ff::/64']}\n    toPorts: [{ports: [{port: '443', protocol: TCP}]}]\n  - toCIDR: ['fd00::/8']\n    toPorts: [{ports: [{port: '22', protocol: TCP}]}]\n",
+        ))
+        .expect("a dual-stack policy is valid");
+        let only_v6 = &policy.rules[1].peers;
+        assert!(
+            matches!(only_v6.as_slice(), [Peer::Ipv6Cidr { .. }]),
+            "an IPv6-only rule keeps its peer, so it never means every peer: {only_v6:?}"
+        );
+        let me = subject(labels("training", "ml", &[("app", "trainer")]));
+        let egress = |port| Connection {
+            direction: Direction::Egress,
+            protocol: Protocol::Tcp,
+            port,
+        };
+        assert_eq!(
+            verdict(&policy, &me, &world("10.200.1.1"), egress(443)),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            verdict(&policy, &me, &world("10.200.255.1"), egress(443)),
+            Verdict::Denied,
+            "the IPv4 exception holds"
+        );
+        assert_eq!(
+            verdict(&policy, &me, &world("192.0.2.1"), egress(22)),
+            Verdict::Denied,
+            "the IPv6-only rule allows no IPv4 peer"
+        );
+        let mixed = weft_policy(&yaml::<WeftNetworkPolicy>(
+            "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {name: mixed, namespace: training}\nspec:\n  endpointSelector: {}\n  egress:\n  - toCIDRSet: [{cidr: 10.0.0.0/8, except: ['fd00::/8']}]\n",
+        ))
+        .expect_err("an exception of the other family");
+        assert_eq!(mixed.field, "spec.egress[0].toCIDRSet[0].except[0]");
     }
 
     #[test]

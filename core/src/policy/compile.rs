@@ -227,7 +227,7 @@ fn cidr_identity_matches(prefix: &Ipv4Net, peer: &Peer) -> bool {
             cidr.contains(prefix) && !except.iter().any(|e| e.contains(prefix))
         }
         Peer::Entity(entity) => entity_matches(*entity, &PeerKind::World),
-        Peer::Endpoints(_) => false,
+        Peer::Endpoints(_) | Peer::Ipv6Cidr { .. } => false,
     }
 }
 
@@ -236,13 +236,13 @@ fn identity_matches(kind: &IdentityKind, peer: &Peer) -> bool {
         IdentityKind::Endpoint(labels) => match peer {
             Peer::Endpoints(selector) => selector.matches(labels),
             Peer::Entity(entity) => entity_matches(*entity, &PeerKind::Endpoint(labels.clone())),
-            Peer::Cidr { .. } => false,
+            Peer::Cidr { .. } | Peer::Ipv6Cidr { .. } => false,
         },
         // `world` stands for addresses outside every listed prefix: only a /0 covers them.
         IdentityKind::Reserved(PeerKind::World) => match peer {
             Peer::Cidr { cidr, .. } => cidr.prefix_len() == 0,
             Peer::Entity(entity) => entity_matches(*entity, &PeerKind::World),
-            Peer::Endpoints(_) => false,
+            Peer::Endpoints(_) | Peer::Ipv6Cidr { .. } => false,
         },
         IdentityKind::Reserved(kind) => match peer {
             Peer::Entity(entity) => entity_matches(*entity, kind),

@@ -109,6 +109,8 @@ pub fn peer_matches(peer: &Peer, view: &PeerView) -> bool {
                     .is_some_and(|ip| cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip)))
         }
         Peer::Entity(entity) => entity_matches(*entity, &view.kind),
+        // Peers are IPv4 (see `Peer::Ipv6Cidr`).
+        Peer::Ipv6Cidr { .. } => false,
     }
 }
 

@@ -87,6 +87,14 @@ pub enum Peer {
         cidr: Ipv4Net,
         except: Vec<Ipv4Net>,
     },
+    /// Addresses in an IPv6 CIDR. Pods have IPv4 addresses only in this version, so no
+    /// connection the datapath sees has such a peer: the rule selects nothing (neither allows
+    /// nor denies), as an IPv6 rule does in an IPv4-only Cilium cluster. Kept, not dropped, so
+    /// a rule whose peers are all IPv6 never turns into a rule without peers (which means all).
+    Ipv6Cidr {
+        cidr: ipnet::Ipv6Net,
+        except: Vec<ipnet::Ipv6Net>,
+    },
     Entity(Entity),
 }
 
