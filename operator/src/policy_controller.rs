@@ -38,6 +38,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -49,7 +50,7 @@ use weft_crds::{WeftClusterwideNetworkPolicy, WeftNetworkPolicy};
 
 use crate::conditions::{self, ErrorBackoff};
 use crate::metrics::ReconcileMetrics;
-use crate::policy_status::{desired_status, is_endpoint, selected_endpoints};
+use crate::policy_status::{self, desired_status, is_endpoint, selected_endpoints};
 
 /// Whose writes these are, for server-side apply.
 pub const FIELD_MANAGER: &str = "weft-operator";
@@ -77,11 +78,14 @@ pub struct Context {
     /// Label keys left out of security labels: identity allocation's default.
     pub ignore: LabelFilter,
     pub backoff: ErrorBackoff,
+    /// Warning Events for invalid policies.
+    pub recorder: Recorder,
 }
 
 impl Context {
     pub fn new(client: Client, pods: Store<Pod>, namespaces: Store<Namespace>) -> Self {
         Self {
+            recorder: Recorder::new(client.clone(), conditions::REPORTER.into()),
             client,
             pods,
             namespaces,
@@ -184,10 +188,6 @@ pub async fn reconcile<P: PolicyObject>(
         Time(Timestamp::now()),
     );
     if policy.status() != Some(&status) {
-        // Said when the status changes, not on every recount.
-        if let Err(error) = &outcome {
-            tracing::warn!(kind = P::KIND, name = %policy.name_any(), %error, "invalid policy");
-        }
         let api = P::api(ctx.client.clone(), policy.meta().namespace.as_deref());
         conditions::apply_status(&api, &policy.name_any(), P::KIND, &status)
             .await
@@ -196,6 +196,18 @@ pub async fn reconcile<P: PolicyObject>(
                 name: policy.name_any(),
                 source,
             })?;
+        // Said when the conditions change, not on every recount.
+        let conditions_changed =
+            policy.status().map(|current| &current.conditions) != Some(&status.conditions);
+        if conditions_changed {
+            conditions::warn_if_invalid(
+                &ctx.recorder,
+                &policy.object_ref(&()),
+                P::KIND,
+                &policy_status::outcome(&outcome),
+            )
+            .await;
+        }
     }
     ctx.backoff.succeeded(&ErrorBackoff::key(policy.as_ref()));
     Ok(Action::requeue(RESYNC))

@@ -40,7 +40,7 @@ use crate::conditions::{self, Finding, Outcome};
 use crate::identity_controller::needs_identity;
 
 /// What a policy's conversion means for its status.
-fn outcome(outcome: &Result<Policy, PolicyError>) -> Outcome {
+pub fn outcome(outcome: &Result<Policy, PolicyError>) -> Outcome {
     match outcome {
         Ok(_) => Outcome::Ready {
             valid: "the policy is valid".into(),

@@ -180,6 +180,21 @@ async fn apply_of<P: PolicyObject>(fixture: &mut Fixture, object: &Value, name: 
     assert_eq!(apply.body["kind"], P::KIND);
     let body = apply.body.clone();
     apply.respond_with_status(object.clone());
+    // An invalid policy is also told in a Warning Event, once its conditions change.
+    let invalid = body["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Valid" && c["status"] == "False");
+    if let Some(valid) = invalid {
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default");
+        let event = fixture.server.expect_event(namespace).await;
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["reason"], valid["reason"]);
+        assert_eq!(event["regarding"]["name"], name);
+    }
     running.await.expect("reconcile");
     fixture.server.no_more_requests().await;
     body
