@@ -9,7 +9,7 @@ TOOLS_VENV := .tools/venv
 # Pinned: Helm v4's engine as a library (no helm binary needed) and Kubernetes' schemas.
 PY_TOOLS := helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.3
 
-.PHONY: help deps build crds demo test bench fmt-check clippy unit-test e2e-test clean
+.PHONY: help deps build crds demo test bench fmt-check clippy unit-test e2e-test clean image
 
 help:
 	@echo "make demo   build Weft and show what works today"
@@ -17,6 +17,7 @@ help:
 	@echo "make deps   install the system and Python tools the build and tests need"
 	@echo "make crds   regenerate crds/manifests and the chart's CRDs from the Rust types"
 	@echo "make bench  datapath benchmarks against a no-BPF baseline (root)"
+	@echo "make image  build the container image (Docker with BuildKit, or buildah)"
 
 # Installs only what is missing, so repeated runs are quick and offline.
 deps:
@@ -69,3 +70,33 @@ demo: deps
 
 clean:
 	$(CARGO) clean
+
+# The container image (Dockerfile; docs/install.md, "Building the image"). Not part of `make test`.
+#   make image IMAGE=registry.example.com/weft IMAGE_TAG=dev
+#   make image IMAGE_BINARIES=prebuilt   # package host-built release binaries (Debian 12 host only)
+IMAGE ?= ghcr.io/weft-io/weft
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' charts/weft/Chart.yaml)
+IMAGE_BINARIES ?= source
+IMAGE_PLATFORM ?= linux/amd64
+IMAGE_BUILD_ARGS ?=
+image:
+	@set -e; \
+	revision=$$(git rev-parse HEAD 2>/dev/null || echo unknown); \
+	args="--platform $(IMAGE_PLATFORM)"; \
+	args="$$args --build-arg WEFT_VERSION=$(IMAGE_TAG) --build-arg WEFT_REVISION=$$revision"; \
+	case "$(IMAGE_BINARIES)" in \
+		source) ;; \
+		prebuilt) $(CARGO) build --release --workspace --bins; \
+			args="$$args --target weft-prebuilt --build-context weft-bin=$(CURDIR)/target/release";; \
+		*) echo "IMAGE_BINARIES must be source or prebuilt (got $(IMAGE_BINARIES))" >&2; exit 1;; \
+	esac; \
+	if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
+		set -x; DOCKER_BUILDKIT=1 docker build $$args $(IMAGE_BUILD_ARGS) -t $(IMAGE):$(IMAGE_TAG) .; \
+	elif command -v buildah >/dev/null 2>&1; then \
+		set -x; buildah build --layers $$args $(IMAGE_BUILD_ARGS) -t $(IMAGE):$(IMAGE_TAG) .; \
+	else \
+		echo "make image needs a container builder: start a Docker daemon (Docker 23+ or Docker with BuildKit/buildx)," >&2; \
+		echo "or install buildah (Debian/Ubuntu: apt-get install buildah; Fedora: dnf install buildah)." >&2; \
+		echo "No daemon answered 'docker info' and no buildah is on PATH." >&2; \
+		exit 1; \
+	fi
