@@ -245,15 +245,14 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
                 endpoints: &endpoints.state(),
             }))
         };
-        let (done, wait) = oneshot::channel();
-        synced.push(wait);
-        tasks.push(tokio::spawn(keep_written(
+        let (task, written) = spawn_writer(
             settings.paths.endpoint_directory.clone(),
             Arc::clone(&directory_changed),
             all_ready,
             build,
-            done,
-        )));
+        );
+        tasks.push(task);
+        synced.push(written);
     }
     // The policy file.
     {
@@ -273,15 +272,14 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
                 &kubernetes.state(),
             ))
         };
-        let (done, wait) = oneshot::channel();
-        synced.push(wait);
-        tasks.push(tokio::spawn(keep_written(
+        let (task, written) = spawn_writer(
             settings.paths.policy_file.clone(),
             Arc::clone(&policies_changed),
             all_ready,
             build,
-            done,
-        )));
+        );
+        tasks.push(task);
+        synced.push(written);
     }
     // The service file.
     {
@@ -301,15 +299,14 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
                 &globals.state(),
             ))
         };
-        let (done, wait) = oneshot::channel();
-        synced.push(wait);
-        tasks.push(tokio::spawn(keep_written(
+        let (task, written) = spawn_writer(
             settings.paths.service_file.clone(),
             Arc::clone(&services_changed),
             all_ready,
             build,
-            done,
-        )));
+        );
+        tasks.push(task);
+        synced.push(written);
     }
 
     // The peers file.
@@ -379,12 +376,20 @@ pub fn peers_file(
         }
         peers::to_file_bytes(&node::peers_of(state.iter().map(AsRef::as_ref), &me))
     };
-    let (done, wait) = oneshot::channel();
-    let tasks = vec![
-        tokio::spawn(nodes.task),
-        tokio::spawn(keep_written(path, changed, all_ready, build, done)),
-    ];
-    (tasks, wait)
+    let (writer, written) = spawn_writer(path, changed, all_ready, build);
+    (vec![tokio::spawn(nodes.task), writer], written)
+}
+
+/// Spawns [`keep_written`] for `path`; the receiver resolves once the file was first written.
+fn spawn_writer(
+    path: PathBuf,
+    changed: Arc<Notify>,
+    ready: BoxFuture<'static, ()>,
+    build: impl Fn() -> Vec<u8> + Send + 'static,
+) -> (JoinHandle<()>, oneshot::Receiver<()>) {
+    let (done, written) = oneshot::channel();
+    let task = tokio::spawn(keep_written(path, changed, ready, build, done));
+    (task, written)
 }
 
 /// Keeps `path` equal to `build()`: first once `ready`, then `DEBOUNCE` after each change,
