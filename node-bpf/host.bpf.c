@@ -11,6 +11,9 @@ int from_network(struct __sk_buff *skb)
 	struct lb_nat original = {};
 	struct lb_tuple reply = {};
 	struct iphdr *ip;
+	/* Read once (see from_container). */
+	__u32 ifindex = skb->ifindex;
+	__u32 src_identity;
 	int lb;
 
 	ip = ipv4_header(skb);
@@ -23,6 +26,7 @@ int from_network(struct __sk_buff *skb)
 	/* NodePort (and service addresses routed here) from outside the node: translated per
 	 * packet, with this node as the source when the backend lives elsewhere. */
 	cfg = get_node_config();
+	src_identity = tunnel_source_identity(skb, ifindex, cfg);
 	lb = lb_translate_forward(skb, ip, cfg ? cfg->node_ip : 0);
 	if (lb == LB_NOT_A_SERVICE)
 		lb_forget_ended_translation(skb, ip);
@@ -35,24 +39,24 @@ int from_network(struct __sk_buff *skb)
 		if (lb == LB_NO_BACKEND && cfg && lb_is_node_address(ip->daddr, cfg))
 			return TCX_NEXT;
 		if (lb != LB_TRANSLATED) {
-			report_flow(skb, ip, skb->ifindex, OBS_FROM_NETWORK, VERDICT_DROPPED,
+			report_flow(skb, ip, ifindex, OBS_FROM_NETWORK, VERDICT_DROPPED,
 				    lb == LB_NO_BACKEND ? DROP_NO_SERVICE_BACKEND
 							: DROP_SERVICE_NAT_FAILED);
 			/* Refused at once: the SYN goes back out where it came from as an RST. */
 			if (lb == LB_NO_BACKEND && lb_refuse_syn(skb) == 0)
-				return bpf_redirect(skb->ifindex, 0);
+				return bpf_redirect(ifindex, 0);
 			return TCX_DROP;
 		}
 		ep = lookup_endpoint(ip->daddr);
 		if (ep)
-			return deliver_to_endpoint(skb, ip, ep, NULL, NULL);
+			return deliver_to_endpoint(skb, ip, ep, NULL, NULL, src_identity);
 		return forward_off_node(skb, ip, 0);
 	}
 
 	ep = lookup_endpoint(ip->daddr);
 	if (!ep)
 		return TCX_NEXT;
-	return deliver_to_endpoint(skb, ip, ep, NULL, NULL);
+	return deliver_to_endpoint(skb, ip, ep, NULL, NULL, src_identity);
 }
 
 /* Egress of the VXLAN device. Pod traffic arrives here already addressed (from_container set

@@ -9,17 +9,28 @@ int from_container(struct __sk_buff *skb)
 	struct endpoint_info *dst_ep;
 	struct ipcache_entry *remote;
 	struct node_config *cfg;
-	struct endpoint_info *src_ep;
+	struct endpoint_info *sender;
 	struct lb_nat original = {};
 	struct lb_tuple reply = {};
 	struct iphdr *ip;
+	/* Read once: clang would otherwise pick the ctx offset per branch and load through a
+	 * modified ctx pointer, which the verifier refuses. */
+	__u32 ifindex = skb->ifindex;
 	int lb;
 
-	count_packet(skb->ifindex, DIRECTION_FROM_ENDPOINT, skb->len);
+	count_packet(ifindex, DIRECTION_FROM_ENDPOINT, skb->len);
 
 	ip = ipv4_header(skb);
 	if (!ip)
 		return TCX_NEXT; /* ARP and anything not IPv4: the kernel handles it */
+	/* Before anything else reads the source (service translation, policy, the tunnel's
+	 * identity): a spoofed packet creates no state anywhere. */
+	sender = validated_sender(ifindex, ip);
+	if (!sender) {
+		report_flow(skb, ip, ifindex, OBS_FROM_ENDPOINT, VERDICT_DROPPED,
+			    DROP_SOURCE_SPOOFED);
+		return TCX_DROP;
+	}
 	/* Sockets are balanced at connect() (sock.bpf.c); this catches what they did not, e.g.
 	 * pods outside the hooked cgroup. Policy then sees the backend, as it would otherwise. */
 	lb = lb_translate_forward(skb, ip, 0);
@@ -30,20 +41,20 @@ int from_container(struct __sk_buff *skb)
 		if (!ip)
 			return TCX_DROP;
 		if (lb != LB_TRANSLATED) {
-			report_flow(skb, ip, skb->ifindex, OBS_FROM_ENDPOINT, VERDICT_DROPPED,
+			report_flow(skb, ip, ifindex, OBS_FROM_ENDPOINT, VERDICT_DROPPED,
 				    lb == LB_NO_BACKEND ? DROP_NO_SERVICE_BACKEND
 							: DROP_SERVICE_NAT_FAILED);
 			/* Refused at once: the pod's SYN comes back to it as an RST, straight into
 			 * its eth0 (not through to_container: no policy stands between a pod and
 			 * the refusal of its own connection). */
 			if (lb == LB_NO_BACKEND && lb_refuse_syn(skb) == 0)
-				return bpf_redirect_peer(skb->ifindex, 0);
+				return bpf_redirect_peer(ifindex, 0);
 			return TCX_DROP;
 		}
 	}
-	if (enforce(skb, ip, skb->ifindex, POLICY_EGRESS, OBS_FROM_ENDPOINT))
+	if (enforce(skb, ip, ifindex, POLICY_EGRESS, OBS_FROM_ENDPOINT, 0))
 		return TCX_DROP;
-	report_flow(skb, ip, skb->ifindex, OBS_FROM_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
+	report_flow(skb, ip, ifindex, OBS_FROM_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
 
 	/* A backend answering a connection translated on this node. */
 	if (lb_reverse_lookup(skb, ip, &reply, &original))
@@ -51,17 +62,15 @@ int from_container(struct __sk_buff *skb)
 
 	dst_ep = lookup_endpoint(ip->daddr);
 	if (dst_ep)
-		return deliver_to_endpoint(skb, ip, dst_ep, NULL, NULL);
+		return deliver_to_endpoint(skb, ip, dst_ep, NULL, NULL, sender->identity);
 
 	cfg = get_node_config();
 	remote = lookup_ipcache(ip->daddr);
 	if (!cfg || !remote || !remote->tunnel_endpoint)
 		return TCX_NEXT; /* the node itself, or outside the cluster: the kernel routes it */
 
-	if (cfg->routing_mode == ROUTING_TUNNEL) {
-		src_ep = lookup_endpoint(ip->saddr);
-		return forward_through_tunnel(skb, cfg, remote, src_ep ? src_ep->identity : 0);
-	}
+	if (cfg->routing_mode == ROUTING_TUNNEL)
+		return forward_through_tunnel(skb, cfg, remote, sender->identity);
 	return forward_natively(skb, ip);
 }
 
@@ -71,7 +80,7 @@ int to_container(struct __sk_buff *skb)
 	struct iphdr *ip;
 
 	ip = ipv4_header(skb);
-	if (ip && enforce(skb, ip, skb->ifindex, POLICY_INGRESS, OBS_TO_ENDPOINT))
+	if (ip && enforce(skb, ip, skb->ifindex, POLICY_INGRESS, OBS_TO_ENDPOINT, 0))
 		return TCX_DROP;
 	/* Counted once policy let it through: what the pod received. */
 	count_packet(skb->ifindex, DIRECTION_TO_ENDPOINT, skb->len);

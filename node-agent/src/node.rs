@@ -349,17 +349,20 @@ impl NodeAgent {
     }
 
     fn program_endpoint(&mut self, record: &EndpointRecord) -> Result<(), NodeError> {
-        self.directory().set_local(EndpointMeta {
-            ip: record.ip,
-            cluster: self.origin.cluster.clone(),
-            namespace: record.pod.namespace.clone(),
-            pod: record.pod.name.clone(),
-            node: self.origin.node.clone(),
-            labels: Default::default(),
-            identity: record.identity,
-            security_labels: Default::default(),
-            named_ports: Default::default(),
-        });
+        self.directory().set_local(
+            record.host_ifindex,
+            EndpointMeta {
+                ip: record.ip,
+                cluster: self.origin.cluster.clone(),
+                namespace: record.pod.namespace.clone(),
+                pod: record.pod.name.clone(),
+                node: self.origin.node.clone(),
+                labels: Default::default(),
+                identity: record.identity,
+                security_labels: Default::default(),
+                named_ports: Default::default(),
+            },
+        );
         self.datapath.upsert_endpoint(
             record.ip,
             EndpointInfo {

@@ -32,6 +32,7 @@ enum drop_reason {
 	DROP_POLICY_DENIED = 5,      /* a policy denied it (the agent names the rule) */
 	DROP_NO_SERVICE_BACKEND = 6, /* sent to a service that has no backend for new connections */
 	DROP_SERVICE_NAT_FAILED = 7, /* service translation failed (rewrite, or SNAT ports exhausted) */
+	DROP_SOURCE_SPOOFED = 8,     /* a pod sent with an IPv4 or MAC source that is not its own */
 };
 
 struct flow_event {

@@ -27,6 +27,26 @@ static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
 	return ip;
 }
 
+/* The endpoint that sent a packet into its host-side veth `ifindex`, when the packet
+ * carries that endpoint's own IPv4 and MAC source; NULL otherwise. Everything downstream (the
+ * receiver's policy, the tunnel's identity) trusts the source address, so a pod that could
+ * send with another pod's address would inherit that pod's identity. A pod the agent has not
+ * registered yet has no entry either: it sends nothing until it is wired. */
+static __always_inline struct endpoint_info *validated_sender(__u32 ifindex, struct iphdr *ip)
+{
+	struct endpoint_info *ep = lookup_endpoint(ip->saddr);
+	struct ethhdr *eth = (void *)ip - sizeof(struct ethhdr);
+	int i;
+
+	if (!ep || ep->ifindex != ifindex)
+		return NULL;
+#pragma unroll
+	for (i = 0; i < ETH_ALEN; i++)
+		if (eth->h_source[i] != ep->mac[i])
+			return NULL;
+	return ep;
+}
+
 /* The identity of the address at the other end; addresses the node knows nothing of are the
  * world (reserved identity 2). */
 static __always_inline __u32 peer_identity(__u32 ip)
@@ -37,9 +57,11 @@ static __always_inline __u32 peer_identity(__u32 ip)
 }
 
 /* Applies `endpoint`'s policy in `direction` to a packet, remembering allowed connections.
- * Returns 1 when the packet must be dropped (and reports it). */
+ * `known_peer` is the peer's identity when the packet itself vouches for it (a validated
+ * local sender, the tunnel's VNI); 0 derives it from the peer's address. Returns 1 when the
+ * packet must be dropped (and reports it). */
 static __always_inline int enforce(struct __sk_buff *skb, struct iphdr *ip, __u32 endpoint,
-				   __u8 direction, __u8 observation_point)
+				   __u8 direction, __u8 observation_point, __u32 known_peer)
 {
 	struct endpoint_policy *state;
 	__u16 sport = 0, dport = 0;
@@ -53,7 +75,8 @@ static __always_inline int enforce(struct __sk_buff *skb, struct iphdr *ip, __u3
 	state = endpoint_policy_of(endpoint);
 	if (!state)
 		goto allowed;
-	peer = peer_identity(direction == POLICY_EGRESS ? ip->daddr : ip->saddr);
+	peer = known_peer ? known_peer
+			  : peer_identity(direction == POLICY_EGRESS ? ip->daddr : ip->saddr);
 	if (policy_denies(state, endpoint, direction, peer, ip->protocol, dport)) {
 		report_flow(skb, ip, endpoint, observation_point, VERDICT_DROPPED, DROP_POLICY_DENIED);
 		return 1;
@@ -65,17 +88,18 @@ allowed:
 
 /* Hands the packet straight to a local pod: its eth0 receives it as if from its gateway. The
  * peer's host-side egress hook does not run on this path, so the delivery is counted here.
+ * `src_identity`: the sender's identity when the packet vouches for it, else 0 (see enforce).
  * A service reply (`reply` set) is checked as the backend sent it, which is what conntrack
  * remembered, and only then rewritten to the service address the client used. */
 static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, struct iphdr *ip,
 					       struct endpoint_info *ep, struct lb_tuple *reply,
-					       struct lb_nat *original)
+					       struct lb_nat *original, __u32 src_identity)
 {
 	__u32 l4_offset = sizeof(struct ethhdr) + (__u32)ip->ihl * 4;
 	__u32 len = skb->len;
 
 	/* Checked and reported before the rewrite: storing bytes invalidates header pointers. */
-	if (enforce(skb, ip, ep->ifindex, POLICY_INGRESS, OBS_TO_ENDPOINT))
+	if (enforce(skb, ip, ep->ifindex, POLICY_INGRESS, OBS_TO_ENDPOINT, src_identity))
 		return TCX_DROP;
 	report_flow(skb, ip, ep->ifindex, OBS_TO_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
 	if (reply && lb_translate_reply(skb, l4_offset, reply, original) < 0)
@@ -87,6 +111,24 @@ static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, struct iph
 	return bpf_redirect_peer(ep->ifindex, 0);
 }
 
+#define VNI_MAX 0xFFFFFF
+
+/* The sender's identity that a packet arriving from the VXLAN device carries in its VNI (set
+ * by the sending node's forward_through_tunnel); 0 when it did not come through the tunnel or
+ * carries none (the remote node itself sent it). The receiver trusts it over the ipcache,
+ * which may not know a new remote pod yet, as Cilium does. */
+static __always_inline __u32 tunnel_source_identity(struct __sk_buff *skb, __u32 ifindex,
+						    struct node_config *cfg)
+{
+	struct bpf_tunnel_key key = {};
+
+	if (!cfg || cfg->routing_mode != ROUTING_TUNNEL || ifindex != cfg->tunnel_ifindex)
+		return 0;
+	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0)
+		return 0;
+	return key.tunnel_id;
+}
+
 /* Sends a packet for a pod on another node into the VXLAN device, addressed to that node. */
 static __always_inline int forward_through_tunnel(struct __sk_buff *skb, struct node_config *cfg,
 						  struct ipcache_entry *remote, __u32 src_identity)
@@ -94,7 +136,10 @@ static __always_inline int forward_through_tunnel(struct __sk_buff *skb, struct 
 	struct bpf_tunnel_key key = {};
 
 	key.remote_ipv4 = bpf_ntohl(remote->tunnel_endpoint);
-	key.tunnel_id = src_identity;
+	/* The VNI carries 24 bits: an identity that does not fit (clusters 256-511) is not sent
+	 * truncated, which would name another cluster's identity; 0 makes the receiver derive it
+	 * from the source address instead. */
+	key.tunnel_id = src_identity <= VNI_MAX ? src_identity : 0;
 	key.tunnel_ttl = 64;
 	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0) {
 		struct iphdr *ip = ipv4_header(skb);
@@ -149,7 +194,7 @@ static __always_inline int forward_service_reply(struct __sk_buff *skb, struct i
 	struct endpoint_info *client = lookup_endpoint(original->daddr);
 
 	if (client)
-		return deliver_to_endpoint(skb, ip, client, reply, original);
+		return deliver_to_endpoint(skb, ip, client, reply, original, 0);
 	if (lb_translate_reply(skb, l4_offset, reply, original) < 0)
 		return TCX_DROP;
 	ip = ipv4_header(skb);

@@ -238,6 +238,7 @@ pub enum DropReason {
     PolicyDenied = 5,
     NoServiceBackend = 6,
     ServiceNatFailed = 7,
+    SourceSpoofed = 8,
 }
 
 impl DropReason {
@@ -251,6 +252,7 @@ impl DropReason {
             5 => Some(Self::PolicyDenied),
             6 => Some(Self::NoServiceBackend),
             7 => Some(Self::ServiceNatFailed),
+            8 => Some(Self::SourceSpoofed),
             _ => None,
         }
     }
@@ -267,6 +269,7 @@ impl DropReason {
             Self::ServiceNatFailed => {
                 "service translation failed (packet rewrite, or SNAT ports exhausted)"
             }
+            Self::SourceSpoofed => "source address is not the endpoint's",
         }
     }
 }

@@ -53,6 +53,8 @@ const RECHECK_KNOWN: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub struct Directory {
     local: HashMap<Ipv4Addr, EndpointMeta>,
+    /// Local endpoints by their host-side veth: who really sent a packet whose source lies.
+    local_by_ifindex: HashMap<u32, Ipv4Addr>,
     file: Option<PathBuf>,
     /// (inode, modification time) of the version read: writers replace the file by rename, so
     /// the inode tells rewrites apart even within one timestamp tick.
@@ -72,12 +74,21 @@ impl Directory {
         }
     }
 
-    pub fn set_local(&mut self, meta: EndpointMeta) {
+    /// Records a local endpoint behind its host-side veth `ifindex`.
+    pub fn set_local(&mut self, ifindex: u32, meta: EndpointMeta) {
+        self.local_by_ifindex.insert(ifindex, meta.ip);
         self.local.insert(meta.ip, meta);
     }
 
     pub fn remove_local(&mut self, ip: Ipv4Addr) {
         self.local.remove(&ip);
+        self.local_by_ifindex.retain(|_, local| *local != ip);
+    }
+
+    /// The local endpoint behind host-side veth `ifindex`, whatever address its packet carried.
+    pub fn local_behind(&mut self, ifindex: u32) -> Option<EndpointMeta> {
+        let ip = *self.local_by_ifindex.get(&ifindex)?;
+        self.lookup(ip)
     }
 
     /// The directory's entry (richer: it has labels) or the local record.
@@ -145,7 +156,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("endpoints.json");
         let mut directory = Directory::new(Some(file.clone()));
-        directory.set_local(meta("10.1.1.1", "local-name"));
+        directory.set_local(7, meta("10.1.1.1", "local-name"));
         assert_eq!(
             directory.lookup("10.1.1.1".parse().unwrap()).map(|m| m.pod),
             Some("local-name".into())

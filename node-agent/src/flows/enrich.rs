@@ -109,7 +109,12 @@ pub fn enrich(
         })
     };
     let drop_reason = DropReason::from_number(event.drop_reason);
-    let source = directory.lookup(source_ip);
+    // A spoofed packet names the pod that really sent it, not the one whose address it used.
+    let source = if drop_reason == Some(DropReason::SourceSpoofed) {
+        directory.local_behind(event.ifindex)
+    } else {
+        directory.lookup(source_ip)
+    };
     let destination = directory.lookup(destination_ip);
     let (allowed_by, denied_by) = match compiled {
         Some(compiled) => {
@@ -203,15 +208,18 @@ mod tests {
     #[test]
     fn an_event_becomes_a_flow_with_names_flags_and_time() {
         let mut directory = Directory::new(None);
-        directory.set_local(EndpointMeta {
-            ip: "10.1.1.2".parse().unwrap(),
-            cluster: "east".into(),
-            namespace: "training".into(),
-            pod: "trainer-0".into(),
-            node: "n1".into(),
-            identity: 5,
-            ..Default::default()
-        });
+        directory.set_local(
+            31,
+            EndpointMeta {
+                ip: "10.1.1.2".parse().unwrap(),
+                cluster: "east".into(),
+                namespace: "training".into(),
+                pod: "trainer-0".into(),
+                node: "n1".into(),
+                identity: 5,
+                ..Default::default()
+            },
+        );
         let event = FlowEvent {
             timestamp_ns: 1_000,
             src_ip: u32::from(Ipv4Addr::new(10, 1, 1, 2)).to_be(),
@@ -247,6 +255,51 @@ mod tests {
         assert_eq!(
             flow.observation_point,
             ObservationPoint::FromEndpoint as i32
+        );
+    }
+
+    #[test]
+    fn a_spoofed_packet_names_the_pod_that_sent_it() {
+        let mut directory = Directory::new(None);
+        for (ifindex, ip, pod) in [(31, "10.1.1.2", "attacker"), (32, "10.1.1.3", "victim")] {
+            directory.set_local(
+                ifindex,
+                EndpointMeta {
+                    ip: ip.parse().unwrap(),
+                    pod: pod.into(),
+                    ..Default::default()
+                },
+            );
+        }
+        let event = FlowEvent {
+            src_ip: u32::from(Ipv4Addr::new(10, 1, 1, 3)).to_be(),
+            dst_ip: u32::from(Ipv4Addr::new(10, 1, 2, 1)).to_be(),
+            ifindex: 31,
+            protocol: 17,
+            verdict: FlowVerdict::Dropped as u8,
+            drop_reason: DropReason::SourceSpoofed as u8,
+            observation_point: 1,
+            ..Default::default()
+        };
+        let origin = Origin {
+            node: "n1".into(),
+            cluster: "east".into(),
+        };
+        let clock = Clock {
+            realtime_minus_monotonic_ns: 0,
+        };
+        let flow = enrich(&event, &mut directory, &origin, &clock, None);
+        assert_eq!(
+            flow.source.as_ref().map(|s| s.pod_name.as_str()),
+            Some("attacker")
+        );
+        assert_eq!(
+            flow.source_ip, "10.1.1.3",
+            "the address it used is still shown"
+        );
+        assert_eq!(
+            flow.drop_reason_desc,
+            "source address is not the endpoint's"
         );
     }
 }
