@@ -5,6 +5,7 @@
 //! against the same schemas, including their CEL rules, the way the API server would.
 
 pub mod bandwidth;
+pub mod cel_cost;
 pub mod endpoint;
 pub mod global_service;
 pub mod identity;

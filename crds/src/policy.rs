@@ -105,7 +105,7 @@ pub struct DefaultDeny {
 pub struct IngressRule {
     /// Endpoints, by labels, in the policy's namespace unless the selector names a namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 64))]
     pub from_endpoints: Vec<LabelSelector>,
     /// IPv4/IPv6 addresses or CIDRs outside the cluster.
     #[serde(default, rename = "fromCIDR", skip_serializing_if = "Vec::is_empty")]
@@ -121,7 +121,7 @@ pub struct IngressRule {
     pub from_entities: Vec<Entity>,
     /// Ports (and L7 rules) the peers may reach; empty means every port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 16))]
     pub to_ports: Vec<PortRule>,
 }
 
@@ -130,7 +130,7 @@ pub struct IngressRule {
 #[serde(rename_all = "camelCase")]
 pub struct EgressRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 64))]
     pub to_endpoints: Vec<LabelSelector>,
     #[serde(default, rename = "toCIDR", skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
@@ -147,7 +147,7 @@ pub struct EgressRule {
     #[schemars(length(max = 256))]
     pub to_fqdns: Vec<FqdnSelector>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 16))]
     pub to_ports: Vec<PortRule>,
 }
 
@@ -156,7 +156,7 @@ pub struct EgressRule {
 #[serde(rename_all = "camelCase")]
 pub struct IngressDenyRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 64))]
     pub from_endpoints: Vec<LabelSelector>,
     #[serde(default, rename = "fromCIDR", skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
@@ -169,7 +169,7 @@ pub struct IngressDenyRule {
     pub from_entities: Vec<Entity>,
     /// Ports to deny; L7 rules are not allowed in deny rules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 16))]
     pub to_ports: Vec<PortDenyRule>,
 }
 
@@ -178,7 +178,7 @@ pub struct IngressDenyRule {
 #[serde(rename_all = "camelCase")]
 pub struct EgressDenyRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 64))]
     pub to_endpoints: Vec<LabelSelector>,
     #[serde(default, rename = "toCIDR", skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
@@ -190,7 +190,7 @@ pub struct EgressDenyRule {
     #[schemars(length(max = 16))]
     pub to_entities: Vec<Entity>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 16))]
     pub to_ports: Vec<PortDenyRule>,
 }
 
@@ -265,7 +265,7 @@ pub struct FqdnSelector {
 #[serde(rename_all = "camelCase")]
 pub struct PortRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 40))]
     pub ports: Vec<PortProtocol>,
     /// L7 rules: the traffic goes through Weft's proxy and only matching requests pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -277,22 +277,19 @@ pub struct PortRule {
 #[serde(rename_all = "camelCase")]
 pub struct PortDenyRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 40))]
     pub ports: Vec<PortProtocol>,
 }
 
 /// A port, or a range from `port` to `endPort`, with its protocol.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+// One rule: the regex is the costly part, and the API server multiplies it by every port a
+// policy can hold (docs/crds.md, "CEL cost budget").
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "!has(self.endPort) || self.port.matches('^[0-9]+$')",
-        "message": "endPort needs a numeric port, not a named one",
-        "fieldPath": ".endPort",
-    },
-    {
-        "rule": "!has(self.endPort) || !self.port.matches('^[0-9]+$') || int(self.port) <= self.endPort",
-        "message": "endPort must be greater than or equal to port",
+        "rule": "!has(self.endPort) || (self.port.matches('^[0-9]+$') && int(self.port) <= self.endPort)",
+        "message": "endPort needs a numeric port that is less than or equal to it",
         "fieldPath": ".endPort",
     },
 ]))]
