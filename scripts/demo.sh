@@ -80,5 +80,9 @@ The sandbox "demo" is still up. Explore it:
 Tear it down:
   $weftctl sandbox down
 
-Coming next (README, "Features"): the cluster mesh, Kubernetes mode, FQDN and L7 policy.
+What you saw runs the same agent, CNI plugin and policy engine as a cluster: the chart
+(charts/weft, docs/install.md) installs them with the operator in Kubernetes mode, which is
+tested against a mocked API server and has not yet run on a real cluster.
+Not built yet (README, "Features"): the cluster mesh over mTLS, FQDN and L7 policy, bandwidth
+classes.
 MSG

@@ -339,6 +339,7 @@ impl Scope<'_> {
                 .egress
                 .unwrap_or_else(|| has_allow(Section::Egress)),
             rules,
+            unenforced: Vec::new(),
         })
     }
 }
@@ -452,10 +453,17 @@ fn k8s_peer(
     field: &str,
 ) -> Result<Peer, PolicyError> {
     if let Some(block) = &peer.ip_block {
-        return cidr_rule(
-            &block.cidr,
-            block.except.as_deref().unwrap_or_default(),
-            &format!("{field}.ipBlock"),
+        // Kubernetes semantics: an ipBlock selects every address in it, pods included (Weft's
+        // own kinds keep Cilium's: CIDRs select only addresses outside the cluster).
+        return Ok(
+            match cidr_rule(
+                &block.cidr,
+                block.except.as_deref().unwrap_or_default(),
+                &format!("{field}.ipBlock"),
+            )? {
+                Peer::Cidr { cidr, except } => Peer::IpBlock { cidr, except },
+                other => other,
+            },
         );
     }
     let pods = match &peer.pod_selector {
@@ -479,16 +487,30 @@ fn k8s_peer(
     Ok(Peer::Endpoints(selector))
 }
 
+/// A rule's ports, and the fields of those left out because Weft does not carry their
+/// protocol (SCTP). `None` when every port was left out: the rule then allows nothing (it must
+/// not become a rule without ports, which would allow every port).
 fn k8s_ports(
     ports: Option<&Vec<k8s::NetworkPolicyPort>>,
     field: &str,
-) -> Result<Vec<PortMatch>, PolicyError> {
+    unenforced: &mut Vec<String>,
+) -> Result<Option<Vec<PortMatch>>, PolicyError> {
     let mut matches = Vec::new();
+    let mut left_out = 0;
     for (index, port) in ports.into_iter().flatten().enumerate() {
         let field = format!("{field}.ports[{index}]");
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => ProtocolMatch::Tcp,
             "UDP" => ProtocolMatch::Udp,
+            "SCTP" => {
+                // No SCTP packet passes a Weft node, so allowing it would change nothing: the
+                // port is left out, the rest of the policy (its isolation first) applies.
+                unenforced.push(format!(
+                    "{field}.protocol: SCTP is not carried by Weft; this port allows nothing (the policy's isolation and its TCP and UDP ports are enforced)"
+                ));
+                left_out += 1;
+                continue;
+            }
             other => {
                 return Err(error(
                     format!("{field}.protocol"),
@@ -539,7 +561,10 @@ fn k8s_ports(
             }
         });
     }
-    Ok(matches)
+    if left_out > 0 && matches.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(matches))
 }
 
 /// Kubernetes NetworkPolicy, with its semantics: an empty peer list allows every peer, a
@@ -553,6 +578,7 @@ pub fn kubernetes_policy(policy: &k8s::NetworkPolicy) -> Result<Policy, PolicyEr
         .unwrap_or_else(|| "default".into());
     let spec = policy.spec.clone().unwrap_or_default();
     let mut rules = Vec::new();
+    let mut unenforced = Vec::new();
     for (index, ingress) in spec.ingress.iter().flatten().enumerate() {
         let field = format!("spec.ingress[{index}]");
         let peers = ingress
@@ -562,12 +588,15 @@ pub fn kubernetes_policy(policy: &k8s::NetworkPolicy) -> Result<Policy, PolicyEr
             .enumerate()
             .map(|(i, peer)| k8s_peer(peer, &namespace, &format!("{field}.from[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        rules.push(Rule {
-            section: Section::Ingress,
-            index,
-            peers,
-            ports: k8s_ports(ingress.ports.as_ref(), &field)?,
-        });
+        // A rule whose only ports are SCTP allows nothing Weft carries: it is left out.
+        if let Some(ports) = k8s_ports(ingress.ports.as_ref(), &field, &mut unenforced)? {
+            rules.push(Rule {
+                section: Section::Ingress,
+                index,
+                peers,
+                ports,
+            });
+        }
     }
     for (index, egress) in spec.egress.iter().flatten().enumerate() {
         let field = format!("spec.egress[{index}]");
@@ -578,12 +607,14 @@ pub fn kubernetes_policy(policy: &k8s::NetworkPolicy) -> Result<Policy, PolicyEr
             .enumerate()
             .map(|(i, peer)| k8s_peer(peer, &namespace, &format!("{field}.to[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        rules.push(Rule {
-            section: Section::Egress,
-            index,
-            peers,
-            ports: k8s_ports(egress.ports.as_ref(), &field)?,
-        });
+        if let Some(ports) = k8s_ports(egress.ports.as_ref(), &field, &mut unenforced)? {
+            rules.push(Rule {
+                section: Section::Egress,
+                index,
+                peers,
+                ports,
+            });
+        }
     }
     let types = spec.policy_types.clone().unwrap_or_else(|| {
         let mut types = vec!["Ingress".to_owned()];
@@ -607,6 +638,7 @@ pub fn kubernetes_policy(policy: &k8s::NetworkPolicy) -> Result<Policy, PolicyEr
         isolates_ingress: types.iter().any(|t| t == "Ingress"),
         isolates_egress: types.iter().any(|t| t == "Egress"),
         rules,
+        unenforced,
     })
 }
 
@@ -869,11 +901,132 @@ mod tests {
                 "{error}"
             );
         }
-        let sctp = kubernetes_policy(&yaml::<k8s::NetworkPolicy>(
-            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: ml}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{protocol: SCTP, port: 9}]}]\n",
+    }
+
+    fn k8s_np(spec: &str) -> Policy {
+        kubernetes_policy(&yaml::<k8s::NetworkPolicy>(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: ml}}\nspec:\n{spec}"
+        )))
+        .expect("valid NetworkPolicy")
+    }
+
+    fn connection(direction: Direction, protocol: Protocol, port: u16) -> Connection {
+        Connection {
+            direction,
+            protocol,
+            port,
+        }
+    }
+
+    #[test]
+    fn an_sctp_port_allows_nothing_but_the_policy_still_isolates_and_says_so() {
+        let me = subject(labels("ml", "ml", &[("pod", "a")]));
+        let them = peer(labels("ml", "ml", &[("pod", "b")]));
+        // Upstream: "should properly isolate pods that are selected by a policy allowing SCTP".
+        let only_sctp =
+            k8s_np("  podSelector: {}\n  ingress: [{ports: [{protocol: SCTP, port: 80}]}]\n");
+        assert!(only_sctp.isolates_ingress);
+        assert!(
+            only_sctp.rules.is_empty(),
+            "a rule whose only port is SCTP must not become a rule for every port: {:?}",
+            only_sctp.rules
+        );
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            for port in [80, 81] {
+                assert_eq!(
+                    verdict(
+                        &only_sctp,
+                        &me,
+                        &them,
+                        connection(Direction::Ingress, protocol, port)
+                    ),
+                    Verdict::Denied,
+                    "{protocol:?}/{port}"
+                );
+            }
+        }
+        assert_eq!(only_sctp.unenforced.len(), 1);
+        assert!(
+            only_sctp.unenforced[0].starts_with("spec.ingress[0].ports[0].protocol: SCTP"),
+            "{:?}",
+            only_sctp.unenforced
+        );
+
+        // Mixed: the TCP port is enforced, the SCTP one left out.
+        let mixed = k8s_np("  podSelector: {}\n  policyTypes: [Egress]\n  egress: [{ports: [{protocol: SCTP, port: 9}, {protocol: TCP, port: 443}]}]\n");
+        assert!(mixed.isolates_egress);
+        assert_eq!(
+            verdict(
+                &mixed,
+                &me,
+                &them,
+                connection(Direction::Egress, Protocol::Tcp, 443)
+            ),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            verdict(
+                &mixed,
+                &me,
+                &them,
+                connection(Direction::Egress, Protocol::Tcp, 9)
+            ),
+            Verdict::Denied
+        );
+        assert_eq!(mixed.unenforced.len(), 1);
+
+        // Still refused: a protocol Kubernetes does not have.
+        let bogus = kubernetes_policy(&yaml::<k8s::NetworkPolicy>(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: ml}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{protocol: ICMP, port: 9}]}]\n",
         ))
-        .expect_err("SCTP");
-        assert_eq!(sctp.field, "spec.ingress[0].ports[0].protocol");
+        .expect_err("ICMP");
+        assert_eq!(bogus.field, "spec.ingress[0].ports[0].protocol");
+    }
+
+    #[test]
+    fn an_ip_block_selects_pods_in_it_but_weft_cidrs_only_outside_addresses() {
+        let me = subject(labels("ml", "ml", &[("pod", "a")]));
+        let pod_at = |ip: &str| PeerView {
+            kind: PeerKind::Endpoint(labels("ml", "ml", &[("pod", "b")])),
+            ip: Some(ip.parse().expect("ip")),
+            named_ports: NamedPorts::new(),
+        };
+        let out = connection(Direction::Egress, Protocol::Tcp, 80);
+        // Upstream: "should allow egress access to server in CIDR block" and "should enforce
+        // except clause while egress access to server in CIDR block".
+        let block = k8s_np("  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.7/32]}}]\n");
+        assert!(matches!(block.rules[0].peers[0], Peer::IpBlock { .. }));
+        assert_eq!(
+            verdict(&block, &me, &pod_at("10.1.0.5"), out),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            verdict(&block, &me, &pod_at("10.1.0.7"), out),
+            Verdict::Denied
+        );
+        assert_eq!(
+            verdict(&block, &me, &world("10.9.9.9"), out),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            verdict(&block, &me, &world("11.0.0.1"), out),
+            Verdict::Denied
+        );
+
+        // WeftNetworkPolicy keeps Cilium's semantics: CIDRs select outside addresses only.
+        let weft = weft_policy(&yaml::<WeftNetworkPolicy>(
+            "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {name: p, namespace: ml}\nspec:\n  endpointSelector: {}\n  egress: [{toCIDR: [10.0.0.0/8]}]\n",
+        ))
+        .expect("valid");
+        assert!(matches!(weft.rules[0].peers[0], Peer::Cidr { .. }));
+        assert_eq!(
+            verdict(&weft, &me, &pod_at("10.1.0.5"), out),
+            Verdict::Denied
+        );
+        assert_eq!(
+            verdict(&weft, &me, &world("10.9.9.9"), out),
+            Verdict::Allowed
+        );
     }
 
     #[test]

@@ -65,6 +65,7 @@ fn main() {
                 .collect(),
             isolates_ingress: true,
             isolates_egress: false,
+            unenforced: Vec::new(),
         })
         .collect();
     let endpoints: Vec<EndpointInput> = (0..ENDPOINTS_ON_NODE)

@@ -6,12 +6,48 @@ use std::time::{Duration, Instant};
 use weft_agent::datapath::{attached_programs, Datapath};
 use weft_e2e::bpffs::Bpffs;
 use weft_e2e::netns::{unique_prefix, NetNs, VethPod};
-use weft_node_bpf::maps::TrafficCounters;
+use weft_node_bpf::maps::{EndpointInfo, EndpointPolicy, TrafficCounters};
 
 const PINGS: u64 = 5;
 const PAYLOAD: u64 = 100;
 /// Ethernet (14) + IPv4 (20) + ICMP (8) + payload: what tc sees of one echo packet.
 const FRAME: u64 = 14 + 20 + 8 + PAYLOAD;
+
+/// Registers the pod as the agent does once CNI ADD has wired it: its addresses (the datapath
+/// drops what a veth sends with any other source) and its policy state (none selects it).
+fn register(datapath: &mut Datapath, pod: &NetNs, wired: &VethPod) {
+    let mac = |text: &str| -> [u8; 6] {
+        let bytes: Vec<u8> = text
+            .trim()
+            .split(':')
+            .filter_map(|byte| u8::from_str_radix(byte, 16).ok())
+            .collect();
+        bytes.try_into().expect("a MAC address")
+    };
+    let pod_mac = pod
+        .exec(&["cat", "/sys/class/net/eth0/address"])
+        .expect("the pod's MAC");
+    datapath
+        .upsert_endpoint(
+            wired.pod_ip.parse().expect("pod address"),
+            EndpointInfo {
+                ifindex: wired.host_link.ifindex,
+                identity: 256,
+                mac: mac(&pod_mac),
+                node_mac: mac(&wired.host_link.mac),
+            },
+        )
+        .expect("register the endpoint");
+    datapath
+        .upsert_endpoint_policy(
+            wired.host_link.ifindex,
+            EndpointPolicy {
+                unselected: 1,
+                ..EndpointPolicy::default()
+            },
+        )
+        .expect("its policy state");
+}
 
 /// A node namespace and a pod namespace joined by a veth pair, as the CNI will wire them.
 fn node_with_one_pod(host_ip: &str, pod_ip: &str) -> (Bpffs, NetNs, NetNs, VethPod) {
@@ -30,7 +66,9 @@ fn pod_programs_count_what_a_pod_sends_and_receives() {
 
     let (ping, traffic) = node
         .enter(|| {
-            let mut datapath = Datapath::load(bpffs.path()).expect("load and verify the programs");
+            let mut datapath = Datapath::load(bpffs.path(), &test_conntrack())
+                .expect("load and verify the programs");
+            register(&mut datapath, &pod, &wired);
             datapath
                 .attach_endpoint(&wired.host_veth)
                 .expect("attach with tcx to the host-side veth");
@@ -81,7 +119,8 @@ fn the_datapath_outlives_the_agent_until_detached() {
 
     let (attached_after_agent_exit, counted_by_the_next_agent, after_detach) = node
         .enter(|| {
-            let mut first_agent = Datapath::load(bpffs.path()).expect("load");
+            let mut first_agent = Datapath::load(bpffs.path(), &test_conntrack()).expect("load");
+            register(&mut first_agent, &pod, &wired);
             first_agent.attach_endpoint(veth).expect("attach");
             drop(first_agent); // the agent exits: pinned links and maps stay
             let attached = (
@@ -89,7 +128,8 @@ fn the_datapath_outlives_the_agent_until_detached() {
                 attached_programs(veth, false).expect("query egress"),
             );
             ping("3");
-            let mut next_agent = Datapath::load(bpffs.path()).expect("load again");
+            let mut next_agent =
+                Datapath::load(bpffs.path(), &test_conntrack()).expect("load again");
             let counted = next_agent.traffic(ifindex).expect("counters");
             next_agent.detach(veth);
             // The kernel detaches when the last reference to a link closes. A child that
@@ -128,4 +168,15 @@ fn the_datapath_outlives_the_agent_until_detached() {
         "detach removes both programs"
     );
     ping("2"); // a detached endpoint is not black-holed
+}
+
+/// Connection tracking as a test node runs it: the agent's defaults, a small table.
+fn test_conntrack() -> weft_agent::conntrack::CtSettings {
+    weft_agent::conntrack::CtSettings {
+        max_entries: 65_536,
+        syn: Duration::from_secs(60),
+        established: Duration::from_secs(21_600),
+        closing: Duration::from_secs(10),
+        other: Duration::from_secs(60),
+    }
 }

@@ -49,7 +49,7 @@ spec:
   - from: [{podSelector: {matchLabels: {app: backup}}}]
 ---
 # Batch jobs may go anywhere but the outside host: every pod, and every outside address
-# except one (ipBlock selects addresses outside the cluster, as in Cilium).
+# except one (the ipBlock covers the pods too, as Kubernetes says; the namespaceSelector says it again).
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: no-outside, namespace: batch}

@@ -12,7 +12,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use weft_e2e::bpffs::pinned_map_entries;
-use weft_e2e::sandbox::{echo_reachable, in_netns, observe, run_in_pod, TestSandbox};
+use weft_e2e::sandbox::{
+    echo_reachable, http_get_path, in_netns, observe, run_in_pod, TestSandbox,
+};
 use weft_sandbox::{host, PodState};
 
 const SPOOFED_REASON: &str = "source address is not the endpoint's";
@@ -211,6 +213,24 @@ fn a_pod_sending_with_another_pods_address_is_dropped_and_reported() {
 
     // Every protocol's drop is reported, naming the pod that really sent it.
     wait_for_spoofing_drops(&sandbox, &attacker, &["TCP", "UDP", "ICMP"]);
+    // ...and counted under its reason on the attacker's node.
+    let metrics = http_get_path(
+        &sandbox.node_netns("c1", &attacker.node),
+        "127.0.0.1",
+        9962,
+        "/metrics",
+    )
+    .expect("the agent's metrics");
+    let counted = metrics.lines().any(|line| {
+        line.starts_with(&format!(
+            "weft_agent_drops_total{{reason=\"{SPOOFED_REASON}\"}}"
+        )) && line
+            .rsplit(' ')
+            .next()
+            .and_then(|count| count.parse::<f64>().ok())
+            .is_some_and(|count| count >= 3.0)
+    });
+    assert!(counted, "no spoofing drops in the metrics:\n{metrics}");
     assert_eq!(
         received_from(&spoofed_udp),
         Vec::<SocketAddr>::new(),

@@ -21,7 +21,9 @@ use weft_node_bpf::maps::{
     ENDPOINT_POLICIES, FLOW_EVENTS, IPCACHE, LB_AFFINITY, LB_BACKENDS, LB_FRONTENDS, LB_MAGLEV,
     NODE_CONFIG, POLICY_ENTRIES, POLICY_KEY_FIXED_BITS, POLICY_PEER_SETS,
 };
-use weft_node_bpf::{programs, HOST_OBJECT, POD_OBJECT, SOCK_OBJECT};
+use weft_node_bpf::{maps, programs, HOST_OBJECT, POD_OBJECT, SOCK_OBJECT};
+
+use crate::conntrack::CtSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -140,20 +142,38 @@ const SOCK_PROGRAMS: [&str; 4] = [
 
 impl Datapath {
     /// Loads both objects, pinning their maps in `pin_dir` (which must be on bpffs) or reusing
-    /// the maps already pinned there, and runs every program through the verifier.
-    pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+    /// the maps already pinned there, and runs every program through the verifier. Connection
+    /// tracking gets its lifetimes and, when the table is created, its size from `conntrack`.
+    pub fn load(pin_dir: &Path, conntrack: &CtSettings) -> Result<Self, DatapathError> {
         for dir in [pin_dir.to_owned(), pin_dir.join("links")] {
             std::fs::create_dir_all(&dir)
                 .map_err(|source| DatapathError::PinDirectory { path: dir, source })?;
         }
+        for object in [POD_OBJECT, HOST_OBJECT, SOCK_OBJECT] {
+            drop_pins_of_changed_layout(pin_dir, object);
+        }
+        let nanos = |lifetime: std::time::Duration| -> u64 {
+            u64::try_from(lifetime.as_nanos()).unwrap_or(u64::MAX)
+        };
+        let lifetimes = [
+            (maps::CT_LIFETIME_SYN, nanos(conntrack.syn)),
+            (maps::CT_LIFETIME_ESTABLISHED, nanos(conntrack.established)),
+            (maps::CT_LIFETIME_CLOSING, nanos(conntrack.closing)),
+            (maps::CT_LIFETIME_OTHER, nanos(conntrack.other)),
+        ];
         let load = |object: &'static str, bytes: &[u8]| {
-            EbpfLoader::new()
+            let mut loader = EbpfLoader::new();
+            loader
                 .default_map_pin_directory(pin_dir)
-                .load(bytes)
-                .map_err(|source| DatapathError::Load {
-                    object,
-                    source: Box::new(source),
-                })
+                .map_max_entries(maps::CONNTRACK, conntrack.max_entries);
+            // Not every object tracks connections (the socket programs do not).
+            for (name, value) in &lifetimes {
+                loader.override_global(name, value, false);
+            }
+            loader.load(bytes).map_err(|source| DatapathError::Load {
+                object,
+                source: Box::new(source),
+            })
         };
         let mut pod = load("pod", POD_OBJECT)?;
         let mut host = load("host", HOST_OBJECT)?;
@@ -600,6 +620,43 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError
             name,
             source: Box::new(source),
         })
+}
+
+/// Removes the pin of every map that `object` defines with another key or value size than the
+/// pinned one (a map an earlier version of the programs created), so loading creates it anew
+/// instead of handing the new programs a map they would read with the wrong layout. Programs
+/// still attached keep the old map until they are replaced; the agent repopulates the new one
+/// (endpoints, peers, policy, services) before it re-attaches them
+/// ([`Datapath::reattach_endpoint`]). What only a lost map knew is gone: a recreated
+/// connection-tracking table makes replies of running connections be judged by policy again.
+fn drop_pins_of_changed_layout(pin_dir: &Path, object: &[u8]) {
+    let Ok(parsed) = aya_obj::Object::parse(object) else {
+        return; // the loader reports it
+    };
+    for (name, map) in &parsed.maps {
+        let pin = pin_dir.join(name);
+        let Ok(pinned) = MapData::from_pin(&pin) else {
+            continue;
+        };
+        let Ok(info) = pinned.info() else {
+            continue;
+        };
+        let wanted = (map.key_size(), map.value_size());
+        let found = (info.key_size(), info.value_size());
+        if wanted != found {
+            tracing::warn!(
+                map = %name,
+                key_size = found.0,
+                value_size = found.1,
+                new_key_size = wanted.0,
+                new_value_size = wanted.1,
+                "a pinned map has another layout than these programs: it is recreated and repopulated"
+            );
+            if let Err(error) = std::fs::remove_file(&pin) {
+                tracing::error!(%error, pin = %pin.display(), "cannot remove the pin of a map whose layout changed; loading will fail");
+            }
+        }
+    }
 }
 
 fn attach_pinned(

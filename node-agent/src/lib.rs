@@ -2,11 +2,13 @@
 //! agent, `bin/weft-cni.rs` for the CNI plugin) only wire these modules together.
 
 pub mod cni;
+pub mod conntrack;
 pub mod datapath;
 pub mod flows;
 pub mod ipam;
 pub mod kernel;
 pub mod kubernetes;
+pub mod local_pods;
 pub mod netlink;
 pub mod node;
 pub mod peers;

@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use ipnet::Ipv4Net;
 use prometheus_client::registry::Registry;
 use weft_agent::cni::server;
+use weft_agent::conntrack::{self, ConntrackMetrics, CtSettings};
 use weft_agent::datapath::Datapath;
 use weft_agent::flows::directory::Directory;
 use weft_agent::flows::enrich::{Clock, Origin};
@@ -140,6 +141,14 @@ struct Args {
     /// identity) that names the far end of flows; kept current by the sandbox in local mode.
     #[arg(long)]
     endpoint_directory: Option<PathBuf>,
+    /// A JSON list of this node's pods by namespace and name, with their identities and
+    /// security labels: what CNI ADD waits for. Kept current by the sandbox in local mode.
+    #[arg(long)]
+    local_pods_file: Option<PathBuf>,
+    /// How long CNI ADD waits for a new pod's identity and policy to be in place before it
+    /// fails (the runtime then retries); until then the pod may only reach its node and DNS.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    endpoint_ready_timeout: std::time::Duration,
     /// A JSON list of the cluster's policy objects (WeftNetworkPolicy,
     /// WeftClusterwideNetworkPolicy, NetworkPolicy); kept current by the sandbox in local mode.
     #[arg(long)]
@@ -160,6 +169,26 @@ struct Args {
     /// that every node picks the same backend for a flow.
     #[arg(long, default_value_t = 0x5745_4654)]
     maglev_seed: u64,
+    /// Connections the tracking table holds; default: 0.1% of the node's memory at about 96
+    /// bytes a connection, between 65,536 and 4,194,304. Applies when the table is created (a
+    /// restarted agent keeps the pinned one).
+    #[arg(long)]
+    ct_max_entries: Option<u32>,
+    /// How long a TCP connection whose SYN is unanswered is tracked.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    ct_lifetime_syn: std::time::Duration,
+    /// How long an established TCP connection is tracked after its last packet.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "6h")]
+    ct_lifetime_established: std::time::Duration,
+    /// How long a TCP connection is tracked after a FIN or RST.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    ct_lifetime_closing: std::time::Duration,
+    /// How long a UDP (or other non-TCP) flow is tracked after its last packet.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    ct_lifetime_other: std::time::Duration,
+    /// How often dead connections are swept out of the tracking table.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    ct_gc_interval: std::time::Duration,
     /// How many recent flows the agent keeps for Observe clients.
     #[arg(long, default_value_t = 4096)]
     flow_buffer: usize,
@@ -177,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
         ("--policy-file", args.policy_file.is_some()),
         ("--service-file", args.service_file.is_some()),
         ("--peers-file", args.peers_file.is_some()),
+        ("--local-pods-file", args.local_pods_file.is_some()),
     ]
     .into_iter()
     .filter_map(|(flag, given)| given.then_some(flag))
@@ -204,6 +234,8 @@ async fn main() -> anyhow::Result<()> {
     let mut metrics_registry = Registry::with_prefix("weft_agent");
     let flow_metrics = FlowMetrics::default();
     flow_metrics.register(&mut metrics_registry);
+    let conntrack_metrics = ConntrackMetrics::default();
+    conntrack_metrics.register(&mut metrics_registry);
     let registry = Arc::new(Mutex::new(metrics_registry));
     let admin = start_admin(args.admin_addr, readiness.clone(), registry)
         .await
@@ -256,6 +288,7 @@ async fn main() -> anyhow::Result<()> {
             args.policy_file = Some(paths.policy_file.clone());
             args.service_file = Some(paths.service_file.clone());
             args.peers_file = Some(paths.peers_file.clone());
+            args.local_pods_file = Some(paths.local_pods_file.clone());
             let watches = kubernetes::watch::start(
                 client.clone(),
                 kubernetes::watch::WatchSettings {
@@ -306,8 +339,33 @@ async fn main() -> anyhow::Result<()> {
 
     let table_size = TableSize::new(args.maglev_table_size).context("--maglev-table-size")?;
 
-    let mut datapath = Datapath::load(&args.bpffs.join("weft"))
+    let ct_settings = CtSettings {
+        max_entries: args.ct_max_entries.unwrap_or_else(|| {
+            conntrack::node_memory_bytes()
+                .map(conntrack::default_max_entries)
+                .unwrap_or_else(|| conntrack::default_max_entries(0))
+        }),
+        syn: args.ct_lifetime_syn,
+        established: args.ct_lifetime_established,
+        closing: args.ct_lifetime_closing,
+        other: args.ct_lifetime_other,
+    };
+    tracing::info!(
+        max_entries = ct_settings.max_entries,
+        syn = %humantime::format_duration(ct_settings.syn),
+        established = %humantime::format_duration(ct_settings.established),
+        closing = %humantime::format_duration(ct_settings.closing),
+        other = %humantime::format_duration(ct_settings.other),
+        "connection tracking"
+    );
+    let mut datapath = Datapath::load(&args.bpffs.join("weft"), &ct_settings)
         .context("loading the datapath (is bpffs mounted at --bpffs?)")?;
+    tokio::spawn(conntrack::run_collector(
+        args.bpffs.join("weft").join(weft_node_bpf::maps::CONNTRACK),
+        ct_settings,
+        args.ct_gc_interval,
+        conntrack_metrics,
+    ));
     match datapath.attach_sockets(&args.cgroup_root) {
         Ok(()) => {
             tracing::info!(cgroup = %args.cgroup_root.display(), "socket-level load balancing attached")
@@ -411,6 +469,7 @@ async fn main() -> anyhow::Result<()> {
             ),
             peers: peer_sync,
             peer_routing,
+            local_pods: args.local_pods_file.clone(),
         },
         datapath,
     )
@@ -438,12 +497,13 @@ async fn main() -> anyhow::Result<()> {
                 if let Err(error) = tokio::task::block_in_place(|| agent.sync_services()) {
                     tracing::warn!(%error, "cannot apply services");
                 }
+                tokio::task::block_in_place(|| agent.replace_outdated_programs());
             }
         })
     };
     let listener = weft_agent::unix_socket::bind(&args.cni_socket)?;
     tracing::info!(socket = %args.cni_socket.display(), "serving CNI requests");
-    let cni = tokio::spawn(server::serve(listener, agent));
+    let cni = tokio::spawn(server::serve(listener, agent, args.endpoint_ready_timeout));
     let kernel_ready = report.missing().next().is_none();
     let mut cluster_tasks = Vec::new();
     match cluster {

@@ -16,8 +16,9 @@ use crate::datapath::{Datapath, DatapathError, InstalledPolicy};
 use crate::flows::directory::{Directory, EndpointMeta};
 use crate::flows::enrich::Origin;
 use crate::ipam::{Ipam, IpamError};
+use crate::local_pods::LocalPods;
 use crate::peers::{KernelPeers, PeerRouting, PeerSync};
-use crate::policy::{PolicyEngine, PolicyInputs};
+use crate::policy::{LocalEndpoint, PolicyEngine, PolicyInputs};
 use crate::services::ServiceEngine;
 use std::sync::{Arc, Mutex};
 
@@ -65,6 +66,19 @@ pub struct NodeAgent {
     peers: Vec<(Ipv4Addr, Ipv4Net)>,
     peer_sync: PeerSync,
     peer_routing: PeerRouting,
+    local_pods: LocalPods,
+    /// Host veths of endpoints adopted from an earlier run that still run its programs.
+    outdated_programs: Vec<(String, u32)>,
+}
+
+/// Whether a newly registered endpoint may run: CNI ADD answers only once it is
+/// [`Readiness::InForce`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Its identity is resolved and its policy (both directions) is in the maps.
+    InForce,
+    /// Not yet, and why.
+    Waiting(String),
 }
 
 /// What the node agent is configured with.
@@ -89,6 +103,8 @@ pub struct NodeSettings {
     pub peer_routing: PeerRouting,
     /// Balances the cluster's services (local mode: from a file the sandbox keeps current).
     pub services: ServiceEngine,
+    /// This node's pods by name, with their identities (see [`crate::local_pods`]).
+    pub local_pods: Option<PathBuf>,
 }
 
 impl NodeAgent {
@@ -175,11 +191,17 @@ impl NodeAgent {
             peer_sync,
             peer_routing: settings.peer_routing,
             services: settings.services,
+            local_pods: LocalPods::new(settings.local_pods),
+            outdated_programs: Vec::new(),
         };
         let adopted: Vec<EndpointRecord> = agent.endpoints.values().cloned().collect();
         for record in &adopted {
             agent.program_endpoint(record)?;
         }
+        agent.outdated_programs = adopted
+            .iter()
+            .map(|record| (record.host_veth.clone(), record.host_ifindex))
+            .collect();
         if !adopted.is_empty() {
             tracing::info!(
                 endpoints = adopted.len(),
@@ -275,16 +297,28 @@ impl NodeAgent {
     /// endpoint map and the ipcache get the new number, and the record keeps it across restarts.
     /// Returns how many endpoints changed.
     pub fn sync_identities(&mut self) -> Result<usize, NodeError> {
+        self.local_pods.refresh();
         let assigned: Vec<(String, u32)> = {
             let mut directory = self.directory();
+            let local_pods = &self.local_pods;
             self.endpoints
                 .values()
                 .filter_map(|record| {
-                    let meta = directory.lookup(record.ip)?;
-                    let same_pod =
-                        meta.namespace == record.pod.namespace && meta.pod == record.pod.name;
-                    (same_pod && meta.identity != record.identity)
-                        .then(|| (record.container_id.clone(), meta.identity))
+                    // By name first: a new pod's address is not in the directory before ADD
+                    // has returned, and ADD waits for this identity.
+                    let identity = match local_pods.get(&record.pod.namespace, &record.pod.name) {
+                        Some(pod) if pod.resolved() => pod.identity,
+                        _ => {
+                            let meta = directory.lookup(record.ip)?;
+                            let same_pod = meta.namespace == record.pod.namespace
+                                && meta.pod == record.pod.name;
+                            if !same_pod {
+                                return None;
+                            }
+                            meta.identity
+                        }
+                    };
+                    (identity != record.identity).then(|| (record.container_id.clone(), identity))
                 })
                 .collect()
         };
@@ -320,10 +354,21 @@ impl NodeAgent {
     /// node's endpoints.
     pub fn sync_policy(&mut self) -> Result<(), NodeError> {
         let (generation, directory) = self.directory().all();
-        let local: Vec<(u32, Ipv4Addr, String)> = self
+        self.local_pods.refresh();
+        let local: Vec<LocalEndpoint> = self
             .endpoints
             .values()
-            .map(|record| (record.host_ifindex, record.ip, record.pod.namespace.clone()))
+            .map(|record| LocalEndpoint {
+                ifindex: record.host_ifindex,
+                ip: record.ip,
+                namespace: record.pod.namespace.clone(),
+                identity: record.identity,
+                by_name: self
+                    .local_pods
+                    .get(&record.pod.namespace, &record.pod.name)
+                    .filter(|pod| pod.resolved() && pod.identity == record.identity)
+                    .cloned(),
+            })
             .collect();
         let inputs = PolicyInputs {
             local,
@@ -334,6 +379,69 @@ impl NodeAgent {
         };
         self.policy.sync(&mut self.datapath, &inputs)?;
         Ok(())
+    }
+
+    /// Brings a newly registered endpoint as far as its sources allow (its identity, then the
+    /// policy for it) and says whether it may run. CNI ADD asks until it may, or gives up.
+    pub fn endpoint_readiness(&mut self, container_id: &str) -> Result<Readiness, NodeError> {
+        self.sync_identities()?;
+        let Some(record) = self.endpoints.get(container_id) else {
+            return Ok(Readiness::Waiting(format!(
+                "no endpoint for container {container_id} (released meanwhile)"
+            )));
+        };
+        if record.identity == ReservedIdentity::Init.id() {
+            return Ok(Readiness::Waiting(format!(
+                "the cluster has not assigned pod {}/{} its security identity yet",
+                record.pod.namespace, record.pod.name
+            )));
+        }
+        let ifindex = record.host_ifindex;
+        self.sync_policy()?;
+        if self.policy.has_state(ifindex) {
+            return Ok(Readiness::InForce);
+        }
+        Ok(Readiness::Waiting(match self.policy.problem() {
+            Some(problem) => format!("its policy is not in the maps: {problem}"),
+            None => "its policy is not in the maps yet".to_owned(),
+        }))
+    }
+
+    /// Undoes a registration whose endpoint never became ready: the runtime is told ADD
+    /// failed and retries, so nothing of this attempt may stay wired.
+    pub fn abandon(&mut self, container_id: &str) {
+        if let Err(error) = self.release(container_id) {
+            tracing::warn!(%error, container_id, "cannot fully undo an endpoint that never became ready");
+        }
+    }
+
+    /// Gives the endpoints adopted from an earlier run the programs this agent loaded, each
+    /// once its policy state is in the maps (after a sync pass): until then they keep the
+    /// programs, and the maps, they had, which a changed layout may have replaced. Attaching
+    /// adds the new program before the old link goes, so no packet meets neither.
+    pub fn replace_outdated_programs(&mut self) {
+        let mut replaced = 0;
+        let pending = std::mem::take(&mut self.outdated_programs);
+        for (veth, ifindex) in pending {
+            if !self.policy.has_state(ifindex) {
+                self.outdated_programs.push((veth, ifindex));
+                continue;
+            }
+            match self.datapath.attach_endpoint(&veth) {
+                Ok(()) => replaced += 1,
+                Err(error) => {
+                    tracing::warn!(%error, %veth, "cannot give an adopted endpoint this agent's programs; retrying");
+                    self.outdated_programs.push((veth, ifindex));
+                }
+            }
+        }
+        if replaced > 0 {
+            tracing::info!(
+                endpoints = replaced,
+                waiting = self.outdated_programs.len(),
+                "adopted endpoints now run this agent's programs"
+            );
+        }
     }
 
     /// Brings the service load-balancing maps in line with the cluster's services.

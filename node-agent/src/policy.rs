@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use ipnet::Ipv4Net;
 use weft_core::identity::ReservedIdentity;
 use weft_core::policy::compile::{
-    compile, policy_prefixes, port_prefixes, Compiled, EndpointInput, IdentityKind,
+    compile_with_members, policy_prefixes, port_prefixes, Compiled, EndpointInput, IdentityKind,
+    Member, Members,
 };
 use weft_core::policy::evaluate::{NamedPorts, PeerKind};
 use weft_core::policy::model::{Direction, EnforcementMode, Policy, Protocol};
@@ -29,6 +30,7 @@ use weft_node_bpf::maps::{
 
 use crate::datapath::{Datapath, DatapathError, InstalledPolicy};
 use crate::flows::directory::EndpointMeta;
+use crate::local_pods::LocalPod;
 use crate::watched_file::WatchedFile;
 
 /// First identity number for CIDR prefixes named by policies (node-local, as Cilium's): above
@@ -55,6 +57,8 @@ pub struct PolicyEngine {
     isolation: BTreeMap<Ipv4Addr, Isolation>,
     /// The report last written, so the file is written only when it changes.
     reported: Option<EnforcementReport>,
+    /// What the last pass reported as its problem, if any.
+    problem: Option<String>,
     /// `installed` holds what an earlier run left (see [`Self::adopt`]) and no install has
     /// replaced it yet.
     adopted: bool,
@@ -130,9 +134,29 @@ struct Installed {
 }
 
 /// What the node knows besides policies: its endpoints and the cluster's.
+/// One endpoint of this node, as the policy engine needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LocalEndpoint {
+    /// Its host-side veth: how the datapath names it.
+    pub ifindex: u32,
+    pub ip: Ipv4Addr,
+    pub namespace: String,
+    /// `init` until the cluster assigned it one: such an endpoint gets no policy state, so the
+    /// datapath lets it reach only what an initialising endpoint needs (see `lib/policy.h`).
+    pub identity: u32,
+    /// The pod as found by name ([`crate::local_pods`]): its security labels and named ports.
+    /// `None` takes them from the endpoint directory, by address.
+    pub by_name: Option<LocalPod>,
+}
+
+impl LocalEndpoint {
+    fn resolved(&self) -> bool {
+        self.identity != ReservedIdentity::Init.id()
+    }
+}
+
 pub struct PolicyInputs<'a> {
-    /// (host veth ifindex, IP, namespace) of each local endpoint.
-    pub local: Vec<(u32, Ipv4Addr, String)>,
+    pub local: Vec<LocalEndpoint>,
     pub directory: &'a [EndpointMeta],
     pub directory_generation: u64,
     pub node_ip: Ipv4Addr,
@@ -165,6 +189,7 @@ impl PolicyEngine {
             report,
             isolation: BTreeMap::new(),
             reported: None,
+            problem: None,
             mode,
             file: WatchedFile::new(file),
             last_good: BTreeMap::new(),
@@ -257,6 +282,10 @@ impl PolicyEngine {
             seen.insert(name.clone());
             match converted {
                 Ok(policy) => {
+                    // Left out without allowing more (an SCTP port): the rest is enforced.
+                    for part in &policy.unenforced {
+                        tracing::warn!(policy = %name, %part, "part of the policy is not enforced");
+                    }
                     self.problems.remove(&name);
                     self.last_good.insert(name, policy);
                 }
@@ -309,19 +338,33 @@ impl PolicyEngine {
         let policies: Vec<Policy> = self.last_good.values().cloned().collect();
         let by_ip: BTreeMap<Ipv4Addr, &EndpointMeta> =
             inputs.directory.iter().map(|m| (m.ip, m)).collect();
+        // An endpoint whose identity is not resolved is left out: policy selects by the labels
+        // its identity stands for, and until then the datapath holds it to what `init` may do.
         let endpoints: Vec<EndpointInput> = inputs
             .local
             .iter()
-            .map(|(ifindex, ip, namespace)| {
-                let meta = by_ip.get(ip);
-                let mut labels = meta.map(|m| m.security_labels.clone()).unwrap_or_default();
+            .filter(|endpoint| endpoint.resolved())
+            .map(|endpoint| {
+                let (mut labels, ports) = match &endpoint.by_name {
+                    Some(pod) => (
+                        pod.security_labels.clone(),
+                        named_ports_from(&pod.named_ports),
+                    ),
+                    None => {
+                        let meta = by_ip.get(&endpoint.ip);
+                        (
+                            meta.map(|m| m.security_labels.clone()).unwrap_or_default(),
+                            meta.map(|m| named_ports(m)).unwrap_or_default(),
+                        )
+                    }
+                };
                 labels
                     .entry(weft_core::policy::NAMESPACE_LABEL.to_owned())
-                    .or_insert_with(|| namespace.clone());
+                    .or_insert_with(|| endpoint.namespace.clone());
                 EndpointInput {
-                    id: *ifindex,
+                    id: endpoint.ifindex,
                     labels,
-                    named_ports: meta.map(|m| named_ports(m)).unwrap_or_default(),
+                    named_ports: ports,
                 }
             })
             .collect();
@@ -352,20 +395,30 @@ impl PolicyEngine {
                 IdentityKind::Cidr(*prefix),
             );
         }
-        let compiled = match compile(&policies, self.mode, &endpoints, &identities) {
-            Ok(compiled) => compiled,
-            Err(error) => {
-                tracing::error!(%error, "policy does not compile; the policy in force stays");
-                self.report(Some(format!(
-                    "the policies do not compile ({error}); the policy in force before stays"
-                )));
-                return Ok(());
-            }
-        };
+        // The pods carrying each identity: ipBlock peers select pods by address, and egress
+        // rules naming a port resolve it on the destination pods.
+        let mut members = Members::new();
+        for meta in inputs.directory {
+            members.entry(meta.identity).or_default().push(Member {
+                ip: meta.ip,
+                named_ports: named_ports(meta),
+            });
+        }
+        let compiled =
+            match compile_with_members(&policies, self.mode, &endpoints, &identities, &members) {
+                Ok(compiled) => compiled,
+                Err(error) => {
+                    tracing::error!(%error, "policy does not compile; the policy in force stays");
+                    self.report(Some(format!(
+                        "the policies do not compile ({error}); the policy in force before stays"
+                    )));
+                    return Ok(());
+                }
+            };
 
         // The ipcache names every address policy may ask about.
         let mut ipcache: BTreeMap<Ipv4Net, IpcacheEntry> = BTreeMap::new();
-        let local_ips: BTreeSet<Ipv4Addr> = inputs.local.iter().map(|(_, ip, _)| *ip).collect();
+        let local_ips: BTreeSet<Ipv4Addr> = inputs.local.iter().map(|e| e.ip).collect();
         for meta in inputs
             .directory
             .iter()
@@ -431,16 +484,26 @@ impl PolicyEngine {
             // missing (a full map, say), so the gap denies instead of allowing.
             tracing::error!(%error, "policy entries could not all be written; isolating the selected endpoints with the entries that were");
         }
-        for (endpoint, policy) in &compiled.endpoints {
-            datapath.upsert_endpoint_policy(
-                *endpoint,
-                EndpointPolicy {
+        // Every resolved endpoint gets a state: the datapath takes an endpoint without one for
+        // one whose policy is not in place yet. Those no policy selects are marked so, and
+        // skip the policy lookups.
+        for endpoint in inputs.local.iter().filter(|endpoint| endpoint.resolved()) {
+            let state = match compiled.endpoints.get(&endpoint.ifindex) {
+                Some(policy) => EndpointPolicy {
                     isolated_ingress: u8::from(policy.isolated_ingress),
                     isolated_egress: u8::from(policy.isolated_egress),
-                    pad: [0; 2],
+                    unselected: 0,
+                    pad: 0,
                 },
-            )?;
-            installed.endpoints.insert(*endpoint);
+                None => EndpointPolicy {
+                    isolated_ingress: 0,
+                    isolated_egress: 0,
+                    unselected: 1,
+                    pad: 0,
+                },
+            };
+            datapath.upsert_endpoint_policy(endpoint.ifindex, state)?;
+            installed.endpoints.insert(endpoint.ifindex);
         }
         if let Err(error) = written {
             // Keep what is installed so a later sync can finish the job; nothing stale is
@@ -494,13 +557,13 @@ impl PolicyEngine {
         self.isolation = inputs
             .local
             .iter()
-            .map(|(ifindex, ip, _)| {
-                let policy = compiled.endpoints.get(ifindex);
+            .map(|endpoint| {
+                let policy = compiled.endpoints.get(&endpoint.ifindex);
                 let isolation = Isolation {
                     ingress: policy.is_some_and(|p| p.isolated_ingress),
                     egress: policy.is_some_and(|p| p.isolated_egress),
                 };
-                (*ip, isolation)
+                (endpoint.ip, isolation)
             })
             .collect();
         *self.compiled.lock().unwrap_or_else(|p| p.into_inner()) = Some(compiled);
@@ -510,6 +573,7 @@ impl PolicyEngine {
 
     /// Writes the enforcement report when it changed (atomically: others poll it).
     fn report(&mut self, problem: Option<String>) {
+        self.problem.clone_from(&problem);
         let report = EnforcementReport {
             problem,
             endpoints: self.isolation.clone(),
@@ -577,8 +641,25 @@ fn write_allows(
     Ok(())
 }
 
+impl PolicyEngine {
+    /// Whether the endpoint behind `ifindex` has its policy state in the maps (written by a
+    /// pass, or adopted from an earlier run).
+    pub fn has_state(&self, ifindex: u32) -> bool {
+        self.installed.endpoints.contains(&ifindex)
+    }
+
+    /// Why the last pass did not install the policy as written, if it did not.
+    pub fn problem(&self) -> Option<&str> {
+        self.problem.as_deref()
+    }
+}
+
 fn named_ports(meta: &EndpointMeta) -> NamedPorts {
-    meta.named_ports
+    named_ports_from(&meta.named_ports)
+}
+
+fn named_ports_from(ports: &BTreeMap<String, (String, u16)>) -> NamedPorts {
+    ports
         .iter()
         .map(|(name, (protocol, port))| {
             let protocol = if protocol.eq_ignore_ascii_case("UDP") {

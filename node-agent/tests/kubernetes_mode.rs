@@ -1092,3 +1092,52 @@ fn cni_install_writes_the_conflist_and_the_plugin_binary() {
         );
     }
 }
+
+/// CNI ADD waits for a new pod's identity by name: the local pods file lists this node's pods
+/// whether or not they have an address yet, with the identity of their security labels.
+#[test]
+fn the_local_pods_file_names_this_nodes_pods_with_their_identities_before_they_have_addresses() {
+    let mut waiting = pod_object("ml", "trainer", "node-a", "", json!({"app": "trainer"}));
+    waiting["status"] = json!({"phase": "Pending"});
+    let fresh = pod_object("ml", "fresh", "node-a", "", json!({"app": "fresh"}));
+    let elsewhere = pod_object(
+        "ml",
+        "other",
+        "node-b",
+        "10.244.1.3",
+        json!({"app": "trainer"}),
+    );
+    let mut host_network = pod_object("kube-system", "proxy", "node-a", "192.168.7.1", json!({}));
+    host_network["spec"]["hostNetwork"] = json!(true);
+    let pods: Vec<Arc<Pod>> = [waiting, fresh, elsewhere, host_network]
+        .into_iter()
+        .map(parse)
+        .collect();
+    let namespaces: Vec<Arc<Namespace>> =
+        vec![parse(namespace_object("ml", json!({"team": "research"})))];
+    let identities: Vec<Arc<WeftIdentity>> =
+        vec![parse(identity_object(65_792, sample_security_labels()))];
+
+    let local = files::local_pods("node-a", &pods, &namespaces, &identities);
+    let names: Vec<&str> = local.iter().map(|pod| pod.pod.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["fresh", "trainer"],
+        "this node's pods, host-network ones left out"
+    );
+    let trainer = &local[1];
+    assert_eq!(
+        trainer.identity, 65_792,
+        "allocated before it has an address"
+    );
+    assert!(trainer.resolved());
+    assert_eq!(
+        serde_json::to_value(&trainer.security_labels).unwrap(),
+        sample_security_labels()
+    );
+    assert_eq!(trainer.named_ports["dns"], ("UDP".to_owned(), 53));
+    assert!(
+        !local[0].resolved(),
+        "no identity allocated yet: init, and ADD waits"
+    );
+}

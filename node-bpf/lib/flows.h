@@ -33,6 +33,7 @@ enum drop_reason {
 	DROP_NO_SERVICE_BACKEND = 6, /* sent to a service that has no backend for new connections */
 	DROP_SERVICE_NAT_FAILED = 7, /* service translation failed (rewrite, or SNAT ports exhausted) */
 	DROP_SOURCE_SPOOFED = 8,     /* a pod sent with an IPv4 or MAC source that is not its own */
+	DROP_ENDPOINT_NOT_READY = 9, /* the endpoint's identity or policy is not in place yet */
 };
 
 struct flow_event {
@@ -84,25 +85,53 @@ struct {
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
 
-/* Reads ports and TCP flags behind an IPv4 header; zeros when absent or truncated. */
-static __always_inline void read_l4(struct __sk_buff *skb, struct iphdr *ip, struct flow_event *ev);
+#define IP_MF 0x2000     /* more fragments follow */
+#define IP_OFFSET 0x1FFF /* fragment offset, in 8-byte units */
 
-/* The ports of a packet (host byte order; zeros when not TCP/UDP). */
-static __always_inline void packet_ports(struct __sk_buff *skb, struct iphdr *ip, __u16 *sport,
-					 __u16 *dport)
+/* Ports of fragmented datagrams, recorded from their first fragment: the others carry no L4
+ * header, and what lies where it would be is payload, never to be read as ports. */
+struct frag_key {
+	__u32 src_ip;
+	__u32 dst_ip;
+	__u16 id; /* the IP identification shared by a datagram's fragments */
+	__u8 protocol;
+	__u8 pad;
+};
+
+struct frag_ports {
+	__u16 src_port; /* host byte order */
+	__u16 dst_port;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct frag_key);
+	__type(value, struct frag_ports);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fragments SEC(".maps");
+
+/* Ports and TCP flags of a packet, as policy and connection tracking see them. */
+struct l4_info {
+	__u16 sport; /* host byte order; 0 when not TCP/UDP */
+	__u16 dport;
+	__u8 tcp_flags;
+};
+
+static __always_inline int is_later_fragment(struct iphdr *ip)
 {
-	struct flow_event ev = {};
-
-	read_l4(skb, ip, &ev);
-	*sport = ev.src_port;
-	*dport = ev.dst_port;
+	return (ip->frag_off & bpf_htons(IP_OFFSET)) != 0;
 }
 
+/* Reads ports and TCP flags behind an IPv4 header; zeros when absent, truncated, or not there
+ * (a fragment after the first). */
 static __always_inline void read_l4(struct __sk_buff *skb, struct iphdr *ip, struct flow_event *ev)
 {
 	void *data_end = ctx_data_end(skb);
 	void *l4 = (void *)ip + ((__u32)ip->ihl * 4);
 
+	if (is_later_fragment(ip))
+		return;
 	if (ip->protocol == IPPROTO_TCP_NUM) {
 		struct tcphdr *tcp = l4;
 
@@ -119,6 +148,38 @@ static __always_inline void read_l4(struct __sk_buff *skb, struct iphdr *ip, str
 			return;
 		ev->src_port = bpf_ntohs(udp->source);
 		ev->dst_port = bpf_ntohs(udp->dest);
+	}
+}
+
+/* The packet's ports and flags. A fragmented datagram's later fragments get the ports its first
+ * fragment carried (as Cilium's fragment map does); without a first fragment seen they have
+ * none (port 0), which a port-based allow does not match. */
+static __always_inline void packet_l4(struct __sk_buff *skb, struct iphdr *ip, struct l4_info *l4)
+{
+	struct flow_event ev = {};
+	struct frag_key key = {};
+	struct frag_ports *known;
+
+	read_l4(skb, ip, &ev);
+	l4->sport = ev.src_port;
+	l4->dport = ev.dst_port;
+	l4->tcp_flags = ev.tcp_flags;
+	if (!(ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+		return; /* not fragmented: the common case, no lookup */
+	key.src_ip = ip->saddr;
+	key.dst_ip = ip->daddr;
+	key.id = ip->id;
+	key.protocol = ip->protocol;
+	if (!is_later_fragment(ip)) {
+		struct frag_ports ports = { .src_port = ev.src_port, .dst_port = ev.dst_port };
+
+		bpf_map_update_elem(&fragments, &key, &ports, BPF_ANY);
+		return;
+	}
+	known = bpf_map_lookup_elem(&fragments, &key);
+	if (known) {
+		l4->sport = known->src_port;
+		l4->dport = known->dst_port;
 	}
 }
 

@@ -56,6 +56,21 @@ static __always_inline __u32 peer_identity(__u32 ip)
 	return entry ? entry->identity : 2;
 }
 
+#define IDENTITY_HOST 1 /* reserved: the local node */
+#define DNS_PORT 53
+
+/* What an endpoint may exchange before its identity and policy are in place (Cilium's
+ * reserved:init): traffic with its own node (kubelet probes, the node's agents) and DNS
+ * lookups. Everything else waits until CNI ADD has put its policy in the maps. */
+static __always_inline int init_endpoint_may(__u8 direction, __u32 peer, __u8 ip_protocol,
+					     __u16 dport)
+{
+	if (peer == IDENTITY_HOST)
+		return 1;
+	return direction == POLICY_EGRESS && dport == DNS_PORT &&
+	       (ip_protocol == IPPROTO_TCP_NUM || ip_protocol == IPPROTO_UDP_NUM);
+}
+
 /* Applies `endpoint`'s policy in `direction` to a packet, remembering allowed connections.
  * `known_peer` is the peer's identity when the packet itself vouches for it (a validated
  * local sender, the tunnel's VNI); 0 derives it from the peer's address. Returns 1 when the
@@ -64,25 +79,37 @@ static __always_inline int enforce(struct __sk_buff *skb, struct iphdr *ip, __u3
 				   __u8 direction, __u8 observation_point, __u32 known_peer)
 {
 	struct endpoint_policy *state;
-	__u16 sport = 0, dport = 0;
+	struct ct_lookup ct = {};
+	struct l4_info l4 = {};
+	__u64 now = bpf_ktime_get_ns();
 	__u32 peer;
+	int verdict;
 
-	packet_ports(skb, ip, &sport, &dport);
-	if (ct_is_reply(ip->saddr, ip->daddr, sport, dport, ip->protocol))
-		return 0;
-	/* Endpoints no policy selects skip the identity and policy lookups; their connections
-	 * are still remembered, so replies pass once a policy isolates them. */
+	packet_l4(skb, ip, &l4);
+	verdict = ct_verdict(ip->saddr, ip->daddr, l4.sport, l4.dport, ip->protocol, l4.tcp_flags,
+			     now, &ct);
+	if (verdict == CT_REPLY)
+		goto allowed;
 	state = endpoint_policy_of(endpoint);
-	if (!state)
+	/* Endpoints no policy selects skip the identity and policy lookups; their connections
+	 * are still tracked, so replies pass once a policy isolates them. */
+	if (state && state->unselected)
 		goto allowed;
 	peer = known_peer ? known_peer
 			  : peer_identity(direction == POLICY_EGRESS ? ip->daddr : ip->saddr);
-	if (policy_denies(state, endpoint, direction, peer, ip->protocol, dport)) {
+	if (!state) {
+		if (init_endpoint_may(direction, peer, ip->protocol, l4.dport))
+			goto allowed;
+		report_flow(skb, ip, endpoint, observation_point, VERDICT_DROPPED,
+			    DROP_ENDPOINT_NOT_READY);
+		return 1;
+	}
+	if (policy_denies(state, endpoint, direction, peer, ip->protocol, l4.dport)) {
 		report_flow(skb, ip, endpoint, observation_point, VERDICT_DROPPED, DROP_POLICY_DENIED);
 		return 1;
 	}
 allowed:
-	ct_remember(ip->saddr, ip->daddr, sport, dport, ip->protocol, bpf_ktime_get_ns());
+	ct_update(&ct, l4.tcp_flags, now);
 	return 0;
 }
 

@@ -51,10 +51,13 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } policy_entries SEC(".maps");
 
+/* Every endpoint whose identity is resolved has one; an endpoint without one is not ready yet
+ * (CNI ADD has not returned) and may do only what an initialising endpoint needs. */
 struct endpoint_policy {
 	__u8 isolated_ingress;
 	__u8 isolated_egress;
-	__u8 pad[2];
+	__u8 unselected; /* no policy selects it: nothing isolated, no lookups needed */
+	__u8 pad;
 };
 
 struct {
@@ -70,7 +73,7 @@ static __always_inline __u8 policy_protocol(__u8 ip_protocol)
 	return (ip_protocol == 6 || ip_protocol == 17) ? ip_protocol : POLICY_PROTO_OTHER;
 }
 
-/* The endpoint's policy state; NULL when no policy selects it (nothing is isolated). */
+/* The endpoint's policy state; NULL while it is not ready (see struct endpoint_policy). */
 static __always_inline struct endpoint_policy *endpoint_policy_of(__u32 endpoint)
 {
 	return bpf_map_lookup_elem(&endpoint_policies, &endpoint);

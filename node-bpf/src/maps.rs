@@ -239,6 +239,7 @@ pub enum DropReason {
     NoServiceBackend = 6,
     ServiceNatFailed = 7,
     SourceSpoofed = 8,
+    EndpointNotReady = 9,
 }
 
 impl DropReason {
@@ -253,6 +254,7 @@ impl DropReason {
             6 => Some(Self::NoServiceBackend),
             7 => Some(Self::ServiceNatFailed),
             8 => Some(Self::SourceSpoofed),
+            9 => Some(Self::EndpointNotReady),
             _ => None,
         }
     }
@@ -270,6 +272,9 @@ impl DropReason {
                 "service translation failed (packet rewrite, or SNAT ports exhausted)"
             }
             Self::SourceSpoofed => "source address is not the endpoint's",
+            Self::EndpointNotReady => {
+                "the endpoint's identity or policy is not in place yet (only init traffic passes)"
+            }
         }
     }
 }
@@ -339,7 +344,10 @@ pub struct PolicyEntry {
 pub struct EndpointPolicy {
     pub isolated_ingress: u8,
     pub isolated_egress: u8,
-    pub pad: [u8; 2],
+    /// 1: no policy selects the endpoint (the datapath skips the policy lookups). An endpoint
+    /// with no entry at all is one whose policy is not in place yet.
+    pub unselected: u8,
+    pub pad: u8,
 }
 
 /// `struct ct_key`.
@@ -354,7 +362,48 @@ pub struct CtKey {
     pub pad: [u8; 3],
 }
 
+/// `struct ct_entry`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// CLOCK_MONOTONIC nanoseconds of the connection's last packet.
+    pub last_seen_ns: u64,
+    /// A [`CtState`] as its number.
+    pub state: u8,
+    pub opener_is_src: u8,
+    pub pad: [u8; 6],
+}
+
+/// `enum ct_state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtState {
+    SynSent = 1,
+    Established = 2,
+    Closing = 3,
+}
+
+impl CtState {
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            1 => Some(Self::SynSent),
+            2 => Some(Self::Established),
+            3 => Some(Self::Closing),
+            _ => None,
+        }
+    }
+}
+
+/// The `volatile const` globals of `lib/conntrack.h` that hold each state's lifetime (ns).
+pub const CT_LIFETIME_SYN: &str = "ct_lifetime_syn_ns";
+pub const CT_LIFETIME_ESTABLISHED: &str = "ct_lifetime_established_ns";
+pub const CT_LIFETIME_CLOSING: &str = "ct_lifetime_closing_ns";
+pub const CT_LIFETIME_OTHER: &str = "ct_lifetime_other_ns";
+
 // SAFETY: repr(C), integers and byte arrays only, no implicit padding (tests/btf_layout.rs).
+unsafe impl aya::Pod for CtKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtEntry {}
+// SAFETY: as above.
 unsafe impl aya::Pod for PeerSet {}
 // SAFETY: as above.
 unsafe impl aya::Pod for PolicyKeyData {}

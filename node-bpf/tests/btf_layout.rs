@@ -7,8 +7,9 @@ use std::process::Command;
 
 use serde::Deserialize;
 use weft_node_bpf::maps::{
-    CtKey, EndpointCounterKey, EndpointInfo, EndpointKey, EndpointPolicy, FlowEvent, IpcacheEntry,
-    IpcacheKey, NodeConfig, PeerSet, PolicyEntry, PolicyKey, PolicyKeyData, TrafficCounters,
+    CtEntry, CtKey, EndpointCounterKey, EndpointInfo, EndpointKey, EndpointPolicy, FlowEvent,
+    IpcacheEntry, IpcacheKey, NodeConfig, PeerSet, PolicyEntry, PolicyKey, PolicyKeyData,
+    TrafficCounters,
 };
 use weft_node_bpf::maps::{
     LbAffinity, LbAffinityKey, LbBackend, LbFrontend, LbFrontendKey, LbNat, LbServiceAddr,
@@ -228,6 +229,7 @@ fn map_types_match_the_c_structs() {
                     "isolated_egress",
                     offset_of!(EndpointPolicy, isolated_egress),
                 ),
+                ("unselected", offset_of!(EndpointPolicy, unselected)),
                 ("pad", offset_of!(EndpointPolicy, pad)),
             ],
         );
@@ -242,6 +244,17 @@ fn map_types_match_the_c_structs() {
                 ("dst_port", offset_of!(CtKey, dst_port)),
                 ("protocol", offset_of!(CtKey, protocol)),
                 ("pad", offset_of!(CtKey, pad)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "ct_entry",
+            size_of::<CtEntry>(),
+            &[
+                ("last_seen_ns", offset_of!(CtEntry, last_seen_ns)),
+                ("state", offset_of!(CtEntry, state)),
+                ("opener_is_src", offset_of!(CtEntry, opener_is_src)),
+                ("pad", offset_of!(CtEntry, pad)),
             ],
         );
     }

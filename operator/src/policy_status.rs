@@ -231,6 +231,7 @@ mod tests {
                 rules: vec![],
                 isolates_ingress: false,
                 isolates_egress: false,
+                unenforced: Vec::new(),
             }),
             Some(&first),
             Some(0),
@@ -256,6 +257,7 @@ mod tests {
             rules: vec![],
             isolates_ingress: true,
             isolates_egress: false,
+            unenforced: Vec::new(),
         })
     }
 

@@ -86,6 +86,10 @@ pub struct ClusterConfig {
     pub nodes: Vec<String>,
     #[serde(default)]
     pub manifests: Vec<PathBuf>,
+    /// Extra flags for every agent of the cluster, after the ones the sandbox sets (for
+    /// example `[--ct-lifetime-closing, 2s]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agent_args: Vec<String>,
 }
 
 impl ClusterConfig {

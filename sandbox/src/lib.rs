@@ -347,6 +347,13 @@ impl Sandbox {
             self.write_peers_file(node, &others)?;
         }
         args.extend(["--peers-file".into(), peers_file.display().to_string()]);
+        args.extend([
+            "--local-pods-file".into(),
+            self.local_pods_file(&node.cluster, &node.name)
+                .display()
+                .to_string(),
+        ]);
+        args.extend(node.agent_args.iter().cloned());
         let pid = host::spawn_daemon(
             &self.bin_dir.join("weft-agent"),
             &args,
@@ -373,6 +380,68 @@ impl Sandbox {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// The file a node's agent finds its pods in by name, with their identities
+    /// (`--local-pods-file`): what the node-scoped Pod watch and the allocated `WeftIdentity`
+    /// objects give it in a cluster. CNI ADD waits until the new pod's entry is there.
+    pub fn local_pods_file(&self, cluster: &str, node: &str) -> PathBuf {
+        self.run_dir
+            .join("nodes")
+            .join(format!("{cluster}-{node}"))
+            .join("local-pods.json")
+    }
+
+    /// Writes a node's local pods file: its running pods, and the pods being created on it
+    /// (`pending`: written before their CNI ADD, which waits for them). Another process may be
+    /// creating a pod this one does not know yet, so pending entries already in the file are
+    /// kept until that pod is recorded or `change` withdraws it. Callers hold the state lock.
+    fn write_local_pods(
+        &self,
+        cluster: &str,
+        node: &str,
+        change: PendingPod,
+    ) -> Result<(), SandboxError> {
+        let path = self.local_pods_file(cluster, node);
+        let running: Vec<serde_json::Value> = self
+            .pods
+            .iter()
+            .filter(|pod| pod.cluster == cluster && pod.node == node)
+            .map(|pod| {
+                local_pod_entry(
+                    &pod.namespace,
+                    &pod.name,
+                    pod.identity,
+                    self.security_labels(pod),
+                    &pod.ports,
+                )
+            })
+            .collect();
+        let same_pod = |a: &serde_json::Value, b: &serde_json::Value| {
+            a["namespace"] == b["namespace"] && a["pod"] == b["pod"]
+        };
+        let mut pending: Vec<serde_json::Value> = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Vec<serde_json::Value>>(&bytes).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|entry| entry["pending"] == true)
+            .filter(|entry| !running.iter().any(|pod| same_pod(pod, entry)))
+            .collect();
+        match change {
+            PendingPod::Keep => {}
+            PendingPod::Add(mut entry) => {
+                entry["pending"] = serde_json::Value::Bool(true);
+                pending.retain(|known| !same_pod(known, &entry));
+                pending.push(entry);
+            }
+            PendingPod::Withdraw(entry) => pending.retain(|known| !same_pod(known, &entry)),
+        }
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let entries: Vec<serde_json::Value> = running.into_iter().chain(pending).collect();
+        write_atomically(&path, &serde_json::to_vec(&entries).unwrap_or_default())
     }
 
     /// The file a node's agent reads its peers from (`--peers-file`): what the Node watch
@@ -450,7 +519,21 @@ impl Sandbox {
                 pod.namespace, pod.name
             )));
         }
-        let identity = self.acquire_identity(cluster, node.cluster_id, pod)?;
+        let identity =
+            self.acquire_identity(cluster, node.cluster_id, &pod.namespace, &pod.labels)?;
+        // As the Pod watch and the operator would tell the node's agent: ADD waits for it.
+        let security_labels = self.pod_security_labels(cluster, &pod.namespace, &pod.labels);
+        let entry = local_pod_entry(
+            &pod.namespace,
+            &pod.name,
+            identity,
+            security_labels,
+            &pod.ports,
+        );
+        {
+            let _lock = self.lock_state()?;
+            self.write_local_pods(cluster, &pod.node, PendingPod::Add(entry.clone()))?;
+        }
         let netns = self.plan.pod_netns(cluster, &pod.namespace, &pod.name);
         host::add_netns(&netns)?;
         let container_id = random_container_id();
@@ -473,6 +556,9 @@ impl Sandbox {
         };
         if !succeeded {
             host::del_netns(&netns);
+            if let Ok(_lock) = self.lock_state() {
+                let _ = self.write_local_pods(cluster, &pod.node, PendingPod::Withdraw(entry));
+            }
             return Err(SandboxError::Cni {
                 pod: format!("{}/{}", pod.namespace, pod.name),
                 message: result
@@ -570,7 +656,8 @@ impl Sandbox {
         &self,
         cluster: &str,
         cluster_id: u16,
-        pod: &SandboxPod,
+        namespace: &str,
+        pod_labels: &BTreeMap<String, String>,
     ) -> Result<u32, SandboxError> {
         let path = self.identities_path(cluster);
         let id = ClusterId::new(u64::from(cluster_id))
@@ -584,12 +671,12 @@ impl Sandbox {
         let namespace_labels = self
             .namespaces
             .get(cluster)
-            .and_then(|namespaces| namespaces.get(&pod.namespace))
+            .and_then(|namespaces| namespaces.get(namespace))
             .cloned()
             .unwrap_or_default();
         let labels = SecurityLabels::for_pod(
-            &pod.namespace,
-            &pod.labels,
+            namespace,
+            pod_labels,
             &namespace_labels,
             &LabelFilter::default(),
         );
@@ -623,9 +710,40 @@ impl Sandbox {
         }
     }
 
+    /// Gives every pod of `cluster` the identity its labels and its namespace's labels stand
+    /// for now (after a relabel), as the operator would: the new one is acquired before the
+    /// old one is released. The agents follow through the endpoint directory. Returns the
+    /// pods whose identity changed.
+    fn reidentify(&mut self, cluster: &str) -> Result<Vec<String>, SandboxError> {
+        let Some(cluster_id) = self.plan.cluster_id(cluster) else {
+            return Ok(Vec::new());
+        };
+        let mut changed = Vec::new();
+        for index in 0..self.pods.len() {
+            let pod = self.pods[index].clone();
+            if pod.cluster != cluster {
+                continue;
+            }
+            let identity =
+                self.acquire_identity(cluster, cluster_id, &pod.namespace, &pod.labels)?;
+            if identity == pod.identity {
+                // Acquired once more above: give that use back.
+                self.release_identity(&pod);
+                continue;
+            }
+            self.release_identity(&pod);
+            self.pods[index].identity = identity;
+            changed.push(format!("{}/{}", pod.namespace, pod.name));
+        }
+        Ok(changed)
+    }
+
     /// Adds the Pods (and keeps the other objects) of a manifest file to a cluster. Services
     /// get their cluster IPs and node ports; a Service that cannot have the ones it asks for
-    /// refuses the file before anything changes.
+    /// refuses the file before anything changes. As `kubectl apply`, a Namespace or Pod that
+    /// exists is updated: new labels give its pods the identities they now stand for (which
+    /// the agents and so the policies follow). A Pod's other fields cannot change (delete and
+    /// apply it again).
     pub fn apply(
         &mut self,
         cluster: Option<&str>,
@@ -638,18 +756,71 @@ impl Sandbox {
         let mut trial = self.objects.get(&cluster).cloned().unwrap_or_default();
         record_all(&mut trial, &read.others, service_cidr).map_err(SandboxError::Invalid)?;
         let mut created = Vec::new();
-        if !read.namespaces.is_empty() {
+        let exists = |sandbox: &Self, pod: &SandboxPod| {
+            sandbox
+                .pods
+                .iter()
+                .find(|p| {
+                    p.cluster == cluster && p.namespace == pod.namespace && p.name == pod.name
+                })
+                .cloned()
+        };
+        // Pods that exist may change their labels only: refuse the file before anything else.
+        for pod in &read.pods {
+            if let Some(state) = exists(self, pod) {
+                if state.node != pod.node || state.ports != pod.ports {
+                    return Err(SandboxError::Invalid(format!(
+                        "pod {}/{}: only labels of an existing pod can change (its node and ports cannot); delete it first",
+                        pod.namespace, pod.name
+                    )));
+                }
+            }
+        }
+        let updates: Vec<&SandboxPod> = read
+            .pods
+            .iter()
+            .filter(|pod| exists(self, pod).is_some())
+            .collect();
+        if !read.namespaces.is_empty() || !updates.is_empty() {
             let namespaces = read.namespaces.clone();
             let target = cluster.clone();
-            self.commit(|fresh| {
-                fresh
-                    .namespaces
-                    .entry(target)
-                    .or_default()
-                    .extend(namespaces)
+            let relabelled: Vec<SandboxPod> = updates.iter().map(|pod| (*pod).clone()).collect();
+            let changed = self.try_commit(|fresh| {
+                let known = fresh.namespaces.entry(target.clone()).or_default();
+                let mut lines = Vec::new();
+                for (name, labels) in &namespaces {
+                    lines.push(match known.insert(name.clone(), labels.clone()) {
+                        None => format!("namespace/{name} created"),
+                        Some(old) if old == *labels => format!("namespace/{name} unchanged"),
+                        Some(_) => format!("namespace/{name} configured"),
+                    });
+                }
+                for pod in &relabelled {
+                    if let Some(state) = fresh.pods.iter_mut().find(|p| {
+                        p.cluster == target && p.namespace == pod.namespace && p.name == pod.name
+                    }) {
+                        lines.push(if state.labels == pod.labels {
+                            format!("pod/{} unchanged", pod.name)
+                        } else {
+                            state.labels = pod.labels.clone();
+                            format!("pod/{} configured", pod.name)
+                        });
+                    }
+                }
+                let moved = fresh.reidentify(&target)?;
+                lines.extend(
+                    moved
+                        .into_iter()
+                        .map(|pod| format!("pod/{pod}: new identity")),
+                );
+                Ok(lines)
             })?;
+            created.extend(changed);
         }
         for pod in &read.pods {
+            if updates.iter().any(|updated| std::ptr::eq(*updated, pod)) {
+                continue;
+            }
             self.create_pod(&cluster, pod)?;
             if let Some(state) = self.pods.last().cloned() {
                 self.commit(|fresh| fresh.pods.push(state))?;
@@ -921,15 +1092,24 @@ impl Sandbox {
     /// The labels policies select a pod by: its labels (minus the ignore list), its namespace
     /// and its namespace's labels.
     pub fn security_labels(&self, pod: &PodState) -> BTreeMap<String, String> {
+        self.pod_security_labels(&pod.cluster, &pod.namespace, &pod.labels)
+    }
+
+    fn pod_security_labels(
+        &self,
+        cluster: &str,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
         let namespace_labels = self
             .namespaces
-            .get(&pod.cluster)
-            .and_then(|namespaces| namespaces.get(&pod.namespace))
+            .get(cluster)
+            .and_then(|namespaces| namespaces.get(namespace))
             .cloned()
             .unwrap_or_default();
         SecurityLabels::for_pod(
-            &pod.namespace,
-            &pod.labels,
+            namespace,
+            labels,
             &namespace_labels,
             &LabelFilter::default(),
         )
@@ -1035,6 +1215,9 @@ impl Sandbox {
 
     pub fn save(&self) -> Result<(), SandboxError> {
         self.write_endpoint_directory()?;
+        for node in &self.plan.nodes {
+            self.write_local_pods(&node.cluster, &node.name, PendingPod::Keep)?;
+        }
         self.write_policy_files()?;
         self.write_service_files()?;
         let path = Self::state_path(&self.run_dir);
@@ -1057,11 +1240,9 @@ impl Sandbox {
         })
     }
 
-    /// As `commit`, for a change that may refuse: then nothing is written and `self` stays.
-    pub fn try_commit<T>(
-        &mut self,
-        change: impl FnOnce(&mut Self) -> Result<T, SandboxError>,
-    ) -> Result<T, SandboxError> {
+    /// Serialises the processes that change this sandbox's files; held until the returned file
+    /// is dropped. Not reentrant: never take it while holding it.
+    fn lock_state(&self) -> Result<std::fs::File, SandboxError> {
         let lock_path = self.run_dir.join("state.lock");
         let lock_error = |reason: String| SandboxError::State {
             what: "lock",
@@ -1078,6 +1259,15 @@ impl Sandbox {
         if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
             return Err(lock_error(std::io::Error::last_os_error().to_string()));
         }
+        Ok(lock)
+    }
+
+    /// As `commit`, for a change that may refuse: then nothing is written and `self` stays.
+    pub fn try_commit<T>(
+        &mut self,
+        change: impl FnOnce(&mut Self) -> Result<T, SandboxError>,
+    ) -> Result<T, SandboxError> {
+        let _lock = self.lock_state()?;
         let mut fresh = Self::load(Some(&self.plan.name))?;
         let value = change(&mut fresh)?;
         fresh.save()?;
@@ -1203,6 +1393,30 @@ fn record_all(
 }
 
 /// [`record_all`] for one object.
+/// What [`Sandbox::write_local_pods`] does with the pods being created.
+enum PendingPod {
+    Keep,
+    Add(serde_json::Value),
+    Withdraw(serde_json::Value),
+}
+
+/// One entry of a node's local pods file (the agent's `LocalPod`).
+fn local_pod_entry(
+    namespace: &str,
+    name: &str,
+    identity: u32,
+    security_labels: BTreeMap<String, String>,
+    ports: &[PodPort],
+) -> serde_json::Value {
+    serde_json::json!({
+        "namespace": namespace, "pod": name, "identity": identity,
+        "security_labels": security_labels,
+        "named_ports": ports.iter().filter_map(|port| {
+            Some((port.name.clone()?, (port.protocol.clone(), port.port)))
+        }).collect::<BTreeMap<_, _>>(),
+    })
+}
+
 #[cfg(test)]
 fn record(
     objects: &mut Vec<serde_json::Value>,

@@ -40,6 +40,9 @@ pub struct NodePlan {
     pub pod_cidr: Ipv4Net,
     /// The node's uplink's peer in the fabric namespace.
     pub fabric_veth: String,
+    /// Extra `weft-agent` flags for this node's agent (the cluster's `agentArgs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agent_args: Vec<String>,
 }
 
 impl Plan {
@@ -60,6 +63,7 @@ impl Plan {
                     ip: Ipv4Addr::from(u32::from(FABRIC_NETWORK) + next_host),
                     pod_cidr: Ipv4Net::new(Ipv4Addr::from(base), 24).unwrap_or_default(),
                     fabric_veth: format!("f{}n{index}", cluster.id),
+                    agent_args: cluster.agent_args.clone(),
                 });
                 next_host += 1;
             }

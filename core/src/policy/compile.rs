@@ -19,6 +19,7 @@
 //! policy's status and logs; it never installs a partial (and so wrongly allowing) policy.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
@@ -100,12 +101,22 @@ pub struct EndpointInput {
     pub named_ports: NamedPorts,
 }
 
+/// A pod of the cluster as rules that look past its labels see it: its address (for
+/// `ipBlock` peers, which select pods too) and its named ports (an egress rule naming a port
+/// resolves it on the destination).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub ip: Ipv4Addr,
+    pub named_ports: NamedPorts,
+}
+
+/// The pods carrying each endpoint identity.
+pub type Members = BTreeMap<u32, Vec<Member>>;
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
     #[error("the policies selecting endpoints on this node name {count} distinct peers; the datapath holds at most {SELECTOR_CAPACITY}: merge rules that name the same peers, or select fewer endpoints per node")]
     TooManySelectors { count: usize },
-    #[error("{rule}: egress rules that name a port ({port:?}) are not supported by the datapath yet; use the port number")]
-    EgressNamedPort { rule: RuleRef, port: String },
 }
 
 /// One port interval's bitmaps, and which rules put each slot there (for naming the rule).
@@ -223,26 +234,69 @@ impl Compiled {
 
 fn cidr_identity_matches(prefix: &Ipv4Net, peer: &Peer) -> bool {
     match peer {
-        Peer::Cidr { cidr, except } => {
+        Peer::Cidr { cidr, except } | Peer::IpBlock { cidr, except } => {
             cidr.contains(prefix) && !except.iter().any(|e| e.contains(prefix))
         }
         Peer::Entity(entity) => entity_matches(*entity, &PeerKind::World),
-        Peer::Endpoints(_) | Peer::Ipv6Cidr { .. } => false,
+        Peer::Endpoints(_) | Peer::Ipv6Cidr { .. } | Peer::ServingPort { .. } => false,
     }
 }
 
-fn identity_matches(kind: &IdentityKind, peer: &Peer) -> bool {
+/// What every pod carrying an identity agrees on for a named port: `None` when one has no
+/// such port or they disagree (a rule then opens nothing for the identity rather than a port
+/// some of its pods do not serve under that name).
+fn unanimous_port(members: &[Member], name: &str) -> Option<(Protocol, u16)> {
+    let mut ports = members.iter().map(|m| m.named_ports.get(name).copied());
+    let first = ports.next()??;
+    ports.all(|port| port == Some(first)).then_some(first)
+}
+
+/// Whether the pods carrying an identity serve `name` as `protocol`/`port`: all of them
+/// (`every_pod`, for allow rules) or any of them (for deny rules).
+fn serves(members: &[Member], name: &str, port: (Protocol, u16), every_pod: bool) -> bool {
+    if every_pod {
+        unanimous_port(members, name) == Some(port)
+    } else {
+        members
+            .iter()
+            .any(|m| m.named_ports.get(name) == Some(&port))
+    }
+}
+
+fn identity_matches(identity: u32, kind: &IdentityKind, peer: &Peer, members: &Members) -> bool {
     match kind {
         IdentityKind::Endpoint(labels) => match peer {
             Peer::Endpoints(selector) => selector.matches(labels),
             Peer::Entity(entity) => entity_matches(*entity, &PeerKind::Endpoint(labels.clone())),
+            // Every pod of the identity in the block (see `Peer::IpBlock`).
+            Peer::IpBlock { cidr, except } => members.get(&identity).is_some_and(|pods| {
+                !pods.is_empty()
+                    && pods.iter().all(|pod| {
+                        cidr.contains(&pod.ip) && !except.iter().any(|e| e.contains(&pod.ip))
+                    })
+            }),
+            Peer::ServingPort {
+                peers,
+                name,
+                protocol,
+                port,
+                every_pod,
+            } => {
+                members
+                    .get(&identity)
+                    .is_some_and(|pods| serves(pods, name, (*protocol, *port), *every_pod))
+                    && (peers.is_empty()
+                        || peers
+                            .iter()
+                            .any(|p| identity_matches(identity, kind, p, members)))
+            }
             Peer::Cidr { .. } | Peer::Ipv6Cidr { .. } => false,
         },
         // `world` stands for addresses outside every listed prefix: only a /0 covers them.
         IdentityKind::Reserved(PeerKind::World) => match peer {
-            Peer::Cidr { cidr, .. } => cidr.prefix_len() == 0,
+            Peer::Cidr { cidr, .. } | Peer::IpBlock { cidr, .. } => cidr.prefix_len() == 0,
             Peer::Entity(entity) => entity_matches(*entity, &PeerKind::World),
-            Peer::Endpoints(_) | Peer::Ipv6Cidr { .. } => false,
+            Peer::Endpoints(_) | Peer::Ipv6Cidr { .. } | Peer::ServingPort { .. } => false,
         },
         IdentityKind::Reserved(kind) => match peer {
             Peer::Entity(entity) => entity_matches(*entity, kind),
@@ -259,7 +313,7 @@ pub fn policy_prefixes(policies: &[Policy]) -> BTreeSet<Ipv4Net> {
         .flat_map(|policy| &policy.rules)
         .flat_map(|rule| &rule.peers)
         .filter_map(|peer| match peer {
-            Peer::Cidr { cidr, except } => {
+            Peer::Cidr { cidr, except } | Peer::IpBlock { cidr, except } => {
                 Some(std::iter::once(*cidr).chain(except.iter().copied()))
             }
             _ => None,
@@ -271,12 +325,27 @@ pub fn policy_prefixes(policies: &[Policy]) -> BTreeSet<Ipv4Net> {
 /// A rule's contribution to one port range: (first, last, action, its peer slots, the rule).
 type RangeRule = (u16, u16, ActionRank, PeerSet, RuleRef);
 
-/// Compiles `policies` for the node's `endpoints`, against every known identity.
+/// Compiles `policies` for the node's `endpoints`, against every known identity, without
+/// knowing which pods carry each identity: `ipBlock` peers then match no pod and egress rules
+/// naming a port open nothing (see [`compile_with_members`]).
 pub fn compile(
     policies: &[Policy],
     mode: EnforcementMode,
     endpoints: &[EndpointInput],
     identities: &BTreeMap<u32, IdentityKind>,
+) -> Result<Compiled, CompileError> {
+    compile_with_members(policies, mode, endpoints, identities, &Members::new())
+}
+
+/// Compiles `policies` for the node's `endpoints`, against every known identity; `members`
+/// are the pods carrying each endpoint identity, for `ipBlock` peers (which select pods by
+/// address) and egress rules naming a port (which resolve on the destination pods).
+pub fn compile_with_members(
+    policies: &[Policy],
+    mode: EnforcementMode,
+    endpoints: &[EndpointInput],
+    identities: &BTreeMap<u32, IdentityKind>,
+    members: &Members,
 ) -> Result<Compiled, CompileError> {
     let mut compiled = Compiled::default();
     let all_peers = Peer::Entity(crate::policy::model::Entity::All);
@@ -365,13 +434,38 @@ pub fn compile(
                             first,
                             last,
                         } => (*protocol, *first, *last),
-                        PortMatch::Named { protocol, name } => {
-                            if direction == Direction::Egress {
-                                return Err(CompileError::EgressNamedPort {
-                                    rule: policy.rule_ref(rule),
-                                    port: name.clone(),
-                                });
+                        PortMatch::Named { protocol, name } if direction == Direction::Egress => {
+                            // The name is the destination's: one peer per number it resolves
+                            // to on the destinations' pods, holding the identities whose pods
+                            // serve it under that name.
+                            let every_pod = rank == ActionRank::Allow;
+                            let resolved: BTreeSet<(Protocol, u16)> = members
+                                .values()
+                                .flatten()
+                                .filter_map(|pod| pod.named_ports.get(name).copied())
+                                .filter(|(named_protocol, _)| protocol.matches(*named_protocol))
+                                .collect();
+                            for (named_protocol, number) in resolved {
+                                if named_protocol == Protocol::Other {
+                                    continue;
+                                }
+                                let serving = Peer::ServingPort {
+                                    peers: rule.peers.clone(),
+                                    name: name.clone(),
+                                    protocol: named_protocol,
+                                    port: number,
+                                    every_pod,
+                                };
+                                let mut only = PeerSet::default();
+                                only.insert(slot_of(&serving, &mut compiled.selectors)?);
+                                ranges
+                                    .entry((direction, named_protocol))
+                                    .or_default()
+                                    .push((number, number, rank, only, policy.rule_ref(rule)));
                             }
+                            continue;
+                        }
+                        PortMatch::Named { protocol, name } => {
                             match endpoint.named_ports.get(name) {
                                 Some((named_protocol, number))
                                     if protocol.matches(*named_protocol) =>
@@ -410,7 +504,7 @@ pub fn compile(
     for (identity, kind) in identities {
         let mut set = PeerSet::default();
         for (slot, peer) in compiled.selectors.iter().enumerate() {
-            if identity_matches(kind, peer) {
+            if identity_matches(*identity, kind, peer, members) {
                 set.insert(slot);
             }
         }
@@ -518,6 +612,7 @@ mod tests {
             rules,
             isolates_ingress: isolates.0,
             isolates_egress: isolates.1,
+            unenforced: Vec::new(),
         }
     }
 
@@ -658,6 +753,183 @@ mod tests {
             ip,
             named_ports: NamedPorts::new(),
         }
+    }
+
+    fn member(ip: [u8; 4], ports: &[(&str, Protocol, u16)]) -> Member {
+        Member {
+            ip: Ipv4Addr::from(ip),
+            named_ports: ports
+                .iter()
+                .map(|(name, protocol, port)| (name.to_string(), (*protocol, *port)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_egress_rule_naming_a_port_resolves_it_on_each_destination() {
+        // Upstream: "should allow egress access on one named port".
+        let policies = vec![policy(
+            "egress-named",
+            app("client"),
+            vec![rule(
+                Section::Egress,
+                0,
+                vec![],
+                vec![PortMatch::Named {
+                    protocol: ProtocolMatch::Tcp,
+                    name: "serve".into(),
+                }],
+            )],
+            (false, true),
+        )];
+        let endpoints = vec![EndpointInput {
+            id: 1,
+            labels: labels(&[("app", "client")]),
+            named_ports: NamedPorts::new(),
+        }];
+        let identities = BTreeMap::from([
+            (2, IdentityKind::Reserved(PeerKind::World)),
+            (300, IdentityKind::Endpoint(labels(&[("app", "web")]))),
+            (301, IdentityKind::Endpoint(labels(&[("app", "api")]))),
+            (302, IdentityKind::Endpoint(labels(&[("app", "mixed")]))),
+            (303, IdentityKind::Endpoint(labels(&[("app", "dns")]))),
+        ]);
+        let members = Members::from([
+            (
+                300,
+                vec![member([10, 1, 0, 1], &[("serve", Protocol::Tcp, 80)])],
+            ),
+            (
+                301,
+                vec![
+                    member([10, 1, 0, 2], &[("serve", Protocol::Tcp, 8080)]),
+                    member([10, 1, 1, 2], &[("serve", Protocol::Tcp, 8080)]),
+                ],
+            ),
+            // Pods of one identity that disagree: the rule allows none of them.
+            (
+                302,
+                vec![
+                    member([10, 1, 0, 3], &[("serve", Protocol::Tcp, 80)]),
+                    member([10, 1, 1, 3], &[("serve", Protocol::Tcp, 81)]),
+                ],
+            ),
+            // The name on UDP: a TCP rule does not open it.
+            (
+                303,
+                vec![member([10, 1, 0, 4], &[("serve", Protocol::Udp, 53)])],
+            ),
+        ]);
+        let compiled = compile_with_members(
+            &policies,
+            EnforcementMode::Default,
+            &endpoints,
+            &identities,
+            &members,
+        )
+        .expect("an egress rule naming a port compiles");
+        let verdict = |identity, protocol, port| {
+            compiled
+                .lookup(1, Direction::Egress, identity, protocol, port)
+                .0
+        };
+        assert_eq!(verdict(300, Protocol::Tcp, 80), Verdict::Allowed);
+        assert_eq!(verdict(300, Protocol::Tcp, 8080), Verdict::Denied);
+        assert_eq!(verdict(301, Protocol::Tcp, 8080), Verdict::Allowed);
+        assert_eq!(verdict(301, Protocol::Tcp, 80), Verdict::Denied);
+        assert_eq!(verdict(302, Protocol::Tcp, 80), Verdict::Denied);
+        assert_eq!(verdict(302, Protocol::Tcp, 81), Verdict::Denied);
+        assert_eq!(verdict(303, Protocol::Udp, 53), Verdict::Denied);
+        assert_eq!(
+            verdict(2, Protocol::Tcp, 80),
+            Verdict::Denied,
+            "the world has no named ports"
+        );
+        // The rule is named for what it allowed.
+        let (_, rule) = compiled.lookup(1, Direction::Egress, 300, Protocol::Tcp, 80);
+        assert_eq!(
+            rule.map(|r| r.to_string()).as_deref(),
+            Some("WeftNetworkPolicy ml/egress-named egress[0]")
+        );
+        // Without members (`compile`), the rule opens nothing: never more than it says.
+        let blind = compile(&policies, EnforcementMode::Default, &endpoints, &identities)
+            .expect("compiles");
+        assert_eq!(
+            blind.lookup(1, Direction::Egress, 300, Protocol::Tcp, 80).0,
+            Verdict::Denied
+        );
+    }
+
+    #[test]
+    fn an_ip_block_matches_a_pod_identity_only_when_every_pod_of_it_is_inside() {
+        let cidr = |s: &str| s.parse::<Ipv4Net>().expect("cidr");
+        // Upstream: "should enforce except clause while egress access to server in CIDR block".
+        let policies = vec![policy(
+            "to-block",
+            app("client"),
+            vec![rule(
+                Section::Egress,
+                0,
+                vec![Peer::IpBlock {
+                    cidr: cidr("0.0.0.0/4"),
+                    except: vec![cidr("10.1.0.7/32")],
+                }],
+                vec![],
+            )],
+            (false, true),
+        )];
+        let endpoints = vec![EndpointInput {
+            id: 1,
+            labels: labels(&[("app", "client")]),
+            named_ports: NamedPorts::new(),
+        }];
+        let mut identities = BTreeMap::from([
+            (2, IdentityKind::Reserved(PeerKind::World)),
+            (300, IdentityKind::Endpoint(labels(&[("app", "in")]))),
+            (301, IdentityKind::Endpoint(labels(&[("app", "excepted")]))),
+            (302, IdentityKind::Endpoint(labels(&[("app", "straddles")]))),
+            (303, IdentityKind::Endpoint(labels(&[("app", "unknown")]))),
+        ]);
+        for (index, prefix) in policy_prefixes(&policies).into_iter().enumerate() {
+            identities.insert(16_777_216 + index as u32, IdentityKind::Cidr(prefix));
+        }
+        let members = Members::from([
+            (300, vec![member([10, 1, 0, 5], &[])]),
+            (301, vec![member([10, 1, 0, 7], &[])]),
+            (
+                302,
+                vec![member([10, 1, 0, 8], &[]), member([10, 1, 0, 7], &[])],
+            ),
+        ]);
+        let compiled = compile_with_members(
+            &policies,
+            EnforcementMode::Default,
+            &endpoints,
+            &identities,
+            &members,
+        )
+        .expect("compiles");
+        let verdict = |identity| {
+            compiled
+                .lookup(1, Direction::Egress, identity, Protocol::Tcp, 80)
+                .0
+        };
+        assert_eq!(verdict(300), Verdict::Allowed);
+        assert_eq!(verdict(301), Verdict::Denied);
+        assert_eq!(verdict(302), Verdict::Denied, "one of its pods is excepted");
+        assert_eq!(
+            verdict(303),
+            Verdict::Denied,
+            "no pod known: no address known"
+        );
+        // Outside addresses in the block, by their CIDR identity.
+        assert_eq!(verdict(16_777_216), Verdict::Allowed);
+        assert_eq!(verdict(16_777_217), Verdict::Denied, "the excepted /32");
+        assert_eq!(
+            verdict(2),
+            Verdict::Denied,
+            "the world is outside the block"
+        );
     }
 
     #[test]

@@ -108,6 +108,24 @@ pub fn peer_matches(peer: &Peer, view: &PeerView) -> bool {
                     .ip
                     .is_some_and(|ip| cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip)))
         }
+        // A Kubernetes ipBlock: any address in the block, pods included.
+        Peer::IpBlock { cidr, except } => {
+            matches!(view.kind, PeerKind::World | PeerKind::Endpoint(_))
+                && view
+                    .ip
+                    .is_some_and(|ip| cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip)))
+        }
+        Peer::ServingPort {
+            peers,
+            name,
+            protocol,
+            port,
+            ..
+        } => {
+            matches!(view.kind, PeerKind::Endpoint(_))
+                && view.named_ports.get(name) == Some(&(*protocol, *port))
+                && (peers.is_empty() || peers.iter().any(|p| peer_matches(p, view)))
+        }
         Peer::Entity(entity) => entity_matches(*entity, &view.kind),
         // Peers are IPv4 (see `Peer::Ipv6Cidr`).
         Peer::Ipv6Cidr { .. } => false,
@@ -334,6 +352,7 @@ mod tests {
             },
             subject,
             isolates_ingress: allows(Direction::Ingress),
+            unenforced: Vec::new(),
             isolates_egress: allows(Direction::Egress),
             rules,
         }

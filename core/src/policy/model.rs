@@ -82,10 +82,34 @@ pub enum Peer {
     /// Endpoints whose security labels match (already scoped to a namespace where the policy
     /// says so).
     Endpoints(Selector),
-    /// Addresses outside the cluster in `cidr` but not in any of `except`.
+    /// Addresses outside the cluster in `cidr` but not in any of `except` (Cilium's CIDR
+    /// semantics: Weft's own kinds).
     Cidr {
         cidr: Ipv4Net,
         except: Vec<Ipv4Net>,
+    },
+    /// Addresses in `cidr` but not in any of `except`, the cluster's pods included (a
+    /// Kubernetes `NetworkPolicy` `ipBlock`). The datapath matches pods by identity, so a pod
+    /// identity matches only when every pod carrying it has its address in the block: when
+    /// pods sharing an identity lie on both sides, the rule allows none of them (it never
+    /// allows a pod outside the block).
+    IpBlock {
+        cidr: Ipv4Net,
+        except: Vec<Ipv4Net>,
+    },
+    /// Endpoints that match any of `peers` (every endpoint when empty) and serve the named
+    /// container port `name` as `protocol`/`port`. Never written by users: the compiler turns
+    /// an egress rule naming a port into one of these per number the name resolves to on the
+    /// destinations (a named port is the destination's). The datapath matches pods by
+    /// identity: with `every_pod` (allow rules) an identity matches when all its pods serve the
+    /// port so, without it (deny rules) when any does — so that pods sharing an identity but
+    /// not their ports are never allowed more, nor denied less, than the rule says.
+    ServingPort {
+        peers: Vec<Peer>,
+        name: String,
+        protocol: Protocol,
+        port: u16,
+        every_pod: bool,
     },
     /// Addresses in an IPv6 CIDR. Pods have IPv4 addresses only in this version, so no
     /// connection the datapath sees has such a peer: the rule selects nothing (neither allows
@@ -208,6 +232,10 @@ pub struct Policy {
     /// Whether selecting an endpoint isolates it in each direction.
     pub isolates_ingress: bool,
     pub isolates_egress: bool,
+    /// Parts of the policy the datapath cannot enforce and that were left out without making
+    /// the policy allow more (a port of a protocol Weft does not carry, as SCTP): `field:
+    /// reason`, for statuses. The rest is enforced, isolation included.
+    pub unenforced: Vec<String>,
 }
 
 impl Policy {

@@ -312,7 +312,15 @@ async fn add(invocation: &Invocation, conf: &NetConf, socket: &Path) -> Result<S
         netns: invocation.netns.clone(),
     }))? {
         Response::Registered => {}
-        Response::Error { code, message } => return Err(agent_error(code, message)),
+        Response::Error { code, message } => {
+            // The agent undid its part (the pod never became ready): nothing of this attempt
+            // stays wired when the runtime retries.
+            let message = match netlink::unwire_pod(&host_veth).await {
+                Ok(()) => message,
+                Err(error) => format!("{message} (and removing veth {host_veth} failed: {error})"),
+            };
+            return Err(agent_error(code, message));
+        }
         other => {
             return Err(agent_error(
                 code::IO_FAILURE,

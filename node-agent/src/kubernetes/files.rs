@@ -31,6 +31,7 @@ use weft_crds::{
 };
 
 use crate::flows::directory::EndpointMeta;
+use crate::local_pods::LocalPod;
 
 /// What the endpoint directory is built from.
 pub struct DirectoryInputs<'a> {
@@ -247,6 +248,40 @@ pub fn endpoint_directory(inputs: &DirectoryInputs<'_>) -> Vec<EndpointMeta> {
         );
     }
     entries.into_values().collect()
+}
+
+/// The local pods file ([`crate::local_pods`]): every pod of this node by name, with the
+/// identity allocated for its security labels (`init` until the operator has allocated one),
+/// whether or not it has an address yet. Host-network pods are left out: no endpoint is wired
+/// for them.
+pub fn local_pods(
+    node: &str,
+    pods: &[Arc<Pod>],
+    namespaces: &[Arc<Namespace>],
+    identities: &[Arc<WeftIdentity>],
+) -> Vec<LocalPod> {
+    let identities = IdentityIndex::new(identities);
+    let namespaces = namespace_labels(namespaces);
+    let mut local: Vec<LocalPod> = pods
+        .iter()
+        .filter(|pod| {
+            pod.spec.as_ref().is_some_and(|spec| {
+                spec.node_name.as_deref() == Some(node) && spec.host_network != Some(true)
+            })
+        })
+        .map(|pod| {
+            let security_labels = security_labels_of(pod, &namespaces);
+            LocalPod {
+                namespace: pod.namespace().unwrap_or_default(),
+                pod: pod.name_any(),
+                identity: identities.identity_of(&security_labels),
+                security_labels,
+                named_ports: named_ports_of(pod),
+            }
+        })
+        .collect();
+    local.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
+    local
 }
 
 /// The object without what changes on every write (`resourceVersion`, `managedFields`) and,

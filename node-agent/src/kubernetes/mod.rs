@@ -111,6 +111,8 @@ pub struct FilePaths {
     pub service_file: PathBuf,
     /// The other nodes (see [`crate::peers`]).
     pub peers_file: PathBuf,
+    /// This node's pods by name, with their identities (see [`crate::local_pods`]).
+    pub local_pods_file: PathBuf,
 }
 
 impl FilePaths {
@@ -121,6 +123,7 @@ impl FilePaths {
             policy_file: dir.join("policies.json"),
             service_file: dir.join("services.json"),
             peers_file: dir.join("peers.json"),
+            local_pods_file: dir.join("local-pods.json"),
         }
     }
 }

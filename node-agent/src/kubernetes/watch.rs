@@ -149,8 +149,11 @@ where
     .boxed()
 }
 
-/// Starts every watch and the four file writers.
+/// Starts every watch and the five file writers.
 pub fn start(client: Client, settings: WatchSettings) -> Watches {
+    // What the directory and the local pods file are built from changed; `fan_out` wakes each
+    // writer (one Notify wakes one waiter).
+    let directory_sources_changed = Arc::new(Notify::new());
     let directory_changed = Arc::new(Notify::new());
     let policies_changed = Arc::new(Notify::new());
     let services_changed = Arc::new(Notify::new());
@@ -160,25 +163,25 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
     let pods = local_pods(
         client.clone(),
         &settings.node,
-        Arc::clone(&directory_changed),
+        Arc::clone(&directory_sources_changed),
     );
     let namespaces = reflect::<Namespace>(
         Api::all(client.clone()),
         watcher::Config::default(),
         "Namespace",
-        Arc::clone(&directory_changed),
+        Arc::clone(&directory_sources_changed),
     );
     let identities = reflect::<WeftIdentity>(
         Api::all(client.clone()),
         watcher::Config::default(),
         "WeftIdentity",
-        Arc::clone(&directory_changed),
+        Arc::clone(&directory_sources_changed),
     );
     let endpoints = reflect::<WeftEndpoint>(
         Api::all(client.clone()),
         watcher::Config::default(),
         "WeftEndpoint",
-        Arc::clone(&directory_changed),
+        Arc::clone(&directory_sources_changed),
     );
     let weft_policies = reflect::<WeftNetworkPolicy>(
         Api::all(client.clone()),
@@ -248,6 +251,44 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
         let (task, written) = spawn_writer(
             settings.paths.endpoint_directory.clone(),
             Arc::clone(&directory_changed),
+            all_ready,
+            build,
+        );
+        tasks.push(task);
+        synced.push(written);
+    }
+    // The local pods file: what CNI ADD waits for. Its writer is woken by the same changes as
+    // the directory's (pods, namespaces, identities), through its own notifier.
+    {
+        let local_pods_changed = Arc::new(Notify::new());
+        tasks.push(fan_out(
+            Arc::clone(&directory_sources_changed),
+            vec![
+                Arc::clone(&directory_changed),
+                Arc::clone(&local_pods_changed),
+            ],
+        ));
+        let (pods, namespaces, identities) = (
+            pods.store.clone(),
+            namespaces.store.clone(),
+            identities.store.clone(),
+        );
+        let all_ready =
+            futures::future::join_all([ready(&pods), ready(&namespaces), ready(&identities)])
+                .map(|_| ())
+                .boxed();
+        let node = settings.node.clone();
+        let build = move || {
+            files::to_bytes(&files::local_pods(
+                &node,
+                &pods.state(),
+                &namespaces.state(),
+                &identities.state(),
+            ))
+        };
+        let (task, written) = spawn_writer(
+            settings.paths.local_pods_file.clone(),
+            local_pods_changed,
             all_ready,
             build,
         );
@@ -381,6 +422,18 @@ pub fn peers_file(
 }
 
 /// Spawns [`keep_written`] for `path`; the receiver resolves once the file was first written.
+/// Wakes every target whenever `source` is notified: one change, several writers.
+fn fan_out(source: Arc<Notify>, targets: Vec<Arc<Notify>>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            source.notified().await;
+            for target in &targets {
+                target.notify_one();
+            }
+        }
+    })
+}
+
 fn spawn_writer(
     path: PathBuf,
     changed: Arc<Notify>,

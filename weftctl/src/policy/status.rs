@@ -89,8 +89,18 @@ fn row(inventory: &Inventory, policy: &PolicyEntry) -> StatusRow {
         valid,
         ready: ready.map_or_else(|| "-".to_owned(), |c| c.status.clone()),
         selected,
-        reason: invalid_reason.or(not_ready),
+        reason: invalid_reason
+            .or(not_ready)
+            .or_else(|| partly_enforced(policy)),
     }
+}
+
+/// What of a valid policy is not enforced (an SCTP port: Weft does not carry SCTP), though
+/// the rest is, its isolation first: `PartlyEnforced: field: reason; …`.
+fn partly_enforced(policy: &PolicyEntry) -> Option<String> {
+    let model = policy.outcome.as_ref().ok()?;
+    (!model.unenforced.is_empty())
+        .then(|| format!("PartlyEnforced: {}", model.unenforced.join("; ")))
 }
 
 /// The endpoints of the policy's cluster it selects, counted from the inventory.
@@ -172,5 +182,49 @@ impl StatusReport {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn network_policy(name: &str, ports: &str) -> PolicyEntry {
+        let object = serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": "x"},
+            "spec": {
+                "podSelector": {"matchLabels": {"pod": "a"}},
+                "ingress": [{"ports": serde_json::from_str::<serde_json::Value>(ports).expect("ports")}],
+                "policyTypes": ["Ingress"],
+            },
+        });
+        PolicyEntry::check("c1", &object).expect("a policy kind")
+    }
+
+    #[test]
+    fn a_policy_with_an_sctp_port_is_valid_and_says_what_is_not_enforced() {
+        let inventory = Inventory {
+            policies: vec![
+                network_policy("sctp", r#"[{"port": 80, "protocol": "SCTP"}]"#),
+                network_policy("tcp", r#"[{"port": 80, "protocol": "TCP"}]"#),
+            ],
+            ..Inventory::default()
+        };
+        let report = status(&inventory, false);
+        let sctp = &report.rows[0];
+        assert_eq!(sctp.valid, "True");
+        let reason = sctp.reason.as_deref().expect("a reason");
+        assert!(
+            reason.starts_with("PartlyEnforced: spec.ingress[0].ports[0].protocol: SCTP"),
+            "{reason}"
+        );
+        assert_eq!(report.rows[1].reason, None);
+        assert!(
+            !report.any_invalid(),
+            "the policy is enforced, isolation included"
+        );
+        assert!(report.render(None).contains("PartlyEnforced"));
     }
 }
