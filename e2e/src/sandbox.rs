@@ -3,10 +3,11 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use weft_sandbox::{default_bin_dir, host, PodState, Sandbox};
 
@@ -248,4 +249,72 @@ pub fn echo_reachable(netns: &str, target: SocketAddr, tries: usize) -> bool {
                 && &reply == b"hi"
         })
     })
+}
+
+/// A host on the fabric, outside every cluster, serving HTTP on port 8080 at each of its
+/// addresses; stopped when dropped.
+pub struct OutsideHost(Child);
+
+impl Drop for OutsideHost {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts an [`OutsideHost`] at `addresses` (in the fabric's /16). The fabric routes each
+/// node's pod CIDR to that node, as a routed network would. Returns once it answers.
+pub fn outside_host(sandbox: &TestSandbox, addresses: &[Ipv4Addr]) -> OutsideHost {
+    let fabric = &sandbox.sandbox.plan.fabric_netns;
+    for address in addresses {
+        host::ip(&[
+            "-n",
+            fabric,
+            "addr",
+            "add",
+            &format!("{address}/16"),
+            "dev",
+            "fabric0",
+        ])
+        .expect("address the fabric");
+    }
+    for node in &sandbox.sandbox.plan.nodes {
+        let (cidr, via) = (node.pod_cidr.to_string(), node.ip.to_string());
+        // Another outside host may have routed it already.
+        let _ = host::ip(&["-n", fabric, "route", "replace", &cidr, "via", &via]);
+    }
+    let mut command = Command::new(default_bin_dir().join("weftctl"));
+    command
+        .args([
+            "sandbox",
+            "serve",
+            "--pod",
+            "outside",
+            "--namespace",
+            "-",
+            "--node",
+            "-",
+            "--cluster",
+            "-",
+        ])
+        .args([
+            "--ports",
+            r#"[{"port":8080,"protocol":"TCP","name":"http"}]"#,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = host::in_namespaces(&mut command, Some(fabric), None)
+        .expect("prepare")
+        .spawn()
+        .expect("serve");
+    let outside = OutsideHost(child);
+    let first = SocketAddr::from((addresses[0], 8080));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !in_netns(fabric, || {
+        TcpStream::connect_timeout(&first, Duration::from_millis(200)).is_ok()
+    }) {
+        assert!(Instant::now() < deadline, "the outside host never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    outside
 }

@@ -3,11 +3,9 @@
 //! CIDR (to a host outside the cluster, on the fabric).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weft_e2e::sandbox::{echo_reachable, TestSandbox};
-use weft_sandbox::{default_bin_dir, host};
+use weft_e2e::sandbox::{echo_reachable, outside_host, TestSandbox};
 
 /// An address on the fabric that belongs to no node and no pod: the world, to the cluster.
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(172, 30, 255, 254);
@@ -66,60 +64,6 @@ fn connects(netns: &str, target: SocketAddr) -> bool {
     echo_reachable(netns, target, 3)
 }
 
-struct Outside(Child);
-
-impl Drop for Outside {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn outside_host(sandbox: &TestSandbox) -> Outside {
-    let fabric = &sandbox.sandbox.plan.fabric_netns;
-    host::ip(&[
-        "-n",
-        fabric,
-        "addr",
-        "add",
-        &format!("{OUTSIDE}/16"),
-        "dev",
-        "fabric0",
-    ])
-    .expect("address the fabric");
-    // The outside network routes each node's pods to that node, as a routed network would.
-    for node in &sandbox.sandbox.plan.nodes {
-        let (cidr, via) = (node.pod_cidr.to_string(), node.ip.to_string());
-        host::ip(&["-n", fabric, "route", "add", &cidr, "via", &via]).expect("route pods");
-    }
-    let mut command = Command::new(default_bin_dir().join("weftctl"));
-    command
-        .args([
-            "sandbox",
-            "serve",
-            "--pod",
-            "outside",
-            "--namespace",
-            "-",
-            "--node",
-            "-",
-            "--cluster",
-            "-",
-        ])
-        .args([
-            "--ports",
-            r#"[{"port":8080,"protocol":"TCP","name":"http"}]"#,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let child = host::in_namespaces(&mut command, Some(fabric), None)
-        .expect("prepare")
-        .spawn()
-        .expect("serve");
-    std::thread::sleep(Duration::from_millis(300));
-    Outside(child)
-}
-
 #[test]
 fn network_policy_cases_users_rely_on() {
     let sandbox = TestSandbox::up(
@@ -138,7 +82,7 @@ fn network_policy_cases_users_rely_on() {
             ),
         ],
     );
-    let _outside = outside_host(&sandbox);
+    let _outside = outside_host(&sandbox, &[OUTSIDE]);
     let p = |name: &str| sandbox.pod(name).clone();
     let (postgres, backup, shop, report) = (p("postgres"), p("backup"), p("shop"), p("report"));
     let at = |pod: &weft_sandbox::PodState, port: u16| SocketAddr::from((pod.ip, port));

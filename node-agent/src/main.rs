@@ -189,6 +189,15 @@ struct Args {
     /// How often dead connections are swept out of the tracking table.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     ct_gc_interval: std::time::Duration,
+    /// Let traffic from this node to its pods (kubelet's probes, host-network agents) pass
+    /// whatever policy isolates them, as Kubernetes documents and Cilium does by default
+    /// (`allow-localhost`). `false` leaves it to policies (`fromEntities: [host]`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    allow_from_node: bool,
+    /// An address of the Kubernetes API server, for the `kube-apiserver` entity of policies
+    /// (repeatable). The endpoints of the `default/kubernetes` Service are added to these.
+    #[arg(long = "kube-apiserver-address")]
+    kube_apiserver_addresses: Vec<std::net::Ipv4Addr>,
     /// How many recent flows the agent keeps for Observe clients.
     #[arg(long, default_value_t = 4096)]
     flow_buffer: usize,
@@ -470,6 +479,8 @@ async fn main() -> anyhow::Result<()> {
             peers: peer_sync,
             peer_routing,
             local_pods: args.local_pods_file.clone(),
+            allow_from_node: args.allow_from_node,
+            kube_apiserver: args.kube_apiserver_addresses.clone(),
         },
         datapath,
     )

@@ -67,6 +67,7 @@ pub struct NodeAgent {
     peer_sync: PeerSync,
     peer_routing: PeerRouting,
     local_pods: LocalPods,
+    kube_apiserver: Vec<Ipv4Addr>,
     /// Host veths of endpoints adopted from an earlier run that still run its programs.
     outdated_programs: Vec<(String, u32)>,
 }
@@ -105,6 +106,11 @@ pub struct NodeSettings {
     pub services: ServiceEngine,
     /// This node's pods by name, with their identities (see [`crate::local_pods`]).
     pub local_pods: Option<PathBuf>,
+    /// Whether the node's own traffic to its pods passes whatever isolates them.
+    pub allow_from_node: bool,
+    /// The API server's addresses given on the command line (the `kube-apiserver` entity);
+    /// the `default/kubernetes` Service's endpoints are added to them.
+    pub kube_apiserver: Vec<Ipv4Addr>,
 }
 
 impl NodeAgent {
@@ -156,6 +162,7 @@ impl NodeAgent {
             settings.policy_in_force,
             Some(settings.state_dir.join(crate::policy::ENFORCEMENT_REPORT)),
         );
+        policy.set_allow_from_node(settings.allow_from_node);
         // The policy maps outlive the agent too: what an earlier run wrote for rules, policies,
         // endpoints and remote pods that went away while it was down is removed by the first
         // install, after the new entries and isolation flags are in place.
@@ -192,6 +199,7 @@ impl NodeAgent {
             peer_routing: settings.peer_routing,
             services: settings.services,
             local_pods: LocalPods::new(settings.local_pods),
+            kube_apiserver: settings.kube_apiserver,
             outdated_programs: Vec::new(),
         };
         let adopted: Vec<EndpointRecord> = agent.endpoints.values().cloned().collect();
@@ -370,8 +378,22 @@ impl NodeAgent {
                     .cloned(),
             })
             .collect();
+        // As Cilium: the API server is whatever backs `default/kubernetes`, plus what the
+        // agent was told.
+        let mut kube_apiserver: Vec<Ipv4Addr> = self
+            .services
+            .services()
+            .filter(|service| service.namespace == "default" && service.name == "kubernetes")
+            .flat_map(|service| &service.ports)
+            .flat_map(|port| &port.backends)
+            .map(|backend| backend.address)
+            .chain(self.kube_apiserver.iter().copied())
+            .collect();
+        kube_apiserver.sort_unstable();
+        kube_apiserver.dedup();
         let inputs = PolicyInputs {
             local,
+            kube_apiserver,
             directory: &directory,
             directory_generation: generation,
             node_ip: self.node_ip,

@@ -21,7 +21,7 @@ use weft_core::policy::compile::{
     Member, Members,
 };
 use weft_core::policy::evaluate::{NamedPorts, PeerKind};
-use weft_core::policy::model::{Direction, EnforcementMode, Policy, Protocol};
+use weft_core::policy::model::{allow_from_node, Direction, EnforcementMode, Policy, Protocol};
 use weft_crds::policy_model::{self, PolicyError};
 use weft_node_bpf::maps::{
     EndpointPolicy, IpcacheEntry, PeerSet, PolicyDirection, PolicyEntry, PolicyKeyData,
@@ -62,6 +62,8 @@ pub struct PolicyEngine {
     /// `installed` holds what an earlier run left (see [`Self::adopt`]) and no install has
     /// replaced it yet.
     adopted: bool,
+    /// Whether the built-in [`allow_from_node`] policy applies.
+    allow_from_node: bool,
 }
 
 /// How many keys of each kind [`PolicyEngine::adopt`] took over.
@@ -157,6 +159,8 @@ impl LocalEndpoint {
 
 pub struct PolicyInputs<'a> {
     pub local: Vec<LocalEndpoint>,
+    /// The Kubernetes API server's addresses: the `kube-apiserver` entity.
+    pub kube_apiserver: Vec<Ipv4Addr>,
     pub directory: &'a [EndpointMeta],
     pub directory_generation: u64,
     pub node_ip: Ipv4Addr,
@@ -198,7 +202,15 @@ impl PolicyEngine {
             last_inputs: None,
             compiled,
             adopted: false,
+            allow_from_node: true,
         }
+    }
+
+    /// Whether traffic from the node to its pods passes whatever isolates them (the built-in
+    /// [`allow_from_node`] policy; on unless turned off).
+    pub fn set_allow_from_node(&mut self, allow: bool) {
+        self.allow_from_node = allow;
+        self.last_inputs = None;
     }
 
     /// Takes over what an earlier run left in the pinned maps (`found`, and the engine's entries
@@ -326,6 +338,7 @@ impl PolicyEngine {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             inputs.directory_generation.hash(&mut hasher);
             inputs.local.hash(&mut hasher);
+            inputs.kube_apiserver.hash(&mut hasher);
             inputs.peers.hash(&mut hasher);
             self.file.inode().hash(&mut hasher);
             hasher.finish()
@@ -335,7 +348,10 @@ impl PolicyEngine {
         }
         self.last_inputs = Some(fingerprint);
 
-        let policies: Vec<Policy> = self.last_good.values().cloned().collect();
+        let mut policies: Vec<Policy> = self.last_good.values().cloned().collect();
+        if self.allow_from_node {
+            policies.push(allow_from_node());
+        }
         let by_ip: BTreeMap<Ipv4Addr, &EndpointMeta> =
             inputs.directory.iter().map(|m| (m.ip, m)).collect();
         // An endpoint whose identity is not resolved is left out: policy selects by the labels
@@ -404,7 +420,7 @@ impl PolicyEngine {
                 named_ports: named_ports(meta),
             });
         }
-        let compiled =
+        let mut compiled =
             match compile_with_members(&policies, self.mode, &endpoints, &identities, &members) {
                 Ok(compiled) => compiled,
                 Err(error) => {
@@ -446,6 +462,20 @@ impl PolicyEngine {
                     tunnel_endpoint: 0,
                 },
             );
+        }
+        // The API server, unless it shares a node's address (which keeps `host` or
+        // `remote-node`: an address has one identity) or a pod's.
+        for address in inputs
+            .kube_apiserver
+            .iter()
+            .filter(|address| !local_ips.contains(address))
+        {
+            ipcache
+                .entry(Ipv4Net::from(*address))
+                .or_insert(IpcacheEntry {
+                    identity: ReservedIdentity::KubeApiserver.id(),
+                    tunnel_endpoint: 0,
+                });
         }
         ipcache.insert(
             Ipv4Net::from(inputs.node_ip),
@@ -565,6 +595,10 @@ impl PolicyEngine {
                 };
                 (endpoint.ip, isolation)
             })
+            .collect();
+        compiled.address_identities = ipcache
+            .iter()
+            .map(|(prefix, entry)| (*prefix, entry.identity))
             .collect();
         *self.compiled.lock().unwrap_or_else(|p| p.into_inner()) = Some(compiled);
         self.report(None);

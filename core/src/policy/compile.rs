@@ -170,9 +170,23 @@ pub struct Compiled {
     pub selectors: Vec<Peer>,
     pub peer_sets: BTreeMap<u32, PeerSet>,
     pub endpoints: BTreeMap<u32, EndpointPolicy>,
+    /// The identities the node gives addresses that are no pod's — its own and the other
+    /// nodes' addresses, the prefixes policies name — as its ipcache holds them. Compilation
+    /// leaves it empty; whoever writes the ipcache fills it, so that a flow whose far end is
+    /// no pod is judged (and its rule named) with the identity the datapath used.
+    pub address_identities: BTreeMap<Ipv4Net, u32>,
 }
 
 impl Compiled {
+    /// The identity of `ip` by [`Self::address_identities`] (longest prefix), if it has one.
+    pub fn address_identity(&self, ip: Ipv4Addr) -> Option<u32> {
+        self.address_identities
+            .iter()
+            .filter(|(prefix, _)| prefix.contains(&ip))
+            .max_by_key(|(prefix, _)| prefix.prefix_len())
+            .map(|(_, identity)| *identity)
+    }
+
     /// The datapath's decision, computed the way the datapath computes it, with the rule
     /// userspace names for it. `None` rule: decided by isolation (or its absence).
     pub fn lookup(

@@ -178,6 +178,8 @@ pub enum PolicyKind {
     WeftNetworkPolicy,
     WeftClusterwideNetworkPolicy,
     NetworkPolicy,
+    /// A policy Weft applies on its own ([`allow_from_node`]).
+    Builtin,
 }
 
 /// Names a policy in verdicts and statuses.
@@ -195,6 +197,7 @@ impl fmt::Display for PolicyId {
             PolicyKind::WeftNetworkPolicy => "WeftNetworkPolicy",
             PolicyKind::WeftClusterwideNetworkPolicy => "WeftClusterwideNetworkPolicy",
             PolicyKind::NetworkPolicy => "NetworkPolicy",
+            PolicyKind::Builtin => "built-in",
         };
         match &self.namespace {
             Some(namespace) => write!(f, "{kind} {namespace}/{}", self.name),
@@ -265,4 +268,30 @@ pub enum EnforcementMode {
     Always,
     /// Nothing is enforced.
     Never,
+}
+
+/// Traffic from a pod's own node to the pod (kubelet's probes, host-network agents) is allowed
+/// whatever isolates the pod, as Kubernetes documents ("traffic to and from the node where a
+/// Pod is running is always allowed") and Cilium does by default (`allow-localhost`). Agents
+/// apply it unless told not to (`--allow-from-node=false`); verdicts name it
+/// `built-in allow-from-node ingress[0]`. It isolates nothing, and a deny rule naming the host
+/// still wins over it.
+pub fn allow_from_node() -> Policy {
+    Policy {
+        id: PolicyId {
+            kind: PolicyKind::Builtin,
+            namespace: None,
+            name: "allow-from-node".to_owned(),
+        },
+        subject: Selector::all(),
+        rules: vec![Rule {
+            section: Section::Ingress,
+            index: 0,
+            peers: vec![Peer::Entity(Entity::Host)],
+            ports: Vec::new(),
+        }],
+        isolates_ingress: false,
+        isolates_egress: false,
+        unenforced: Vec::new(),
+    }
 }

@@ -118,12 +118,18 @@ pub fn enrich(
     let destination = directory.lookup(destination_ip);
     let (allowed_by, denied_by) = match compiled {
         Some(compiled) => {
-            let peer = match maps::ObservationPoint::from_number(event.observation_point) {
-                Some(maps::ObservationPoint::FromEndpoint) => &destination,
-                _ => &source,
+            let (peer, peer_ip) = match maps::ObservationPoint::from_number(event.observation_point)
+            {
+                Some(maps::ObservationPoint::FromEndpoint) => (&destination, destination_ip),
+                _ => (&source, source_ip),
             };
-            // An address nobody claims is the world.
-            let peer_identity = peer.as_ref().map(|m| m.identity).unwrap_or(2);
+            // No pod: the identity the datapath gives the address (a node, a policy's
+            // prefix); an address nobody claims is the world.
+            let peer_identity = peer
+                .as_ref()
+                .map(|m| m.identity)
+                .or_else(|| compiled.address_identity(peer_ip))
+                .unwrap_or(2);
             let (allowed, denied) = decided_by(event, compiled, peer_identity);
             // Only a policy drop is explained by policy.
             let denied = if drop_reason == Some(DropReason::PolicyDenied) {

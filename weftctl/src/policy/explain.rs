@@ -96,12 +96,14 @@ fn write_half(
 pub fn explain(inventory: &Inventory, from: &str, to: &str) -> anyhow::Result<Explanation> {
     let client = find_pod(inventory, from)?;
     let (target, port, protocol) = parse_target(to)?;
-    let policies: Vec<Policy> = inventory
+    let mut policies: Vec<Policy> = inventory
         .policies
         .iter()
         .filter(|p| p.cluster == client.cluster)
         .filter_map(|p| p.outcome.as_ref().ok().cloned())
         .collect();
+    // As agents do by default: their node's traffic to a pod passes whatever isolates it.
+    policies.push(weft_core::policy::model::allow_from_node());
     let (server, to_name) = match target.parse::<Ipv4Addr>() {
         Ok(ip) => match inventory
             .pods
