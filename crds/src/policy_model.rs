@@ -251,6 +251,10 @@ impl Scope<'_> {
         rule: &PolicyRule,
     ) -> Result<Policy, PolicyError> {
         let mut rules = Vec::new();
+        // What this version cannot enforce (L7 rules, FQDNs) is left out and allows nothing;
+        // the rest, isolation first, applies. Refusing the whole policy instead would leave
+        // its pods less isolated than it says.
+        let mut unenforced = Vec::new();
         for (index, ingress) in rule.ingress.iter().flatten().enumerate() {
             let field = format!("spec.ingress[{index}]");
             let peers = self.peers(
@@ -261,18 +265,17 @@ impl Scope<'_> {
                 &field,
                 ("fromCIDR", "fromCIDRSet"),
             )?;
-            rules.push(Rule {
-                section: Section::Ingress,
-                index,
-                peers,
-                ports: ports_of(&ingress.to_ports, &field)?,
-            });
+            if let Some(ports) = ports_of(&ingress.to_ports, &field, &mut unenforced)? {
+                rules.push(Rule {
+                    section: Section::Ingress,
+                    index,
+                    peers,
+                    ports,
+                });
+            }
         }
         for (index, egress) in rule.egress.iter().flatten().enumerate() {
             let field = format!("spec.egress[{index}]");
-            if !egress.to_fqdns.is_empty() {
-                return Err(error(format!("{field}.toFQDNs"), InvalidReason::UnsupportedField, "FQDN policy is not enforced yet; this policy would allow less than it says, so it is not applied"));
-            }
             let peers = self.peers(
                 &egress.to_endpoints,
                 &egress.to_cidr,
@@ -281,12 +284,23 @@ impl Scope<'_> {
                 &field,
                 ("toCIDR", "toCIDRSet"),
             )?;
-            rules.push(Rule {
-                section: Section::Egress,
-                index,
-                peers,
-                ports: ports_of(&egress.to_ports, &field)?,
-            });
+            if !egress.to_fqdns.is_empty() {
+                unenforced.push(format!(
+                    "{field}.toFQDNs: FQDN policy is not enforced yet; these names are not allowed"
+                ));
+                // With no other peer, the rule allows nothing: it must not become "every peer".
+                if peers.is_empty() {
+                    continue;
+                }
+            }
+            if let Some(ports) = ports_of(&egress.to_ports, &field, &mut unenforced)? {
+                rules.push(Rule {
+                    section: Section::Egress,
+                    index,
+                    peers,
+                    ports,
+                });
+            }
         }
         for (index, deny) in rule.ingress_deny.iter().flatten().enumerate() {
             let field = format!("spec.ingressDeny[{index}]");
@@ -322,7 +336,11 @@ impl Scope<'_> {
                 ports: deny_ports_of(&deny.to_ports, &field)?,
             });
         }
-        let has_allow = |section: Section| rules.iter().any(|r| r.section == section);
+        // Written allow rules isolate, whether or not all of them could be enforced.
+        let has_allow = |section: Section| match section {
+            Section::Ingress => rule.ingress.as_ref().is_some_and(|rules| !rules.is_empty()),
+            _ => rule.egress.as_ref().is_some_and(|rules| !rules.is_empty()),
+        };
         let default_deny = rule.enable_default_deny.clone().unwrap_or_default();
         Ok(Policy {
             id,
@@ -339,17 +357,29 @@ impl Scope<'_> {
                 .egress
                 .unwrap_or_else(|| has_allow(Section::Egress)),
             rules,
-            unenforced: Vec::new(),
+            unenforced,
         })
     }
 }
 
-fn ports_of(rules: &[crd::PortRule], field: &str) -> Result<Vec<PortMatch>, PolicyError> {
+/// The ports an allow rule's `toPorts` open; `None` when every entry has L7 rules, which this
+/// version cannot enforce: such entries open nothing (opening their ports would allow more
+/// than the L7 rules say), and a rule left without ports allows nothing at all.
+fn ports_of(
+    rules: &[crd::PortRule],
+    field: &str,
+    unenforced: &mut Vec<String>,
+) -> Result<Option<Vec<PortMatch>>, PolicyError> {
     let mut ports = Vec::new();
+    let mut left_out = 0;
     for (index, rule) in rules.iter().enumerate() {
         let field = format!("{field}.toPorts[{index}]");
         if rule.rules.is_some() {
-            return Err(error(format!("{field}.rules"), InvalidReason::UnsupportedField, "L7 rules (http, dns) are not enforced yet; this policy would allow more than it says, so it is not applied"));
+            unenforced.push(format!(
+                "{field}.rules: L7 rules (http, dns) are not enforced yet; these ports are not allowed"
+            ));
+            left_out += 1;
+            continue;
         }
         if rule.ports.is_empty() {
             ports.push(PortMatch::Range {
@@ -362,7 +392,10 @@ fn ports_of(rules: &[crd::PortRule], field: &str) -> Result<Vec<PortMatch>, Poli
             ports.push(port(value, &format!("{field}.ports[{port_index}]"))?);
         }
     }
-    Ok(ports)
+    if left_out > 0 && ports.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(ports))
 }
 
 fn deny_ports_of(rules: &[crd::PortDenyRule], field: &str) -> Result<Vec<PortMatch>, PolicyError> {
@@ -888,10 +921,16 @@ mod tests {
             )))
         };
         let cases = [
-            ("  egress: [{toCIDR: ['999.1.1.1/8']}]\n", "spec.egress[0].toCIDR[0].cidr", InvalidReason::BadCidr),
-            ("  egress: [{toCIDRSet: [{cidr: 10.0.0.0/16, except: [10.1.0.0/24]}]}]\n", "spec.egress[0].toCIDRSet[0].except[0]", InvalidReason::BadCidr),
-            ("  ingress: [{toPorts: [{ports: [{port: '80'}], rules: {http: [{method: GET}]}}]}]\n", "spec.ingress[0].toPorts[0].rules", InvalidReason::UnsupportedField),
-            ("  egress: [{toFQDNs: [{matchName: api.example.com}]}]\n", "spec.egress[0].toFQDNs", InvalidReason::UnsupportedField),
+            (
+                "  egress: [{toCIDR: ['999.1.1.1/8']}]\n",
+                "spec.egress[0].toCIDR[0].cidr",
+                InvalidReason::BadCidr,
+            ),
+            (
+                "  egress: [{toCIDRSet: [{cidr: 10.0.0.0/16, except: [10.1.0.0/24]}]}]\n",
+                "spec.egress[0].toCIDRSet[0].except[0]",
+                InvalidReason::BadCidr,
+            ),
         ];
         for (spec, field, reason) in cases {
             let error = wnp(spec).expect_err(spec);
@@ -901,6 +940,53 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    /// L7 rules and FQDNs, which this version cannot enforce, allow nothing; the rest of the
+    /// policy applies, isolation included, so its pods are never less isolated than it says.
+    #[test]
+    fn what_cannot_be_enforced_allows_nothing_and_the_rest_applies() {
+        let policy = weft_policy(&yaml::<WeftNetworkPolicy>(
+            "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {name: api, namespace: ml}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: gateway}}]\n    toPorts:\n    - ports: [{port: '80', protocol: TCP}]\n      rules: {http: [{method: GET}]}\n    - ports: [{port: '9100', protocol: TCP}]\n  egress:\n  - toFQDNs: [{matchName: api.example.com}]\n    toPorts: [{ports: [{port: '443', protocol: TCP}]}]\n  - toEndpoints: [{matchLabels: {app: db}}]\n    toFQDNs: [{matchName: db.example.com}]\n",
+        ))
+        .expect("applied, without what it cannot enforce");
+        assert_eq!(
+            policy.unenforced,
+            vec![
+                "spec.ingress[0].toPorts[0].rules: L7 rules (http, dns) are not enforced yet; these ports are not allowed".to_owned(),
+                "spec.egress[0].toFQDNs: FQDN policy is not enforced yet; these names are not allowed".to_owned(),
+                "spec.egress[1].toFQDNs: FQDN policy is not enforced yet; these names are not allowed".to_owned(),
+            ]
+        );
+        assert!(policy.isolates_ingress && policy.isolates_egress);
+        let me = subject(labels("ml", "x", &[]));
+        let gateway = peer(labels("ml", "x", &[("app", "gateway")]));
+        assert_eq!(
+            verdict(&policy, &me, &gateway, ingress(80)),
+            Verdict::Denied,
+            "the L7-restricted port is not opened at L4"
+        );
+        assert_eq!(
+            verdict(&policy, &me, &gateway, ingress(9100)),
+            Verdict::Allowed,
+            "the plain port of the same rule is"
+        );
+        let egress = |port| Connection {
+            direction: Direction::Egress,
+            protocol: Protocol::Tcp,
+            port,
+        };
+        assert_eq!(
+            verdict(&policy, &me, &world("93.184.216.34"), egress(443)),
+            Verdict::Denied,
+            "a rule whose only peers are FQDNs allows nothing, never every peer"
+        );
+        let db = peer(labels("ml", "x", &[("app", "db")]));
+        assert_eq!(
+            verdict(&policy, &me, &db, egress(5432)),
+            Verdict::Allowed,
+            "the rule's other peers still are"
+        );
     }
 
     fn k8s_np(spec: &str) -> Policy {

@@ -104,3 +104,53 @@ fn a_policy_too_big_for_the_datapath_is_a_status_error_and_the_last_good_one_sta
         ok && !out.contains("does not enforce")
     });
 }
+
+/// A new policy whose L7 rules and FQDNs this version cannot enforce: the gateway may call the
+/// model only with `GET`s (an L7 rule), and the model may reach one DNS name (an FQDN). Both
+/// parts allow nothing, everything else the policy says holds: the model is isolated both ways
+/// and its metrics port stays open to the gateway.
+const PARTLY: &str = "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {name: model-l7, namespace: ml}\nspec:\n  endpointSelector: {matchLabels: {app: model}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: gateway}}]\n    toPorts:\n    - ports: [{port: '9000', protocol: TCP}]\n      rules: {http: [{method: GET}]}\n    - ports: [{port: '9100', protocol: TCP}]\n  egress:\n  - toFQDNs: [{matchName: models.example.com}]\n";
+
+#[test]
+fn a_policy_weft_cannot_fully_enforce_isolates_and_opens_only_what_it_can() {
+    let metrics_pod = |name: &str, app: &str, node: &str| {
+        pod(name, app, node).replace(
+            "    - {name: echo, containerPort: 9000}\n",
+            "    - {name: echo, containerPort: 9000}\n    - {name: metrics, containerPort: 9100}\n",
+        )
+    };
+    let sandbox = TestSandbox::up(
+        "- {name: c1, id: 1, podCIDR: 10.1.0.0/16, nodes: [n1, n2], manifests: [pods.yaml, policy.yaml]}\n",
+        &[
+            (
+                "pods.yaml",
+                &[metrics_pod("model", "model", "n1"), metrics_pod("gateway", "gateway", "n2")].concat(),
+            ),
+            ("policy.yaml", PARTLY),
+        ],
+    );
+    let (model, gateway) = (sandbox.pod("model").clone(), sandbox.pod("gateway").clone());
+    // The L7-restricted port is not opened at L4: it would allow every request.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while echo_reachable(&gateway.netns, SocketAddr::from((model.ip, 9000)), 1) {
+        assert!(
+            Instant::now() < deadline,
+            "the model was never isolated: the policy was not applied"
+        );
+    }
+    assert!(echo_reachable(
+        &gateway.netns,
+        SocketAddr::from((model.ip, 9100)),
+        5
+    ));
+    // Egress is isolated too: the FQDN allows nothing, and nothing else is allowed.
+    assert!(!echo_reachable(
+        &model.netns,
+        SocketAddr::from((gateway.ip, 9000)),
+        3
+    ));
+    let out = status_until(&sandbox, "the omissions are not shown", |_, out| {
+        out.contains("spec.ingress[0].toPorts[0].rules") && out.contains("spec.egress[0].toFQDNs")
+    });
+    assert!(out.contains("PartlyEnforced"), "{out}");
+}

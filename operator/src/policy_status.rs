@@ -42,6 +42,18 @@ use crate::identity_controller::needs_identity;
 /// What a policy's conversion means for its status.
 pub fn outcome(outcome: &Result<Policy, PolicyError>) -> Outcome {
     match outcome {
+        // Valid and applied, except what this version cannot enforce, which allows nothing:
+        // not Ready, so GitOps tools and `kubectl wait` see that it is not all in force.
+        Ok(policy) if !policy.unenforced.is_empty() => Outcome::Degraded {
+            valid: "the policy is valid".into(),
+            problem: Finding::new(
+                "PartlyEnforced",
+                format!(
+                    "enforced, isolation included, without what this version cannot enforce, which allows nothing: {}",
+                    policy.unenforced.join("; ")
+                ),
+            ),
+        },
         Ok(_) => Outcome::Ready {
             valid: "the policy is valid".into(),
             ready: Finding::new(

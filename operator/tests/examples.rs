@@ -7,9 +7,10 @@
 //!
 //! - `Valid=True`, `Ready=True`, `Reconciling=False`, `Stalled=False`, every condition and the
 //!   status stamped with the object's `metadata.generation`: every valid example, except
-//! - policies using L7 rules (`toPorts[].rules`) or `toFQDNs`, which this version refuses on
-//!   purpose (as Cilium does with its proxy off): `Valid=False`, reason `UnsupportedField`, the
-//!   message naming one of those fields. They are found by their content, not by file name.
+//! - policies using L7 rules (`toPorts[].rules`) or `toFQDNs`, which this version cannot
+//!   enforce: they apply without those parts (which allow nothing), so `Valid=True`,
+//!   `Ready=False` and `Stalled=True` with reason `PartlyEnforced`, the message naming every
+//!   such field. They are found by their content, not by file name.
 //! - A WeftEndpoint gets no status from the operator (its agent writes it); the operator's
 //!   garbage collection deletes one whose pod does not exist, which is what is asserted.
 //!
@@ -166,9 +167,9 @@ fn status_uri(example: &Example) -> String {
     }
 }
 
-/// The fields of a policy this version refuses on purpose: L7 rules (`toPorts[].rules`) and
+/// The fields of a policy this version cannot enforce: L7 rules (`toPorts[].rules`) and
 /// `toFQDNs`, wherever they occur in the spec, as paths like `spec.egress[1].toFQDNs`.
-fn refused_fields(object: &Value) -> Vec<String> {
+fn unenforceable_fields(object: &Value) -> Vec<String> {
     fn walk(value: &Value, path: &str, in_ports: bool, found: &mut Vec<String>) {
         match value {
             Value::Object(map) => {
@@ -199,8 +200,8 @@ fn refused_fields(object: &Value) -> Vec<String> {
 enum Expected {
     /// `Valid=True`, `Ready=True`, current.
     Ready,
-    /// `Valid=False`, `UnsupportedField`, naming one of these fields.
-    Refused(Vec<String>),
+    /// `Valid=True`, `Ready=False` and `Stalled=True` (`PartlyEnforced`), naming these fields.
+    PartlyEnforced(Vec<String>),
     /// No status; deleted by garbage collection because its pod does not exist.
     Collected,
 }
@@ -209,11 +210,11 @@ fn expected(example: &Example) -> Expected {
     match example.kind() {
         "WeftEndpoint" => Expected::Collected,
         "WeftNetworkPolicy" | "WeftClusterwideNetworkPolicy" => {
-            let refused = refused_fields(&example.object);
-            if refused.is_empty() {
+            let unenforceable = unenforceable_fields(&example.object);
+            if unenforceable.is_empty() {
                 Expected::Ready
             } else {
-                Expected::Refused(refused)
+                Expected::PartlyEnforced(unenforceable)
             }
         }
         _ => Expected::Ready,
@@ -677,27 +678,28 @@ fn judge(example: &Example, expected: &Expected, observed: &Observed) -> Result<
             }
             Ok(said)
         }
-        Expected::Refused(fields) => {
+        Expected::PartlyEnforced(fields) => {
             let status = observed.status.as_ref().ok_or("no status was applied")?;
-            is(status, "Valid", "False")?;
+            is(status, "Valid", "True")?;
             is(status, "Ready", "False")?;
             is(status, "Stalled", "True")?;
             current(status, example.generation())?;
-            let valid = condition(status, "Valid")?;
-            if valid["reason"] != "UnsupportedField" {
+            let ready = condition(status, "Ready")?;
+            if ready["reason"] != "PartlyEnforced" {
                 return Err(format!(
-                    "Valid=False for {valid}, expected reason UnsupportedField"
+                    "Ready=False for {ready}, expected reason PartlyEnforced"
                 ));
             }
-            let message = valid["message"].as_str().unwrap_or_default();
-            let named = fields
+            let message = ready["message"].as_str().unwrap_or_default();
+            let missing: Vec<&String> = fields
                 .iter()
-                .find(|field| message.starts_with(&format!("{field}:")))
-                .ok_or_else(|| {
-                    format!("the message {message:?} names none of the refused fields {fields:?}")
-                })?;
+                .filter(|field| !message.contains(&format!("{field}:")))
+                .collect();
+            if !missing.is_empty() {
+                return Err(format!("the message {message:?} does not name {missing:?}"));
+            }
             Ok(format!(
-                "Valid=False UnsupportedField naming {named} (refused fields: {}); Warning Events: {}",
+                "Valid=True, Ready=False PartlyEnforced naming {}; Warning Events: {}",
                 fields.join(", "),
                 warnings.len()
             ))
@@ -740,7 +742,7 @@ fn panic_message(error: tokio::task::JoinError) -> String {
 async fn every_valid_example_gets_the_status_the_operator_promises() {
     let known: BTreeSet<&str> = DRIVEN.into_iter().collect();
     let mut ready = Vec::new();
-    let mut refused = Vec::new();
+    let mut partly = Vec::new();
     let mut collected = Vec::new();
     let mut failures = Vec::new();
     let mut kinds = BTreeSet::new();
@@ -764,7 +766,7 @@ async fn every_valid_example_gets_the_status_the_operator_promises() {
         };
         let group = match expected {
             Expected::Ready => &mut ready,
-            Expected::Refused(_) => &mut refused,
+            Expected::PartlyEnforced(_) => &mut partly,
             Expected::Collected => &mut collected,
         };
         match verdict {
@@ -782,8 +784,8 @@ async fn every_valid_example_gets_the_status_the_operator_promises() {
     for (title, lines) in [
         ("Valid=True, Ready=True", &ready),
         (
-            "refused on purpose (L7 rules / toFQDNs): Valid=False, UnsupportedField",
-            &refused,
+            "L7 rules / toFQDNs left out (they allow nothing): Valid=True, Ready=False, PartlyEnforced",
+            &partly,
         ),
         (
             "WeftEndpoint: garbage-collected, no operator status",
@@ -798,5 +800,5 @@ async fn every_valid_example_gets_the_status_the_operator_promises() {
     }
     println!("{summary}");
     assert!(failures.is_empty(), "docs/examples/valid:\n{summary}");
-    assert!(!ready.is_empty() && !refused.is_empty() && !collected.is_empty());
+    assert!(!ready.is_empty() && !partly.is_empty() && !collected.is_empty());
 }
