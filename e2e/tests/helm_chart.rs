@@ -193,6 +193,56 @@ fn agent_daemonset_is_privileged_on_the_host_network_with_bpffs_and_cni_mounts()
     assert!(init.contains(&"install-cni"), "init containers: {init:?}");
 }
 
+/// The agent settings the chart exposes reach the agent as flags it parses: the defaults, and
+/// values a user sets.
+#[test]
+fn agent_settings_become_flags_the_agent_accepts() {
+    let report = check_chart(json!({
+        "default": {},
+        "tuned": {"agent": {"allowFromNode": false, "endpointReadyTimeout": "45s",
+                  "conntrack": {"maxEntries": 131072, "closingLifetime": "5s"}}},
+    }));
+    for (scenario, expected) in [
+        ("default", ["--allow-from-node=true", "20s", "10s"]),
+        ("tuned", ["--allow-from-node=false", "45s", "5s"]),
+    ] {
+        let objects = objects(&report, scenario);
+        let agent = objects
+            .iter()
+            .find(|object| object["kind"] == "DaemonSet")
+            .expect("agent DaemonSet");
+        let args: Vec<String> = agent["object"]["spec"]["template"]["spec"]["containers"][0]
+            ["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(|arg| arg.as_str().map(str::to_owned))
+            .collect();
+        for value in expected {
+            assert!(
+                args.iter().any(|arg| arg == value),
+                "{scenario}: {value} in {args:?}"
+            );
+        }
+        assert_eq!(
+            args.iter().any(|arg| arg == "--ct-max-entries"),
+            scenario == "tuned",
+            "{scenario}: {args:?}"
+        );
+        // The agent parses them: clap checks every flag and value before it acts on `--help`.
+        let parsed = Command::new(weft_sandbox::default_bin_dir().join("weft-agent"))
+            .args(args.iter().map(|arg| arg.replace("$(NODE_NAME)", "node-a")))
+            .arg("--help")
+            .output()
+            .expect("run weft-agent");
+        assert!(
+            parsed.status.success(),
+            "{scenario}: weft-agent refused the chart's flags: {}",
+            String::from_utf8_lossy(&parsed.stderr)
+        );
+    }
+}
+
 #[test]
 fn shipped_crds_are_valid_for_supported_kubernetes_versions() {
     let report = check_chart(json!({}));

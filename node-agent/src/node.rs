@@ -68,8 +68,9 @@ pub struct NodeAgent {
     peer_routing: PeerRouting,
     local_pods: LocalPods,
     kube_apiserver: Vec<Ipv4Addr>,
-    /// Host veths of endpoints adopted from an earlier run that still run its programs.
-    outdated_programs: Vec<(String, u32)>,
+    /// Endpoints adopted from an earlier run that still run its programs: (host veth,
+    /// ifindex, whether a failure to replace them was already logged).
+    outdated_programs: Vec<(String, u32, bool)>,
 }
 
 /// Whether a newly registered endpoint may run: CNI ADD answers only once it is
@@ -208,7 +209,7 @@ impl NodeAgent {
         }
         agent.outdated_programs = adopted
             .iter()
-            .map(|record| (record.host_veth.clone(), record.host_ifindex))
+            .map(|record| (record.host_veth.clone(), record.host_ifindex, false))
             .collect();
         if !adopted.is_empty() {
             tracing::info!(
@@ -444,16 +445,22 @@ impl NodeAgent {
     pub fn replace_outdated_programs(&mut self) {
         let mut replaced = 0;
         let pending = std::mem::take(&mut self.outdated_programs);
-        for (veth, ifindex) in pending {
+        for (veth, ifindex, warned) in pending {
+            // Released meanwhile (CNI DEL): nothing left to replace.
+            if !self.endpoints.values().any(|r| r.host_ifindex == ifindex) {
+                continue;
+            }
             if !self.policy.has_state(ifindex) {
-                self.outdated_programs.push((veth, ifindex));
+                self.outdated_programs.push((veth, ifindex, warned));
                 continue;
             }
             match self.datapath.attach_endpoint(&veth) {
                 Ok(()) => replaced += 1,
                 Err(error) => {
-                    tracing::warn!(%error, %veth, "cannot give an adopted endpoint this agent's programs; retrying");
-                    self.outdated_programs.push((veth, ifindex));
+                    if !warned {
+                        tracing::warn!(%error, %veth, "cannot give an adopted endpoint this agent's programs; retrying on every pass");
+                    }
+                    self.outdated_programs.push((veth, ifindex, true));
                 }
             }
         }
