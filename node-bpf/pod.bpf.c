@@ -10,6 +10,7 @@ int from_container(struct __sk_buff *skb)
 	struct ipcache_entry *remote;
 	struct node_config *cfg;
 	struct endpoint_info *sender;
+	struct peer_lookup destination = {};
 	struct lb_nat original = {};
 	struct lb_tuple reply = {};
 	struct iphdr *ip;
@@ -52,7 +53,7 @@ int from_container(struct __sk_buff *skb)
 			return TCX_DROP;
 		}
 	}
-	if (enforce(skb, ip, ifindex, POLICY_EGRESS, OBS_FROM_ENDPOINT, 0))
+	if (enforce(skb, ip, ifindex, POLICY_EGRESS, OBS_FROM_ENDPOINT, 0, &destination))
 		return TCX_DROP;
 	report_flow(skb, ip, ifindex, OBS_FROM_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
 
@@ -65,7 +66,8 @@ int from_container(struct __sk_buff *skb)
 		return deliver_to_endpoint(skb, ip, dst_ep, NULL, NULL, sender->identity);
 
 	cfg = get_node_config();
-	remote = lookup_ipcache(ip->daddr);
+	/* Policy may have looked the destination up already: once per packet. */
+	remote = destination.done ? destination.entry : lookup_ipcache(ip->daddr);
 	if (!cfg || !remote || !remote->tunnel_endpoint)
 		return TCX_NEXT; /* the node itself, or outside the cluster: the kernel routes it */
 
@@ -80,7 +82,7 @@ int to_container(struct __sk_buff *skb)
 	struct iphdr *ip;
 
 	ip = ipv4_header(skb);
-	if (ip && enforce(skb, ip, skb->ifindex, POLICY_INGRESS, OBS_TO_ENDPOINT, 0))
+	if (ip && enforce(skb, ip, skb->ifindex, POLICY_INGRESS, OBS_TO_ENDPOINT, 0, NULL))
 		return TCX_DROP;
 	/* Counted once policy let it through: what the pod received. */
 	count_packet(skb->ifindex, DIRECTION_TO_ENDPOINT, skb->len);

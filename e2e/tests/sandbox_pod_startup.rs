@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use weft_e2e::bpffs::pinned_map_entries;
 use weft_e2e::sandbox::{echo_reachable, in_netns, observe, TestSandbox};
 use weft_sandbox::{default_bin_dir, host};
 
@@ -270,5 +271,47 @@ fn add_fails_with_the_reason_when_a_pod_never_gets_its_identity_and_leaves_nothi
         allocations(&state_dir),
         ipam_before,
         "an address stayed allocated"
+    );
+}
+
+/// How many entries each per-endpoint map of node n1 holds.
+fn per_endpoint_entries(sandbox: &TestSandbox) -> Vec<(&'static str, usize)> {
+    let pins = sandbox.sandbox.bpffs.join("c1-n1/weft");
+    ["endpoints", "endpoint_counters", "endpoint_policies"]
+        .into_iter()
+        .map(|map| (map, pinned_map_entries(&pins.join(map)).len()))
+        .collect()
+}
+
+#[test]
+fn deleted_pods_leave_no_per_endpoint_entries_behind() {
+    let mut sandbox = sandbox();
+    let prober = sandbox.pod("prober").clone();
+    let before = per_endpoint_entries(&sandbox);
+    let names: Vec<String> = (0..8).map(|i| format!("churn-{i}")).collect();
+    let manifest: String = names.iter().map(|name| pod(name, "open", "n1")).collect();
+    apply(&mut sandbox, "churn", &manifest);
+    // Traffic both ways, so that every endpoint has counters.
+    for name in &names {
+        let target = SocketAddr::from((sandbox.pod(name).ip, 8080));
+        assert!(echo_reachable(&prober.netns, target, 3), "{name}");
+    }
+    let during = per_endpoint_entries(&sandbox);
+    assert!(
+        during
+            .iter()
+            .zip(&before)
+            .all(|((_, now), (_, then))| *now >= then + names.len()),
+        "every pod has its entries: {before:?} -> {during:?}"
+    );
+    let file = std::env::temp_dir().join(format!("{}-churn.yaml", sandbox.name));
+    std::fs::write(&file, &manifest).expect("write manifest");
+    let deleted = sandbox.sandbox.delete(None, &file);
+    let _ = std::fs::remove_file(&file);
+    deleted.expect("delete the pods");
+    assert_eq!(
+        per_endpoint_entries(&sandbox),
+        before,
+        "entries left behind by deleted pods"
     );
 }

@@ -576,6 +576,24 @@ impl Datapath {
         RingBuf::try_from(map).map_err(map_error(FLOW_EVENTS))
     }
 
+    /// Removes an endpoint's packet counters (both directions), as it goes away: a later
+    /// endpoint on a reused ifindex starts from zero.
+    pub fn remove_counters(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        let map = self
+            .pod
+            .map_mut(ENDPOINT_COUNTERS)
+            .ok_or(DatapathError::MissingMap(ENDPOINT_COUNTERS))?;
+        let mut counters: PerCpuHashMap<_, EndpointCounterKey, TrafficCounters> =
+            PerCpuHashMap::try_from(map).map_err(map_error(ENDPOINT_COUNTERS))?;
+        for direction in [Direction::FromEndpoint, Direction::ToEndpoint] {
+            removed(
+                ENDPOINT_COUNTERS,
+                counters.remove(&EndpointCounterKey::new(ifindex, direction)),
+            )?;
+        }
+        Ok(())
+    }
+
     /// The traffic counted for the endpoint behind the host-side veth `ifindex`.
     pub fn traffic(&self, ifindex: u32) -> Result<EndpointTraffic, DatapathError> {
         let map = self
@@ -609,6 +627,12 @@ fn removed(
 ) -> Result<(), DatapathError> {
     match result {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        // aya reports a delete of a missing key as the syscall's ENOENT, not KeyNotFound.
+        Err(aya::maps::MapError::SyscallError(error))
+            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         Err(error) => Err(map_error(name)(error)),
     }
 }

@@ -525,6 +525,9 @@ impl NodeAgent {
             self.datapath.remove_endpoint(record.ip)?;
             self.datapath.remove_ipcache(Ipv4Net::from(record.ip))?;
             self.datapath.detach(&record.host_veth);
+            self.policy
+                .forget_endpoint(&mut self.datapath, record.host_ifindex)?;
+            self.datapath.remove_counters(record.host_ifindex)?;
             self.directory().remove_local(record.ip);
             let _ = std::fs::remove_file(self.record_path(container_id));
             tracing::info!(ip = %record.ip, veth = %record.host_veth, "endpoint removed");

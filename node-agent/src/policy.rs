@@ -676,6 +676,20 @@ fn write_allows(
 }
 
 impl PolicyEngine {
+    /// Removes a departing endpoint's policy state at once, not on the next pass: an endpoint
+    /// created meanwhile on a reused ifindex must not inherit it (it would count as ready).
+    /// Its port entries go on the next pass, which no longer compiles for it.
+    pub fn forget_endpoint(
+        &mut self,
+        datapath: &mut Datapath,
+        ifindex: u32,
+    ) -> Result<(), DatapathError> {
+        datapath.remove_endpoint_policy(ifindex)?;
+        self.installed.endpoints.remove(&ifindex);
+        self.last_inputs = None;
+        Ok(())
+    }
+
     /// Whether the endpoint behind `ifindex` has its policy state in the maps (written by a
     /// pass, or adopted from an earlier run).
     pub fn has_state(&self, ifindex: u32) -> bool {

@@ -47,15 +47,6 @@ static __always_inline struct endpoint_info *validated_sender(__u32 ifindex, str
 	return ep;
 }
 
-/* The identity of the address at the other end; addresses the node knows nothing of are the
- * world (reserved identity 2). */
-static __always_inline __u32 peer_identity(__u32 ip)
-{
-	struct ipcache_entry *entry = lookup_ipcache(ip);
-
-	return entry ? entry->identity : 2;
-}
-
 #define IDENTITY_HOST 1 /* reserved: the local node */
 #define DNS_PORT 53
 
@@ -71,12 +62,19 @@ static __always_inline int init_endpoint_may(__u8 direction, __u32 peer, __u8 ip
 	       (ip_protocol == IPPROTO_TCP_NUM || ip_protocol == IPPROTO_UDP_NUM);
 }
 
+/* The ipcache entry `enforce` looked up for the peer, so forwarding does not look it up again. */
+struct peer_lookup {
+	struct ipcache_entry *entry; /* NULL: the address is in no entry */
+	__u8 done;                   /* 0: not looked up (a reply, a known peer, no policy) */
+};
+
 /* Applies `endpoint`'s policy in `direction` to a packet, remembering allowed connections.
  * `known_peer` is the peer's identity when the packet itself vouches for it (a validated
  * local sender, the tunnel's VNI); 0 derives it from the peer's address. Returns 1 when the
  * packet must be dropped (and reports it). */
 static __always_inline int enforce(struct __sk_buff *skb, struct iphdr *ip, __u32 endpoint,
-				   __u8 direction, __u8 observation_point, __u32 known_peer)
+				   __u8 direction, __u8 observation_point, __u32 known_peer,
+				   struct peer_lookup *lookup)
 {
 	struct endpoint_policy *state;
 	struct ct_lookup ct = {};
@@ -95,8 +93,19 @@ static __always_inline int enforce(struct __sk_buff *skb, struct iphdr *ip, __u3
 	 * are still tracked, so replies pass once a policy isolates them. */
 	if (state && state->unselected)
 		goto allowed;
-	peer = known_peer ? known_peer
-			  : peer_identity(direction == POLICY_EGRESS ? ip->daddr : ip->saddr);
+	if (known_peer) {
+		peer = known_peer;
+	} else {
+		struct ipcache_entry *entry =
+			lookup_ipcache(direction == POLICY_EGRESS ? ip->daddr : ip->saddr);
+
+		/* Addresses the node knows nothing of are the world (reserved identity 2). */
+		peer = entry ? entry->identity : 2;
+		if (lookup) {
+			lookup->entry = entry;
+			lookup->done = 1;
+		}
+	}
 	if (!state) {
 		if (init_endpoint_may(direction, peer, ip->protocol, l4.dport))
 			goto allowed;
@@ -126,7 +135,7 @@ static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, struct iph
 	__u32 len = skb->len;
 
 	/* Checked and reported before the rewrite: storing bytes invalidates header pointers. */
-	if (enforce(skb, ip, ep->ifindex, POLICY_INGRESS, OBS_TO_ENDPOINT, src_identity))
+	if (enforce(skb, ip, ep->ifindex, POLICY_INGRESS, OBS_TO_ENDPOINT, src_identity, NULL))
 		return TCX_DROP;
 	report_flow(skb, ip, ep->ifindex, OBS_TO_ENDPOINT, VERDICT_FORWARDED, DROP_NONE);
 	if (reply && lb_translate_reply(skb, l4_offset, reply, original) < 0)
