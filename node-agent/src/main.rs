@@ -147,6 +147,7 @@ struct Args {
     local_pods_file: Option<PathBuf>,
     /// How long CNI ADD waits for a new pod's identity and policy to be in place before it
     /// fails (the runtime then retries); until then the pod may only reach its node and DNS.
+    /// Below 30 s, the plugin's wait for the agent's answer.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
     endpoint_ready_timeout: std::time::Duration,
     /// A JSON list of the cluster's policy objects (WeftNetworkPolicy,
@@ -348,6 +349,13 @@ async fn main() -> anyhow::Result<()> {
 
     let table_size = TableSize::new(args.maglev_table_size).context("--maglev-table-size")?;
 
+    if args.endpoint_ready_timeout >= weft_agent::cni::plugin::AGENT_TIMEOUT {
+        anyhow::bail!(
+            "--endpoint-ready-timeout {} must be shorter than the {} the CNI plugin waits for the agent's answer",
+            humantime::format_duration(args.endpoint_ready_timeout),
+            humantime::format_duration(weft_agent::cni::plugin::AGENT_TIMEOUT)
+        );
+    }
     let ct_settings = CtSettings {
         max_entries: args.ct_max_entries.unwrap_or_else(|| {
             conntrack::node_memory_bytes()

@@ -16,7 +16,9 @@ use crate::netlink::{self, PodWiring};
 pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0"];
 /// Where the agent listens unless the network configuration says otherwise.
 pub const DEFAULT_AGENT_SOCKET: &str = "/run/weft/cni.sock";
-const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the plugin waits for each answer of the agent; the agent's
+/// `--endpoint-ready-timeout` must stay below it, so that ADD fails with the agent's reason.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Well-known CNI error codes (spec 1.0.0, "Error").
 pub mod code {
