@@ -104,6 +104,10 @@ fn udp_socket(netns: &str, address: SocketAddr) -> UdpSocket {
     socket
 }
 
+/// Whether a datagram arrives within the socket's 400 ms read timeout. Where a test asserts
+/// that nothing arrives, that is long enough: between two namespaces of this machine a datagram
+/// takes well under a millisecond, and each such assertion follows a positive one on the same
+/// path (the answer that came back, the allowed port that received) that waited the same way.
 fn receives(socket: &UdpSocket) -> bool {
     let mut buffer = vec![0u8; 65_536];
     socket.recv_from(&mut buffer).is_ok()
@@ -150,7 +154,9 @@ fn a_udp_reply_passes_while_its_flow_lives_and_is_checked_as_new_traffic_after()
     assert!(receives(&keeper_socket), "the answer came back");
 
     // Every packet keeps the flow alive, so it must go quiet for its lifetime to end: what is
-    // tested here is that time, not a condition to poll for.
+    // tested here is that time, not a condition to poll for. The agents run with exactly this
+    // lifetime (`agentArgs`); the extra second covers the gap between the answer's timestamp
+    // in the datapath and this clock.
     std::thread::sleep(OTHER_LIFETIME + Duration::from_secs(1));
     peer_socket.send_to(b"late", keeper_end).expect("send");
     assert!(
@@ -261,7 +267,8 @@ fn a_late_tcp_reply_after_the_connection_closed_is_dropped() {
     send_tcp_segment(&peer.netns, peer_http, keeper_end, 0x10);
     // Once the connection has been quiet for its closing lifetime, a "reply" is new traffic
     // that the keeper's policy refuses. Every packet would renew the lifetime, so the wait is
-    // the lifetime itself.
+    // the lifetime itself: the agents run with exactly this one (`agentArgs`), and the extra
+    // second covers the gap between the stray segment's timestamp and this clock.
     std::thread::sleep(CLOSING_LIFETIME + Duration::from_secs(1));
     send_tcp_segment(&peer.netns, peer_http, keeper_end, 0x04 | 0x10);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -362,8 +362,8 @@ impl NodeAgent {
     /// Brings policy enforcement in line with the cluster's policies, identities and this
     /// node's endpoints.
     pub fn sync_policy(&mut self) -> Result<(), NodeError> {
+        // The local pods file was re-read by `sync_identities`, which every pass runs first.
         let (generation, directory) = self.directory().all();
-        self.local_pods.refresh();
         let local: Vec<LocalEndpoint> = self
             .endpoints
             .values()
