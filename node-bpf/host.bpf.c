@@ -22,6 +22,10 @@ int from_network(struct __sk_buff *skb)
 	/* A backend's reply to a connection this node translated (and SNATed). */
 	if (lb_reverse_lookup(skb, ip, &reply, &original))
 		return forward_service_reply(skb, ip, &reply, &original);
+	/* An ICMP error about such a connection: rewritten for the end that sent what it quotes. */
+	lb = lb_translate_icmp_error(skb, ip);
+	if (lb != 0)
+		return lb < 0 ? TCX_DROP : forward_translated_icmp_error(skb);
 
 	/* NodePort (and service addresses routed here) from outside the node: translated per
 	 * packet, with this node as the source when the backend lives elsewhere. */

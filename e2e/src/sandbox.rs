@@ -233,6 +233,16 @@ pub fn assert_connection_observed(sandbox: &TestSandbox, from: &PodState, to: &P
     }
 }
 
+/// A metric's value on the admin endpoint of `cluster`/`node`'s agent, if it is exported.
+pub fn agent_metric(sandbox: &TestSandbox, cluster: &str, node: &str, name: &str) -> Option<f64> {
+    let netns = sandbox.node_netns(cluster, node);
+    let metrics = http_get_path(&netns, "127.0.0.1", 9962, "/metrics").ok()?;
+    metrics.lines().find_map(|line| {
+        let (metric, value) = line.split_once(' ')?;
+        (metric == name).then(|| value.trim().parse().ok())?
+    })
+}
+
 /// Whether an echo exchange with `target` completes from `netns`, trying up to `tries` times
 /// (so a loaded machine's slow first packet is not taken for a drop; a drop fails every try).
 pub fn echo_reachable(netns: &str, target: SocketAddr, tries: usize) -> bool {

@@ -66,7 +66,7 @@ fn pod_programs_count_what_a_pod_sends_and_receives() {
 
     let (ping, traffic) = node
         .enter(|| {
-            let mut datapath = Datapath::load(bpffs.path(), &test_conntrack())
+            let mut datapath = Datapath::load(bpffs.path(), &test_conntrack(), &test_nat())
                 .expect("load and verify the programs");
             register(&mut datapath, &pod, &wired);
             datapath
@@ -119,7 +119,8 @@ fn the_datapath_outlives_the_agent_until_detached() {
 
     let (attached_after_agent_exit, counted_by_the_next_agent, after_detach) = node
         .enter(|| {
-            let mut first_agent = Datapath::load(bpffs.path(), &test_conntrack()).expect("load");
+            let mut first_agent =
+                Datapath::load(bpffs.path(), &test_conntrack(), &test_nat()).expect("load");
             register(&mut first_agent, &pod, &wired);
             first_agent.attach_endpoint(veth).expect("attach");
             drop(first_agent); // the agent exits: pinned links and maps stay
@@ -129,7 +130,7 @@ fn the_datapath_outlives_the_agent_until_detached() {
             );
             ping("3");
             let mut next_agent =
-                Datapath::load(bpffs.path(), &test_conntrack()).expect("load again");
+                Datapath::load(bpffs.path(), &test_conntrack(), &test_nat()).expect("load again");
             let counted = next_agent.traffic(ifindex).expect("counters");
             next_agent.detach(veth);
             // The kernel detaches when the last reference to a link closes. A child that
@@ -171,6 +172,13 @@ fn the_datapath_outlives_the_agent_until_detached() {
 }
 
 /// Connection tracking as a test node runs it: the agent's defaults, a small table.
+fn test_nat() -> weft_agent::nat::NatSettings {
+    weft_agent::nat::NatSettings {
+        max_entries: 65_536,
+        snat_ports: weft_agent::nat::PortRange::new(61_000, 65_535).expect("a valid range"),
+    }
+}
+
 fn test_conntrack() -> weft_agent::conntrack::CtSettings {
     weft_agent::conntrack::CtSettings {
         max_entries: 65_536,

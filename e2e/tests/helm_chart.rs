@@ -200,7 +200,8 @@ fn agent_settings_become_flags_the_agent_accepts() {
     let report = check_chart(json!({
         "default": {},
         "tuned": {"agent": {"allowFromNode": false, "endpointReadyTimeout": "45s",
-                  "conntrack": {"maxEntries": 131072, "closingLifetime": "5s"}}},
+                  "conntrack": {"maxEntries": 131072, "closingLifetime": "5s"},
+                  "nat": {"snatPortRange": "20000-29999", "maxEntries": 65536}}},
     }));
     for (scenario, expected) in [
         ("default", ["--allow-from-node=true", "20s", "10s"]),
@@ -224,11 +225,13 @@ fn agent_settings_become_flags_the_agent_accepts() {
                 "{scenario}: {value} in {args:?}"
             );
         }
-        assert_eq!(
-            args.iter().any(|arg| arg == "--ct-max-entries"),
-            scenario == "tuned",
-            "{scenario}: {args:?}"
-        );
+        for tuned_only in ["--ct-max-entries", "--snat-port-range", "--nat-max-entries"] {
+            assert_eq!(
+                args.iter().any(|arg| arg == tuned_only),
+                scenario == "tuned",
+                "{scenario}: {tuned_only} in {args:?}"
+            );
+        }
         // The agent parses them: clap checks every flag and value before it acts on `--help`.
         let parsed = Command::new(weft_sandbox::default_bin_dir().join("weft-agent"))
             .args(args.iter().map(|arg| arg.replace("$(NODE_NAME)", "node-a")))

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use weft_e2e::sandbox::{http_get_path, in_netns, observe, TestSandbox};
+use weft_e2e::sandbox::{agent_metric, in_netns, observe, TestSandbox};
 use weft_sandbox::PodState;
 
 const CLOSING_LIFETIME: Duration = Duration::from_secs(2);
@@ -114,15 +114,6 @@ fn receives(socket: &UdpSocket) -> bool {
 }
 
 /// The agent's metric `name` on `node`, if it reports one.
-fn agent_metric(sandbox: &TestSandbox, node: &str, name: &str) -> Option<f64> {
-    let netns = sandbox.node_netns("c1", node);
-    let metrics = http_get_path(&netns, "127.0.0.1", 9962, "/metrics").ok()?;
-    metrics.lines().find_map(|line| {
-        let (metric, value) = line.split_once(' ')?;
-        (metric == name).then(|| value.trim().parse().ok())?
-    })
-}
-
 #[test]
 fn a_udp_reply_passes_while_its_flow_lives_and_is_checked_as_new_traffic_after() {
     let sandbox = sandbox();
@@ -175,7 +166,8 @@ fn a_udp_reply_passes_while_its_flow_lives_and_is_checked_as_new_traffic_after()
 
     // The collector sweeps dead entries out and counts them.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while agent_metric(&sandbox, "n1", "weft_agent_conntrack_collected_total").unwrap_or(0.0) < 1.0
+    while agent_metric(&sandbox, "c1", "n1", "weft_agent_conntrack_collected_total").unwrap_or(0.0)
+        < 1.0
     {
         assert!(
             Instant::now() < deadline,
@@ -183,8 +175,8 @@ fn a_udp_reply_passes_while_its_flow_lives_and_is_checked_as_new_traffic_after()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(agent_metric(&sandbox, "n1", "weft_agent_conntrack_pressure").is_some());
-    assert!(agent_metric(&sandbox, "n1", "weft_agent_conntrack_entries").is_some());
+    assert!(agent_metric(&sandbox, "c1", "n1", "weft_agent_conntrack_pressure").is_some());
+    assert!(agent_metric(&sandbox, "c1", "n1", "weft_agent_conntrack_entries").is_some());
 }
 
 /// One's-complement sum of 16-bit words, folded.

@@ -13,7 +13,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
-use weft_node_bpf::maps::{CtEntry, CtKey, CtState};
+use weft_node_bpf::maps::{self, CtEntry, CtKey, CtState};
+
+use crate::nat::{self, NatMetrics};
 
 /// The smallest and largest table the memory-derived default picks.
 const MIN_ENTRIES: u32 = 65_536;
@@ -76,7 +78,7 @@ pub fn node_memory_bytes() -> Option<u64> {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the datapath's `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -164,22 +166,38 @@ pub fn sweep(pin: &std::path::Path, settings: &CtSettings) -> Result<Sweep, Stri
     Ok(Sweep { live, collected })
 }
 
-/// Sweeps the table every `interval` until the agent stops.
+/// Sweeps the connection-tracking table and the NAT tables pinned in `pin_dir` every
+/// `interval` until the agent stops. NAT entries live by the same lifetimes as connections.
 pub async fn run_collector(
-    pin: PathBuf,
+    pin_dir: PathBuf,
     settings: CtSettings,
+    nat_max_entries: u32,
     interval: Duration,
     metrics: ConntrackMetrics,
+    nat_metrics: NatMetrics,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut warned = false;
+    let (mut warned, mut nat_warned) = (false, false);
     loop {
         tick.tick().await;
-        let pin = pin.clone();
-        let result = tokio::task::spawn_blocking(move || sweep(&pin, &settings)).await;
-        match result {
-            Ok(Ok(found)) => {
+        let pin_dir = pin_dir.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            (
+                sweep(&pin_dir.join(maps::CONNTRACK), &settings),
+                nat::sweep(&pin_dir, &settings),
+            )
+        })
+        .await;
+        let (tracked, translated) = match result {
+            Ok(results) => results,
+            Err(error) => {
+                tracing::warn!(%error, "the connection tracking sweep panicked");
+                continue;
+            }
+        };
+        match tracked {
+            Ok(found) => {
                 warned = false;
                 metrics
                     .entries
@@ -196,14 +214,22 @@ pub async fn run_collector(
                     );
                 }
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 metrics.sweep_failures.inc();
                 if !warned {
                     tracing::warn!(%error, "cannot sweep the connection tracking table; dead entries stay until evicted (the datapath never trusts them)");
                     warned = true;
                 }
             }
-            Err(error) => tracing::warn!(%error, "the connection tracking sweep panicked"),
+        }
+        nat_metrics.record(&translated, nat_max_entries);
+        match translated {
+            Ok(_) => nat_warned = false,
+            Err(error) if !nat_warned => {
+                tracing::warn!(%error, "cannot sweep the NAT tables; the datapath still takes back the ports of ended connections, but the tables do not shrink");
+                nat_warned = true;
+            }
+            Err(_) => {}
         }
     }
 }

@@ -24,6 +24,7 @@ use weft_node_bpf::maps::{
 use weft_node_bpf::{maps, programs, HOST_OBJECT, POD_OBJECT, SOCK_OBJECT};
 
 use crate::conntrack::CtSettings;
+use crate::nat::NatSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -143,8 +144,13 @@ const SOCK_PROGRAMS: [&str; 4] = [
 impl Datapath {
     /// Loads both objects, pinning their maps in `pin_dir` (which must be on bpffs) or reusing
     /// the maps already pinned there, and runs every program through the verifier. Connection
-    /// tracking gets its lifetimes and, when the table is created, its size from `conntrack`.
-    pub fn load(pin_dir: &Path, conntrack: &CtSettings) -> Result<Self, DatapathError> {
+    /// tracking gets its lifetimes and, when the table is created, its size from `conntrack`;
+    /// service NAT its SNAT ports and table sizes from `nat`.
+    pub fn load(
+        pin_dir: &Path,
+        conntrack: &CtSettings,
+        nat: &NatSettings,
+    ) -> Result<Self, DatapathError> {
         for dir in [pin_dir.to_owned(), pin_dir.join("links")] {
             std::fs::create_dir_all(&dir)
                 .map_err(|source| DatapathError::PinDirectory { path: dir, source })?;
@@ -161,13 +167,22 @@ impl Datapath {
             (maps::CT_LIFETIME_CLOSING, nanos(conntrack.closing)),
             (maps::CT_LIFETIME_OTHER, nanos(conntrack.other)),
         ];
+        let snat_ports = [
+            (maps::LB_SNAT_PORT_MIN, u32::from(nat.snat_ports.first)),
+            (maps::LB_SNAT_PORT_COUNT, nat.snat_ports.count()),
+        ];
         let load = |object: &'static str, bytes: &[u8]| {
             let mut loader = EbpfLoader::new();
             loader
                 .default_map_pin_directory(pin_dir)
-                .map_max_entries(maps::CONNTRACK, conntrack.max_entries);
-            // Not every object tracks connections (the socket programs do not).
+                .map_max_entries(maps::CONNTRACK, conntrack.max_entries)
+                .map_max_entries(maps::LB_FLOWS, nat.max_entries)
+                .map_max_entries(maps::LB_REVERSE, nat.max_entries);
+            // Not every object tracks connections or translates (the socket programs do not).
             for (name, value) in &lifetimes {
+                loader.override_global(name, value, false);
+            }
+            for (name, value) in &snat_ports {
                 loader.override_global(name, value, false);
             }
             loader.load(bytes).map_err(|source| DatapathError::Load {
@@ -665,15 +680,19 @@ fn drop_pins_of_changed_layout(pin_dir: &Path, object: &[u8]) {
         let Ok(info) = pinned.info() else {
             continue;
         };
-        let wanted = (map.key_size(), map.value_size());
-        let found = (info.key_size(), info.value_size());
+        // A kind of map the loader cannot name counts as changed.
+        let found_type = info.map_type().map_or(u32::MAX, |kind| kind as u32);
+        let wanted = (map.map_type(), map.key_size(), map.value_size());
+        let found = (found_type, info.key_size(), info.value_size());
         if wanted != found {
             tracing::warn!(
                 map = %name,
-                key_size = found.0,
-                value_size = found.1,
-                new_key_size = wanted.0,
-                new_value_size = wanted.1,
+                map_type = found.0,
+                key_size = found.1,
+                value_size = found.2,
+                new_map_type = wanted.0,
+                new_key_size = wanted.1,
+                new_value_size = wanted.2,
                 "a pinned map has another layout than these programs: it is recreated and repopulated"
             );
             if let Err(error) = std::fs::remove_file(&pin) {

@@ -9,6 +9,7 @@ pub mod ipam;
 pub mod kernel;
 pub mod kubernetes;
 pub mod local_pods;
+pub mod nat;
 pub mod netlink;
 pub mod node;
 pub mod peers;

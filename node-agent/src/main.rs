@@ -18,6 +18,7 @@ use weft_agent::flows::metrics::FlowMetrics;
 use weft_agent::flows::reader::{self, FlowPipeline};
 use weft_agent::flows::store::FlowStore;
 use weft_agent::kubernetes::{self, cni_install, Mode, RequestedMode};
+use weft_agent::nat::{self, NatMetrics, NatSettings, PortRange};
 use weft_agent::node::{NodeAgent, NodeSettings};
 use weft_agent::peers::{self, LocalNode, PeerNode, PeerRouting, PeerSync};
 use weft_agent::services::ServiceEngine;
@@ -187,7 +188,16 @@ struct Args {
     /// How long a UDP (or other non-TCP) flow is tracked after its last packet.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     ct_lifetime_other: std::time::Duration,
-    /// How often dead connections are swept out of the tracking table.
+    /// Source ports SNAT takes (NodePort to a backend on another node), FIRST-LAST. Default:
+    /// the ports above the node's net.ipv4.ip_local_port_range (below it when fewer than 1,024
+    /// are left above); a range overlapping it is refused.
+    #[arg(long)]
+    snat_port_range: Option<PortRange>,
+    /// Translated connections each NAT table holds; default: as --ct-max-entries. Applies when
+    /// the tables are created. When full, new translations are dropped and reported.
+    #[arg(long)]
+    nat_max_entries: Option<u32>,
+    /// How often dead connections (and ended translations) are swept out of their tables.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     ct_gc_interval: std::time::Duration,
     /// Let traffic from this node to its pods (kubelet's probes, host-network agents) pass
@@ -246,6 +256,8 @@ async fn main() -> anyhow::Result<()> {
     flow_metrics.register(&mut metrics_registry);
     let conntrack_metrics = ConntrackMetrics::default();
     conntrack_metrics.register(&mut metrics_registry);
+    let nat_metrics = NatMetrics::default();
+    nat_metrics.register(&mut metrics_registry);
     let registry = Arc::new(Mutex::new(metrics_registry));
     let admin = start_admin(args.admin_addr, readiness.clone(), registry)
         .await
@@ -375,13 +387,24 @@ async fn main() -> anyhow::Result<()> {
         other = %humantime::format_duration(ct_settings.other),
         "connection tracking"
     );
-    let mut datapath = Datapath::load(&args.bpffs.join("weft"), &ct_settings)
+    let nat_settings = NatSettings {
+        max_entries: args.nat_max_entries.unwrap_or(ct_settings.max_entries),
+        snat_ports: nat::snat_port_range(args.snat_port_range, nat::local_port_range()?)?,
+    };
+    tracing::info!(
+        max_entries = nat_settings.max_entries,
+        snat_ports = %nat_settings.snat_ports,
+        "service NAT"
+    );
+    let mut datapath = Datapath::load(&args.bpffs.join("weft"), &ct_settings, &nat_settings)
         .context("loading the datapath (is bpffs mounted at --bpffs?)")?;
     tokio::spawn(conntrack::run_collector(
-        args.bpffs.join("weft").join(weft_node_bpf::maps::CONNTRACK),
+        args.bpffs.join("weft"),
         ct_settings,
+        nat_settings.max_entries,
         args.ct_gc_interval,
         conntrack_metrics,
+        nat_metrics,
     ));
     match datapath.attach_sockets(&args.cgroup_root) {
         Ok(()) => {

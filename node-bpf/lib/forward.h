@@ -239,4 +239,19 @@ static __always_inline int forward_service_reply(struct __sk_buff *skb, struct i
 	return forward_off_node(skb, ip, 0);
 }
 
+/* An ICMP error lb_translate_icmp_error rewrote: to the local pod or the host it is now
+ * addressed to. */
+static __always_inline int forward_translated_icmp_error(struct __sk_buff *skb)
+{
+	struct iphdr *ip = ipv4_header(skb);
+	struct endpoint_info *ep;
+
+	if (!ip)
+		return TCX_DROP;
+	ep = lookup_endpoint(ip->daddr);
+	if (ep)
+		return deliver_to_endpoint(skb, ip, ep, NULL, NULL, 0);
+	return forward_off_node(skb, ip, 0);
+}
+
 #endif

@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "config.h"
+#include "conntrack.h"
 #include "endpoints.h"
 #include "jhash.h"
 
@@ -152,30 +153,104 @@ struct lb_nat {
 	__u16 dport;
 };
 
+/* How far a translated connection has got, recorded in both of its entries. */
+#define LB_NAT_REPLIED 0x01     /* the backend answered */
+#define LB_NAT_FIN_CLIENT 0x02  /* the client sent a FIN */
+#define LB_NAT_FIN_BACKEND 0x04 /* the backend sent a FIN */
+#define LB_NAT_RST 0x08         /* either end reset it */
+#define LB_NAT_FIN_BOTH (LB_NAT_FIN_CLIENT | LB_NAT_FIN_BACKEND)
+
+/* One direction of a translated connection. Entries live as long as their connection would in
+ * conntrack (the same lifetimes) and are removed by the agent's collector once both directions
+ * are dead (node-agent/src/nat.rs), never by LRU eviction: an SNAT port belongs to its
+ * connection until that connection ends. */
+struct lb_nat_entry {
+	struct lb_nat to;
+	__u8 progress; /* LB_NAT_* */
+	__u8 pad[3];
+	__u64 last_seen_ns; /* the last packet in this entry's direction */
+};
+
 /* Translated connections by their original forward tuple: later packets keep their backend
- * even when the Maglev table changes (a backend added, or one draining). */
+ * even when the Maglev table changes (a backend added, or one draining). Sized by the agent
+ * (--nat-max-entries); when full, new translations fail and are reported. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct lb_tuple);
-	__type(value, struct lb_nat);
+	__type(value, struct lb_nat_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_flows SEC(".maps");
 
-/* Replies of translated connections, by their tuple as they arrive from the backend. */
+/* Replies of translated connections, by their tuple as they arrive from the backend. With SNAT,
+ * an entry here is what holds the SNAT port. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct lb_tuple);
-	__type(value, struct lb_nat);
+	__type(value, struct lb_nat_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_reverse SEC(".maps");
 
-/* Source ports for SNAT, above Linux's default ephemeral range (32768-60999) so they never
- * collide with the node's own connections. */
-#define LB_SNAT_PORT_MIN 61000
-#define LB_SNAT_PORTS 4536
+/* Source ports for SNAT, set by the agent when it loads the programs (--snat-port-range; by
+ * default the ports above the node's ip_local_port_range, so they never collide with the node's
+ * own connections). */
+volatile const __u32 lb_snat_port_min = 61000;
+volatile const __u32 lb_snat_port_count = 4536;
 #define LB_SNAT_TRIES 16
+
+static __always_inline __u64 lb_nat_lifetime(__u8 protocol, __u8 progress)
+{
+	if (protocol != LB_PROTO_TCP)
+		return ct_lifetime_other_ns;
+	if (progress & (LB_NAT_RST | LB_NAT_FIN_BOTH))
+		return ct_lifetime_closing_ns;
+	if (!(progress & LB_NAT_REPLIED))
+		return ct_lifetime_syn_ns;
+	return ct_lifetime_established_ns;
+}
+
+/* Whether the connection holding an SNAT port has ended, so a new one may take the port: reset,
+ * closed from both ends, or silent for longer than its lifetime. */
+static __always_inline int lb_nat_ended(struct lb_nat_entry *entry, __u8 protocol, __u64 now)
+{
+	if (protocol == LB_PROTO_TCP &&
+	    ((entry->progress & LB_NAT_RST) ||
+	     (entry->progress & LB_NAT_FIN_BOTH) == LB_NAT_FIN_BOTH))
+		return 1;
+	return now - entry->last_seen_ns > lb_nat_lifetime(protocol, entry->progress);
+}
+
+/* The key of the other direction of the connection whose entry translates to `to`. */
+static __always_inline void lb_tuple_answering(struct lb_tuple *out, const struct lb_nat *to,
+					       __u8 protocol)
+{
+	out->saddr = to->daddr;
+	out->daddr = to->saddr;
+	out->sport = to->dport;
+	out->dport = to->sport;
+	out->protocol = protocol;
+	out->pad[0] = out->pad[1] = out->pad[2] = 0;
+}
+
+/* Records a packet in its entry. What ends a connection (FIN, RST) and the backend's first
+ * answer are also written into the other direction's entry: rare packets, so the common one
+ * costs no second lookup. */
+static __always_inline void lb_nat_seen(struct lb_nat_entry *entry, void *other_direction,
+					__u8 protocol, __u8 progress, __u64 now)
+{
+	struct lb_nat_entry *other;
+	struct lb_tuple key;
+
+	entry->last_seen_ns = now;
+	if ((entry->progress & progress) == progress)
+		return;
+	entry->progress |= progress;
+	lb_tuple_answering(&key, &entry->to, protocol);
+	other = bpf_map_lookup_elem(other_direction, &key);
+	if (other)
+		other->progress |= progress;
+}
 
 static __always_inline int lb_is_node_address(__u32 address, struct node_config *cfg)
 {
@@ -285,15 +360,34 @@ static __always_inline int lb_read_tuple(struct __sk_buff *skb, struct iphdr *ip
 	return 1;
 }
 
-static __always_inline int lb_is_tcp_syn(struct __sk_buff *skb, struct iphdr *ip)
+/* A TCP packet's flags (byte 13 of its header); 0 for other protocols. */
+static __always_inline __u8 lb_tcp_flags(struct __sk_buff *skb, struct iphdr *ip)
 {
 	void *data_end = ctx_data_end(skb);
 	__u8 *tcp = (void *)ip + ((__u32)ip->ihl * 4);
 
 	if (ip->protocol != LB_PROTO_TCP || (void *)(tcp + 14) > data_end)
 		return 0;
-	/* Byte 13 holds the flags: SYN (0x02) without ACK (0x10). */
-	return (tcp[13] & 0x12) == 0x02;
+	return tcp[13];
+}
+
+/* SYN without ACK: the packet that opens a connection. */
+static __always_inline int lb_is_syn(__u8 tcp_flags)
+{
+	return (tcp_flags & (CT_TCP_SYN | CT_TCP_ACK)) == CT_TCP_SYN;
+}
+
+/* What a packet tells about its connection's progress, seen from the client (`from_client`)
+ * or from the backend. */
+static __always_inline __u8 lb_progress_of(__u8 tcp_flags, int from_client)
+{
+	__u8 progress = from_client ? 0 : LB_NAT_REPLIED;
+
+	if (tcp_flags & CT_TCP_RST)
+		progress |= LB_NAT_RST;
+	if (tcp_flags & CT_TCP_FIN)
+		progress |= from_client ? LB_NAT_FIN_CLIENT : LB_NAT_FIN_BACKEND;
+	return progress;
 }
 
 /* Rewrites addresses and ports from `from` to `to`, fixing the IPv4 and TCP/UDP checksums
@@ -332,29 +426,49 @@ static __always_inline int lb_rewrite(struct __sk_buff *skb, __u32 l4_offset,
 	return 0;
 }
 
-/* A source port on `snat_ip` no other translated connection to this backend uses; 0 when the
- * tries run out (the packet is then dropped and reported). */
+/* Takes a source port on `snat_ip` for a new connection to `forward`'s backend: a free one, or
+ * one whose connection has ended (its forward entry goes with it). Inserts the reply entry
+ * `reply_to` under it. 0 when the tries run out or the table is full (the packet is then
+ * dropped and reported). */
 static __always_inline __u16 lb_snat_port(struct lb_nat *forward, __u8 protocol, __u32 hash,
-					  struct lb_nat *reply_to)
+					  struct lb_nat_entry *reply_to, __u64 now)
 {
 	struct lb_tuple reply = {
 		.saddr = forward->daddr, .daddr = forward->saddr, .sport = forward->dport,
 		.protocol = protocol,
 	};
-	struct lb_nat *taken;
+	struct lb_nat_entry *taken;
+	struct lb_nat_entry *ended;
+	struct lb_tuple ended_key;
+	__u32 count = lb_snat_port_count ? lb_snat_port_count : 1;
 	__u16 port;
 	int i;
 
 	for (i = 0; i < LB_SNAT_TRIES; i++) {
-		port = bpf_htons(LB_SNAT_PORT_MIN + (hash + i * 7919) % LB_SNAT_PORTS);
+		port = bpf_htons(lb_snat_port_min + (hash + i * 7919) % count);
 		reply.dport = port;
 		if (bpf_map_update_elem(&lb_reverse, &reply, reply_to, BPF_NOEXIST) == 0)
 			return port;
-		/* A retransmitted SYN finds its own first try: the same port, or the backend would
-		 * see two connections. */
 		taken = bpf_map_lookup_elem(&lb_reverse, &reply);
-		if (taken && taken->saddr == reply_to->saddr && taken->daddr == reply_to->daddr &&
-		    taken->sport == reply_to->sport && taken->dport == reply_to->dport)
+		if (!taken)
+			continue;
+		/* A retransmitted SYN (or the client reusing its port) finds its own first try: the
+		 * same port, or the backend would see two connections. The entry starts afresh. */
+		if (taken->to.saddr == reply_to->to.saddr && taken->to.daddr == reply_to->to.daddr &&
+		    taken->to.sport == reply_to->to.sport && taken->to.dport == reply_to->to.dport) {
+			if (bpf_map_update_elem(&lb_reverse, &reply, reply_to, BPF_EXIST) == 0)
+				return port;
+			continue;
+		}
+		if (!lb_nat_ended(taken, protocol, now))
+			continue;
+		/* The ended connection's late packets must not be translated into the new one. */
+		lb_tuple_answering(&ended_key, &taken->to, protocol);
+		ended = bpf_map_lookup_elem(&lb_flows, &ended_key);
+		if (ended && ended->to.saddr == forward->saddr && ended->to.sport == port &&
+		    ended->to.daddr == forward->daddr && ended->to.dport == forward->dport)
+			bpf_map_delete_elem(&lb_flows, &ended_key);
+		if (bpf_map_update_elem(&lb_reverse, &reply, reply_to, BPF_EXIST) == 0)
 			return port;
 	}
 	return 0;
@@ -457,12 +571,15 @@ static __always_inline int lb_translate_forward(struct __sk_buff *skb, struct ip
 	struct lb_frontend *frontend;
 	struct lb_backend *backend;
 	struct lb_tuple tuple = {};
+	struct lb_nat_entry forward = {};
+	struct lb_nat_entry reply_to = {};
 	struct lb_nat translated;
-	struct lb_nat reply_to;
 	struct lb_tuple reply = {};
-	struct lb_nat *known;
+	struct lb_nat_entry *known;
+	__u64 now = bpf_ktime_get_ns();
 	__u32 l4_offset;
 	__u32 hash;
+	__u8 tcp_flags;
 
 	if (!lb_read_tuple(skb, ip, &tuple))
 		return LB_NOT_A_SERVICE;
@@ -472,11 +589,13 @@ static __always_inline int lb_translate_forward(struct __sk_buff *skb, struct ip
 	frontend = lb_lookup_frontend(tuple.daddr, tuple.dport, tuple.protocol);
 	if (!frontend)
 		return LB_NOT_A_SERVICE;
+	tcp_flags = lb_tcp_flags(skb, ip);
 	/* A SYN starts a new connection even when a closed one left its translation behind under
 	 * the same tuple (a reused source port): the backend is chosen again. */
-	known = lb_is_tcp_syn(skb, ip) ? NULL : bpf_map_lookup_elem(&lb_flows, &tuple);
+	known = lb_is_syn(tcp_flags) ? NULL : bpf_map_lookup_elem(&lb_flows, &tuple);
 	if (known) {
-		translated = *known;
+		translated = known->to;
+		lb_nat_seen(known, &lb_reverse, tuple.protocol, lb_progress_of(tcp_flags, 1), now);
 		return lb_rewrite(skb, l4_offset, &tuple, &translated) ? LB_FAILED : LB_TRANSLATED;
 	}
 	if (frontend->active_backends == 0)
@@ -491,24 +610,30 @@ static __always_inline int lb_translate_forward(struct __sk_buff *skb, struct ip
 	translated.sport = tuple.sport;
 	translated.daddr = backend->address;
 	translated.dport = backend->port;
-	reply_to.saddr = tuple.daddr;
-	reply_to.sport = tuple.dport;
-	reply_to.daddr = tuple.saddr;
-	reply_to.dport = tuple.sport;
+	reply_to.to.saddr = tuple.daddr;
+	reply_to.to.sport = tuple.dport;
+	reply_to.to.daddr = tuple.saddr;
+	reply_to.to.dport = tuple.sport;
+	reply_to.last_seen_ns = now;
 	if (snat_ip && !lookup_endpoint(backend->address)) {
 		translated.saddr = snat_ip;
-		translated.sport = lb_snat_port(&translated, tuple.protocol, hash, &reply_to);
+		translated.sport = lb_snat_port(&translated, tuple.protocol, hash, &reply_to, now);
 		if (!translated.sport)
 			return LB_FAILED;
 	} else {
-		reply.saddr = translated.daddr;
-		reply.daddr = translated.saddr;
-		reply.sport = translated.dport;
-		reply.dport = translated.sport;
-		reply.protocol = tuple.protocol;
-		bpf_map_update_elem(&lb_reverse, &reply, &reply_to, BPF_ANY);
+		lb_tuple_answering(&reply, &translated, tuple.protocol);
+		if (bpf_map_update_elem(&lb_reverse, &reply, &reply_to, BPF_ANY) < 0)
+			return LB_FAILED;
 	}
-	bpf_map_update_elem(&lb_flows, &tuple, &translated, BPF_ANY);
+	forward.to = translated;
+	forward.progress = lb_progress_of(tcp_flags, 1);
+	forward.last_seen_ns = now;
+	if (bpf_map_update_elem(&lb_flows, &tuple, &forward, BPF_ANY) < 0) {
+		/* Full: no translation without its forward entry, and no port held for it. */
+		lb_tuple_answering(&reply, &translated, tuple.protocol);
+		bpf_map_delete_elem(&lb_reverse, &reply);
+		return LB_FAILED;
+	}
 	return lb_rewrite(skb, l4_offset, &tuple, &translated) ? LB_FAILED : LB_TRANSLATED;
 }
 
@@ -521,7 +646,7 @@ static __always_inline void lb_forget_ended_translation(struct __sk_buff *skb, s
 	struct lb_tuple tuple = {};
 	struct lb_tuple reply = {};
 
-	if (!lb_is_tcp_syn(skb, ip) || !lb_read_tuple(skb, ip, &tuple))
+	if (!lb_is_syn(lb_tcp_flags(skb, ip)) || !lb_read_tuple(skb, ip, &tuple))
 		return;
 	reply.saddr = tuple.daddr;
 	reply.daddr = tuple.saddr;
@@ -531,18 +656,97 @@ static __always_inline void lb_forget_ended_translation(struct __sk_buff *skb, s
 	bpf_map_delete_elem(&lb_reverse, &reply);
 }
 
-/* Whether a packet is the reply of a translated connection; fills what to rewrite it to. */
+/* Whether a packet is the reply of a translated connection; fills what to rewrite it to and
+ * records the reply in the connection's entries. */
 static __always_inline int lb_reverse_lookup(struct __sk_buff *skb, struct iphdr *ip,
 					     struct lb_tuple *tuple, struct lb_nat *original)
 {
-	struct lb_nat *found;
+	struct lb_nat_entry *found;
 
 	if (!lb_read_tuple(skb, ip, tuple))
 		return 0;
 	found = bpf_map_lookup_elem(&lb_reverse, tuple);
 	if (!found)
 		return 0;
-	*original = *found;
+	*original = found->to;
+	lb_nat_seen(found, &lb_flows, tuple->protocol, lb_progress_of(lb_tcp_flags(skb, ip), 0),
+		    bpf_ktime_get_ns());
+	return 1;
+}
+
+#define LB_PROTO_ICMP 1
+#define LB_ICMP_DEST_UNREACH 3
+#define LB_ICMP_TIME_EXCEEDED 11
+/* Offsets in an Ethernet frame carrying an ICMP error with option-less IPv4 headers. */
+#define LB_ICMP_OFFSET (sizeof(struct ethhdr) + sizeof(struct iphdr))
+#define LB_ICMP_CSUM_OFFSET (LB_ICMP_OFFSET + 2)
+#define LB_ICMP_INNER_IP_OFFSET (LB_ICMP_OFFSET + 8)
+#define LB_ICMP_INNER_L4_OFFSET (LB_ICMP_INNER_IP_OFFSET + sizeof(struct iphdr))
+
+/* An ICMP error (fragmentation needed, unreachable, time exceeded) about a packet this node
+ * translated quotes the translated packet, which the end that sent it never saw: without this,
+ * Path MTU discovery fails through NodePorts and the connection stalls in a black hole. The
+ * quoted packet is rewritten to what its sender sent and the error is addressed to that sender,
+ * found in the translation of the quoted packet's answering direction (`lb_flows` when the
+ * quoted packet was a reply this node rewrote for its client, `lb_reverse` when it was a packet
+ * this node translated for the backend). Returns 1 when the error was rewritten, 0 when it is
+ * not about a translated connection, -1 when the rewrite failed. Only the ICMP
+ * checksum and the quoted IPv4 header's are kept right: nobody checks the quoted TCP or UDP
+ * checksum of an error, and the quoted header is only part of the packet anyway. */
+static __always_inline int lb_translate_icmp_error(struct __sk_buff *skb, struct iphdr *ip)
+{
+	void *data_end = ctx_data_end(skb);
+	__u8 *icmp = (void *)(ip + 1);
+	struct iphdr inner;
+	struct lb_tuple answering = {};
+	struct lb_nat_entry *found;
+	struct lb_nat was;
+	__u16 ports[2];
+	__u32 outer_daddr = ip->daddr;
+
+	if (ip->protocol != LB_PROTO_ICMP || ip->ihl != 5 || (void *)(icmp + 1) > data_end)
+		return 0;
+	if (icmp[0] != LB_ICMP_DEST_UNREACH && icmp[0] != LB_ICMP_TIME_EXCEEDED)
+		return 0;
+	if (bpf_skb_load_bytes(skb, LB_ICMP_INNER_IP_OFFSET, &inner, sizeof(inner)) < 0 ||
+	    inner.ihl != 5 ||
+	    (inner.protocol != LB_PROTO_TCP && inner.protocol != LB_PROTO_UDP) ||
+	    bpf_skb_load_bytes(skb, LB_ICMP_INNER_L4_OFFSET, ports, sizeof(ports)) < 0)
+		return 0;
+	/* The quoted packet went from inner.saddr to inner.daddr; its connection's other direction
+	 * is keyed by the reverse. */
+	answering.saddr = inner.daddr;
+	answering.daddr = inner.saddr;
+	answering.sport = ports[1];
+	answering.dport = ports[0];
+	answering.protocol = inner.protocol;
+	found = bpf_map_lookup_elem(&lb_flows, &answering);
+	if (!found)
+		found = bpf_map_lookup_elem(&lb_reverse, &answering);
+	if (!found)
+		return 0;
+	/* The answering direction is translated to `to`; the quoted packet, before this node
+	 * translated it, went the opposite way. */
+	was.saddr = found->to.daddr;
+	was.daddr = found->to.saddr;
+	was.sport = found->to.dport;
+	was.dport = found->to.sport;
+
+	if (bpf_l3_csum_replace(skb, LB_ICMP_INNER_IP_OFFSET + 10, inner.saddr, was.saddr, 4) < 0 ||
+	    bpf_skb_store_bytes(skb, LB_ICMP_INNER_IP_OFFSET + 12, &was.saddr, 4, 0) < 0 ||
+	    bpf_l3_csum_replace(skb, LB_ICMP_INNER_IP_OFFSET + 10, inner.daddr, was.daddr, 4) < 0 ||
+	    bpf_skb_store_bytes(skb, LB_ICMP_INNER_IP_OFFSET + 16, &was.daddr, 4, 0) < 0)
+		return -1;
+	/* The quoted IPv4 header sums to the same with its checksum: only the ports move the
+	 * ICMP checksum. */
+	if (bpf_l4_csum_replace(skb, LB_ICMP_CSUM_OFFSET, ports[0], was.sport, 2) < 0 ||
+	    bpf_skb_store_bytes(skb, LB_ICMP_INNER_L4_OFFSET, &was.sport, 2, 0) < 0 ||
+	    bpf_l4_csum_replace(skb, LB_ICMP_CSUM_OFFSET, ports[1], was.dport, 2) < 0 ||
+	    bpf_skb_store_bytes(skb, LB_ICMP_INNER_L4_OFFSET + 2, &was.dport, 2, 0) < 0)
+		return -1;
+	if (bpf_l3_csum_replace(skb, sizeof(struct ethhdr) + 10, outer_daddr, was.saddr, 4) < 0 ||
+	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr) + 16, &was.saddr, 4, 0) < 0)
+		return -1;
 	return 1;
 }
 

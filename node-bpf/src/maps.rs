@@ -516,7 +516,7 @@ pub struct LbServiceAddr {
 
 /// `struct lb_tuple`: addresses and ports in network byte order.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LbTuple {
     pub saddr: u32,
     pub daddr: u32,
@@ -536,6 +536,45 @@ pub struct LbNat {
     pub dport: u16,
 }
 
+impl LbTuple {
+    /// The key of the other direction of the connection whose entry translates to `to`
+    /// (`lb_tuple_answering`).
+    pub fn answering(to: &LbNat, protocol: u8) -> Self {
+        Self {
+            saddr: to.daddr,
+            daddr: to.saddr,
+            sport: to.dport,
+            dport: to.sport,
+            protocol,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// `LB_NAT_*`: how far a translated connection has got (`lb_nat_entry.progress`).
+pub mod nat_progress {
+    pub const REPLIED: u8 = 0x01;
+    pub const FIN_CLIENT: u8 = 0x02;
+    pub const FIN_BACKEND: u8 = 0x04;
+    pub const RST: u8 = 0x08;
+}
+
+/// `struct lb_nat_entry`: one direction of a translated connection (`lb_flows`, `lb_reverse`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbNatEntry {
+    pub to: LbNat,
+    /// [`nat_progress`] bits.
+    pub progress: u8,
+    pub pad: [u8; 3],
+    /// `bpf_ktime_get_ns` of the last packet in this entry's direction.
+    pub last_seen_ns: u64,
+}
+
+/// Globals of the SNAT port range (`lib/lb.h`), set at load time.
+pub const LB_SNAT_PORT_MIN: &str = "lb_snat_port_min";
+pub const LB_SNAT_PORT_COUNT: &str = "lb_snat_port_count";
+
 // SAFETY: repr(C), integers and byte arrays only, no implicit padding (tests/btf_layout.rs).
 unsafe impl aya::Pod for LbFrontendKey {}
 // SAFETY: as above.
@@ -554,3 +593,5 @@ unsafe impl aya::Pod for LbServiceAddr {}
 unsafe impl aya::Pod for LbTuple {}
 // SAFETY: as above.
 unsafe impl aya::Pod for LbNat {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbNatEntry {}

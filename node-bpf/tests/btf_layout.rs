@@ -12,8 +12,8 @@ use weft_node_bpf::maps::{
     TrafficCounters,
 };
 use weft_node_bpf::maps::{
-    LbAffinity, LbAffinityKey, LbBackend, LbFrontend, LbFrontendKey, LbNat, LbServiceAddr,
-    LbSockKey, LbTuple,
+    LbAffinity, LbAffinityKey, LbBackend, LbFrontend, LbFrontendKey, LbNat, LbNatEntry,
+    LbServiceAddr, LbSockKey, LbTuple,
 };
 use weft_node_bpf::{HOST_OBJECT, POD_OBJECT, SOCK_OBJECT};
 
@@ -366,6 +366,17 @@ fn load_balancing_types_match_the_c_structs_in_every_object() {
                 ("daddr", offset_of!(LbNat, daddr)),
                 ("sport", offset_of!(LbNat, sport)),
                 ("dport", offset_of!(LbNat, dport)),
+            ],
+        );
+        assert_layout(
+            &btf,
+            "lb_nat_entry",
+            size_of::<LbNatEntry>(),
+            &[
+                ("to", offset_of!(LbNatEntry, to)),
+                ("progress", offset_of!(LbNatEntry, progress)),
+                ("pad", offset_of!(LbNatEntry, pad)),
+                ("last_seen_ns", offset_of!(LbNatEntry, last_seen_ns)),
             ],
         );
     }
