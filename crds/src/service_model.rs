@@ -505,6 +505,32 @@ pub fn service_model(
         }
     };
 
+    let traffic_policy = |value: Option<&str>, field: &str| match value {
+        None | Some("Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => Err(error(
+            &object,
+            field,
+            format!("{other:?} is not a traffic policy: use Cluster or Local"),
+        )),
+    };
+    let external_traffic_local = traffic_policy(
+        spec.external_traffic_policy.as_deref(),
+        "spec.externalTrafficPolicy",
+    )?;
+    let internal_traffic_local = traffic_policy(
+        spec.internal_traffic_policy.as_deref(),
+        "spec.internalTrafficPolicy",
+    )?;
+    // Served only where the API server allocates it: a LoadBalancer with a Local policy.
+    let health_check_node_port =
+        match spec.health_check_node_port {
+            Some(port) if load_balancer && external_traffic_local && port != 0 => Some(
+                port_number(port, &object, "spec.healthCheckNodePort".to_owned())?,
+            ),
+            _ => None,
+        };
+
     let empty = BTreeMap::new();
     let annotations = service.metadata.annotations.as_ref().unwrap_or(&empty);
     Ok(Some(model::Service {
@@ -520,6 +546,9 @@ pub fn service_model(
         ports,
         session_affinity_timeout,
         global: global_settings(annotations, global, &object)?,
+        external_traffic_local,
+        internal_traffic_local,
+        health_check_node_port,
     }))
 }
 
@@ -839,6 +868,25 @@ status:
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn traffic_policies_and_the_health_check_port_are_read() {
+        let local = model(
+            "metadata: {name: lb, namespace: d}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.9, externalTrafficPolicy: Local, internalTrafficPolicy: Local, healthCheckNodePort: 31000, ports: [{port: 80, nodePort: 30080}]}\n",
+        );
+        assert!(local.external_traffic_local && local.internal_traffic_local);
+        assert_eq!(local.health_check_node_port, Some(31000));
+        // The API server keeps a health check port only for a Local LoadBalancer.
+        let cluster = model(
+            "metadata: {name: np, namespace: d}\nspec: {type: NodePort, clusterIP: 10.96.0.9, externalTrafficPolicy: Cluster, healthCheckNodePort: 31000, ports: [{port: 80, nodePort: 30080}]}\n",
+        );
+        assert!(!cluster.external_traffic_local && !cluster.internal_traffic_local);
+        assert_eq!(cluster.health_check_node_port, None);
+        let wrong = model_error(
+            "metadata: {name: x, namespace: d}\nspec: {clusterIP: 10.96.0.9, internalTrafficPolicy: Nearby, ports: [{port: 80}]}\n",
+        );
+        assert_eq!(wrong.field, "spec.internalTrafficPolicy");
     }
 
     #[test]

@@ -124,6 +124,16 @@ pub fn http_get_path(
     port: u16,
     path: &str,
 ) -> Result<String, String> {
+    http_response(netns, ip, port, path).map(|(_, body)| body)
+}
+
+/// An HTTP GET of `path` from inside `netns`: the response's status and body, or the error.
+pub fn http_response(
+    netns: &str,
+    ip: impl std::fmt::Display,
+    port: u16,
+    path: &str,
+) -> Result<(u16, String), String> {
     let target: SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
     in_netns(netns, || {
         let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))
@@ -141,10 +151,15 @@ pub fn http_get_path(
         stream
             .read_to_string(&mut response)
             .map_err(|e| format!("read from {target}: {e}"))?;
-        response
+        let (head, body) = response
             .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .ok_or_else(|| format!("no HTTP response from {target}: {response:?}"))
+            .ok_or_else(|| format!("no HTTP response from {target}: {response:?}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| format!("no HTTP status from {target}: {head:?}"))?;
+        Ok((status, body.to_owned()))
     })
 }
 

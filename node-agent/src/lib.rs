@@ -5,6 +5,7 @@ pub mod cni;
 pub mod conntrack;
 pub mod datapath;
 pub mod flows;
+pub mod health_check;
 pub mod ipam;
 pub mod kernel;
 pub mod kubernetes;

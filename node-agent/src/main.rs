@@ -486,6 +486,9 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!(%error, "the Observe API stopped");
         }
     });
+    let (health_checks, desired_health_checks) =
+        tokio::sync::watch::channel(weft_agent::health_check::HealthChecks::new());
+    let health_check_server = tokio::spawn(weft_agent::health_check::serve(desired_health_checks));
     let mut agent = NodeAgent::open(
         NodeSettings {
             state_dir: args.state_dir.clone(),
@@ -504,8 +507,10 @@ async fn main() -> anyhow::Result<()> {
             services: ServiceEngine::new(
                 args.service_file.clone(),
                 args.cluster.cluster_id.get(),
+                args.node_name.clone(),
                 table_size,
                 args.maglev_seed,
+                health_checks,
             ),
             peers: peer_sync,
             peer_routing,
@@ -600,6 +605,7 @@ async fn main() -> anyhow::Result<()> {
     observer.abort();
     reader.abort();
     admin.abort();
+    health_check_server.abort();
     Ok(())
 }
 

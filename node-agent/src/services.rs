@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
+use tokio::sync::watch;
+
 use weft_core::service::maglev::{self, TableSize};
 use weft_core::service::{Backend, BackendCondition, FrontendKind, Service};
 use weft_crds::service_model::{self, ServiceError};
@@ -18,6 +20,7 @@ use weft_node_bpf::maps::{
 };
 
 use crate::datapath::{Datapath, DatapathError};
+use crate::health_check::{HealthCheck, HealthChecks};
 use crate::watched_file::WatchedFile;
 
 /// A backend as the datapath knows it: one address and port in one cluster.
@@ -60,17 +63,41 @@ pub struct Plan {
     pub frontends: BTreeMap<LbFrontendKey, PlannedFrontend>,
     /// Every backend a frontend uses or drains, and whether it drains.
     pub backends: BTreeMap<BackendRef, bool>,
+    /// What the node's health-check ports answer.
+    pub health_checks: HealthChecks,
 }
 
-/// Plans the datapath for `services`; frontends two services claim go to the first by
-/// namespace/name, and the other is reported.
-pub fn plan(services: &[Service], local_cluster: u16) -> (Plan, Vec<String>) {
+/// Plans the datapath of `node` for `services`; frontends two services claim go to the first
+/// by namespace/name, and the other is reported.
+pub fn plan(services: &[Service], local_cluster: u16, node: &str) -> (Plan, Vec<String>) {
     let mut plan = Plan::default();
     let mut conflicts = Vec::new();
     let mut sorted: Vec<&Service> = services.iter().collect();
     sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     for service in sorted {
-        for frontend in service.frontends(local_cluster) {
+        let frontends = service.frontends(local_cluster, node);
+        if let Some(port) = service.health_check_node_port {
+            // Its external frontends balance over this node's backends only.
+            let local: BTreeSet<BackendRef> = frontends
+                .iter()
+                .filter(|frontend| frontend.frontend.kind != FrontendKind::ClusterIp)
+                .flat_map(|frontend| frontend.active.iter().map(BackendRef::of))
+                .collect();
+            let check = HealthCheck {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+                local_endpoints: local.len(),
+            };
+            if let Some(existing) = plan.health_checks.get(&port) {
+                conflicts.push(format!(
+                    "{}/{} wants health check port {port}, which {}/{} already has",
+                    service.namespace, service.name, existing.namespace, existing.name
+                ));
+            } else {
+                plan.health_checks.insert(port, check);
+            }
+        }
+        for frontend in frontends {
             let key = LbFrontendKey {
                 address: frontend
                     .frontend
@@ -159,6 +186,8 @@ struct Installed {
 pub struct ServiceEngine {
     file: WatchedFile,
     local_cluster: u16,
+    node: String,
+    health_checks: watch::Sender<HealthChecks>,
     table_size: TableSize,
     seed: u64,
     /// `namespace/name` → the last valid version.
@@ -172,15 +201,20 @@ pub struct ServiceEngine {
 }
 
 impl ServiceEngine {
+    /// `health_checks` gets what the node's health-check ports answer after every change.
     pub fn new(
         file: Option<PathBuf>,
         local_cluster: u16,
+        node: String,
         table_size: TableSize,
         seed: u64,
+        health_checks: watch::Sender<HealthChecks>,
     ) -> Self {
         Self {
             file: WatchedFile::new(file),
             local_cluster,
+            node,
+            health_checks,
             table_size,
             seed,
             last_good: BTreeMap::new(),
@@ -254,7 +288,14 @@ impl ServiceEngine {
             return Ok(());
         }
         let services: Vec<Service> = self.last_good.values().cloned().collect();
-        let (plan, conflicts) = plan(&services, self.local_cluster);
+        let (plan, conflicts) = plan(&services, self.local_cluster, &self.node);
+        self.health_checks.send_if_modified(|current| {
+            let changed = *current != plan.health_checks;
+            if changed {
+                current.clone_from(&plan.health_checks);
+            }
+            changed
+        });
         for conflict in conflicts {
             tracing::warn!(%conflict, "two services claim one frontend; the first keeps it");
         }
@@ -441,6 +482,9 @@ mod tests {
             }],
             session_affinity_timeout: None,
             global: GlobalSettings::default(),
+            external_traffic_local: false,
+            internal_traffic_local: false,
+            health_check_node_port: None,
         }
     }
 
@@ -465,7 +509,7 @@ mod tests {
                 backend([10, 1, 0, 5], BackendCondition::NotServing),
             ],
         );
-        let (plan, conflicts) = plan(&[web], 1);
+        let (plan, conflicts) = plan(&[web], 1, "node-a");
         assert!(conflicts.is_empty());
         let cluster_ip = &plan.frontends[&key([10, 96, 0, 10], 80)];
         let node_port = &plan.frontends[&key([0, 0, 0, 0], 30080)];
@@ -505,7 +549,7 @@ mod tests {
             vec![backend([10, 1, 0, 9], BackendCondition::Ready)],
         );
         second.ports[0].node_port = Some(30080);
-        let (plan, conflicts) = plan(&[second, first], 1);
+        let (plan, conflicts) = plan(&[second, first], 1, "node-a");
         assert_eq!(conflicts.len(), 1, "{conflicts:?}");
         assert!(conflicts[0].contains("shop/b:http") && conflicts[0].contains("shop/a:http"));
         assert_eq!(
@@ -519,7 +563,7 @@ mod tests {
     fn session_affinity_becomes_whole_seconds_and_no_backend_means_refuse() {
         let mut sticky = service("sticky", [10, 96, 0, 12], Vec::new());
         sticky.session_affinity_timeout = Some(Duration::from_secs(10800));
-        let (plan, _) = plan(&[sticky], 1);
+        let (plan, _) = plan(&[sticky], 1, "node-a");
         let frontend = &plan.frontends[&key([10, 96, 0, 12], 80)];
         assert_eq!(frontend.affinity_timeout_s, 10800);
         assert!(

@@ -157,6 +157,23 @@ pub struct ServicePort {
     pub backends: Vec<Backend>,
 }
 
+impl ServicePort {
+    /// This port with only the backends of this cluster that run on `node`.
+    pub fn on_node(&self, node: &str, local_cluster: u16) -> ServicePort {
+        ServicePort {
+            backends: self
+                .backends
+                .iter()
+                .filter(|backend| {
+                    backend.cluster_id == local_cluster && backend.node.as_deref() == Some(node)
+                })
+                .cloned()
+                .collect(),
+            ..self.clone()
+        }
+    }
+}
+
 /// A service Weft balances.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
@@ -176,6 +193,17 @@ pub struct Service {
     pub session_affinity_timeout: Option<Duration>,
     /// Cluster-mesh settings.
     pub global: GlobalSettings,
+    /// `externalTrafficPolicy: Local`: node ports, external and load-balancer addresses reach
+    /// only the backends on the node the traffic arrived at (and keep the client's address).
+    #[serde(default)]
+    pub external_traffic_local: bool,
+    /// `internalTrafficPolicy: Local`: cluster IPs reach only backends on the client's node.
+    #[serde(default)]
+    pub internal_traffic_local: bool,
+    /// `healthCheckNodePort`: where each node answers whether it has a backend of this
+    /// service (a load balancer's health check, with `externalTrafficPolicy: Local`).
+    #[serde(default)]
+    pub health_check_node_port: Option<u16>,
 }
 
 /// How a frontend is reached.
@@ -227,12 +255,14 @@ pub struct FrontendPlan {
 }
 
 impl Service {
-    /// Every frontend of the service and what it balances over: one per cluster IP × port,
-    /// one NodePort frontend per port with a node port, one per external IP × port and one per
-    /// load-balancer IP × port, in that order. An address listed twice (or both as external
-    /// and load-balancer IP) makes one frontend, of the first kind: the datapath keys
-    /// frontends by address, port and protocol.
-    pub fn frontends(&self, local_cluster: u16) -> Vec<FrontendPlan> {
+    /// Every frontend of the service on `node` and what it balances over: one per cluster IP ×
+    /// port, one NodePort frontend per port with a node port, one per external IP × port and
+    /// one per load-balancer IP × port, in that order. An address listed twice (or both as
+    /// external and load-balancer IP) makes one frontend, of the first kind: the datapath keys
+    /// frontends by address, port and protocol. A traffic policy of `Local` leaves a frontend
+    /// only the backends on `node`, and none when it has none (Kubernetes drops such traffic
+    /// rather than send it elsewhere).
+    pub fn frontends(&self, local_cluster: u16, node: &str) -> Vec<FrontendPlan> {
         let mut plans = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         let selected: Vec<(Vec<Backend>, Vec<Backend>)> = self
@@ -240,6 +270,21 @@ impl Service {
             .iter()
             .map(|port| select_backends(port, &self.global, local_cluster))
             .collect();
+        let node_local: Vec<(Vec<Backend>, Vec<Backend>)> =
+            if self.external_traffic_local || self.internal_traffic_local {
+                self.ports
+                    .iter()
+                    .map(|port| {
+                        select_backends(
+                            &port.on_node(node, local_cluster),
+                            &self.global,
+                            local_cluster,
+                        )
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
         let mut add = |kind: FrontendKind, address: Option<Ipv4Addr>, index: usize| {
             let port = &self.ports[index];
             let port_number = match (kind, port.node_port) {
@@ -256,7 +301,15 @@ impl Service {
             if !seen.insert((address, port_number, port.protocol)) {
                 return;
             }
-            let (active, draining) = selected[index].clone();
+            let local_only = match kind {
+                FrontendKind::ClusterIp => self.internal_traffic_local,
+                _ => self.external_traffic_local,
+            };
+            let (active, draining) = if local_only {
+                node_local[index].clone()
+            } else {
+                selected[index].clone()
+            };
             plans.push(FrontendPlan {
                 frontend,
                 namespace: self.namespace.clone(),
@@ -577,6 +630,9 @@ mod tests {
             ],
             session_affinity_timeout: Some(Duration::from_secs(10800)),
             global: GlobalSettings::default(),
+            external_traffic_local: false,
+            internal_traffic_local: false,
+            health_check_node_port: None,
         }
     }
 
@@ -598,7 +654,7 @@ mod tests {
     fn frontends_cover_cluster_ip_node_port_external_and_load_balancer_addresses() {
         use FrontendKind::*;
         use Protocol::*;
-        let plans = web().frontends(LOCAL);
+        let plans = web().frontends(LOCAL, "node-a");
         let frontends: Vec<Frontend> = plans.iter().map(|plan| plan.frontend).collect();
         assert_eq!(
             frontends,
@@ -633,6 +689,59 @@ mod tests {
         }
     }
 
+    fn on(node: &str, mut backend: Backend) -> Backend {
+        backend.node = Some(node.into());
+        backend
+    }
+
+    #[test]
+    fn traffic_policies_of_local_leave_each_node_its_own_backends() {
+        let mut service = web();
+        service.ports[0].backends = vec![
+            on("node-a", ready("10.1.0.1", LOCAL)),
+            on("node-b", ready("10.1.1.1", LOCAL)),
+            on("node-b", terminating("10.1.1.2", LOCAL)),
+        ];
+        service.external_traffic_local = true;
+        let http = |service: &Service,
+                    node: &str,
+                    kind: FrontendKind|
+         -> (Vec<String>, Vec<String>) {
+            let plan = service
+                .frontends(LOCAL, node)
+                .into_iter()
+                .find(|plan| plan.frontend.kind == kind && plan.frontend.protocol == Protocol::Tcp)
+                .expect("an http frontend");
+            (addresses(&plan.active), addresses(&plan.draining))
+        };
+        use FrontendKind::*;
+        for kind in [NodePort, ExternalIp, LoadBalancer] {
+            assert_eq!(http(&service, "node-a", kind).0, ["10.1.0.1"], "{kind:?}");
+            assert_eq!(
+                http(&service, "node-b", kind),
+                (vec!["10.1.1.1".to_string()], vec!["10.1.1.2".to_string()]),
+                "{kind:?}"
+            );
+            assert!(
+                http(&service, "node-c", kind).0.is_empty(),
+                "no local backend: none"
+            );
+        }
+        // Cluster IPs still reach every backend, until internalTrafficPolicy says Local.
+        assert_eq!(
+            http(&service, "node-c", ClusterIp).0,
+            ["10.1.0.1", "10.1.1.1"]
+        );
+        service.external_traffic_local = false;
+        service.internal_traffic_local = true;
+        assert_eq!(http(&service, "node-a", ClusterIp).0, ["10.1.0.1"]);
+        assert!(http(&service, "node-c", ClusterIp).0.is_empty());
+        assert_eq!(
+            http(&service, "node-c", NodePort).0,
+            ["10.1.0.1", "10.1.1.1"]
+        );
+    }
+
     #[test]
     fn tcp_and_udp_on_the_same_port_are_separate_frontends() {
         let mut dns = web();
@@ -641,7 +750,7 @@ mod tests {
         dns.ports[0].port = 53;
         dns.ports[0].node_port = None;
         let frontends: Vec<(u16, Protocol)> = dns
-            .frontends(LOCAL)
+            .frontends(LOCAL, "node-a")
             .iter()
             .map(|plan| (plan.frontend.port, plan.frontend.protocol))
             .collect();
@@ -654,7 +763,7 @@ mod tests {
         service.external_ips.push(Ipv4Addr::new(192, 0, 2, 7));
         service.load_balancer_ips = vec![Ipv4Addr::new(192, 0, 2, 7)];
         let kinds: Vec<FrontendKind> = service
-            .frontends(LOCAL)
+            .frontends(LOCAL, "node-a")
             .iter()
             .filter(|plan| plan.frontend.address == Some(Ipv4Addr::new(192, 0, 2, 7)))
             .map(|plan| plan.frontend.kind)
@@ -670,9 +779,9 @@ mod tests {
         service.ports[0].node_port = None;
         service.cluster_ips.push(Ipv4Addr::new(10, 96, 0, 11));
         assert!(service
-            .frontends(LOCAL)
+            .frontends(LOCAL, "node-a")
             .iter()
             .all(|plan| plan.frontend.kind == FrontendKind::ClusterIp));
-        assert_eq!(service.frontends(LOCAL).len(), 4);
+        assert_eq!(service.frontends(LOCAL, "node-a").len(), 4);
     }
 }

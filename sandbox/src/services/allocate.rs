@@ -123,12 +123,25 @@ impl Allocations {
         let node_ports_held = &self.node_ports;
         let port_taken = |n: i32| node_ports_held.get(&n).is_some_and(|owner| owner != &key);
         let written = node_ports(&what, kind, &spec, previous.as_ref(), &port_taken)?;
+        let service_ports: BTreeSet<i32> = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|port| port.node_port)
+            .chain(written.iter().map(|(_, port)| i32::from(*port)))
+            .collect();
+        let health_check = health_check_node_port(&what, kind, &spec, previous.as_ref(), &|n| {
+            port_taken(n) || service_ports.contains(&n)
+        })?;
         if let Some(ip) = chosen {
             service["spec"]["clusterIP"] = ip.clone().into();
             service["spec"]["clusterIPs"] = vec![ip].into();
         }
         for (index, node_port) in written {
             service["spec"]["ports"][index]["nodePort"] = node_port.into();
+        }
+        if let Some(port) = health_check {
+            service["spec"]["healthCheckNodePort"] = port.into();
         }
         if let Some(stored) = spec_of(service) {
             self.hold(key, stored);
@@ -156,6 +169,7 @@ fn spec_node_ports(spec: &ServiceSpec) -> Vec<i32> {
         .iter()
         .flatten()
         .filter_map(|port| port.node_port)
+        .chain(spec.health_check_node_port)
         .collect()
 }
 
@@ -322,6 +336,50 @@ fn node_ports(
         written.push((index, u16::try_from(node_port).unwrap_or_default()));
     }
     Ok(written)
+}
+
+/// `spec.healthCheckNodePort` to write, as the API server gives it: only a LoadBalancer with
+/// `externalTrafficPolicy: Local` has one; one it names must be in range and free (`taken`
+/// includes the Service's own node ports); otherwise it keeps the one it had, or gets the first
+/// free node port.
+fn health_check_node_port(
+    what: &str,
+    kind: &str,
+    spec: &ServiceSpec,
+    previous: Option<&ServiceSpec>,
+    taken: &dyn Fn(i32) -> bool,
+) -> Result<Option<i32>, String> {
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let named = spec.health_check_node_port.filter(|n| *n != 0);
+    if kind != "LoadBalancer" || !local {
+        return match named {
+            Some(port) => Err(format!(
+                "{what}: spec.healthCheckNodePort {port} may only be set when type is LoadBalancer and externalTrafficPolicy is Local"
+            )),
+            None => Ok(None),
+        };
+    }
+    if let Some(port) = named {
+        if !NODE_PORT_RANGE.contains(&u16::try_from(port).unwrap_or(0)) {
+            return Err(format!(
+                "{what}: spec.healthCheckNodePort {port} is outside the node port range {}-{}",
+                NODE_PORT_RANGE.start(),
+                NODE_PORT_RANGE.end()
+            ));
+        }
+        if taken(port) {
+            return Err(format!(
+                "{what}: spec.healthCheckNodePort {port} is already allocated"
+            ));
+        }
+        return Ok(None); // kept as written
+    }
+    let kept = previous
+        .and_then(|previous| previous.health_check_node_port)
+        .filter(|n| !taken(*n));
+    kept.or_else(|| NODE_PORT_RANGE.map(i32::from).find(|n| !taken(*n)))
+        .map(Some)
+        .ok_or_else(|| format!("{what}: no node port is free for the health check"))
 }
 
 #[cfg(test)]
@@ -493,6 +551,44 @@ mod tests {
         assert!(cluster_ip
             .expect_err("ClusterIP")
             .contains("a ClusterIP service has no node ports"));
+    }
+
+    #[test]
+    fn a_local_load_balancer_gets_a_health_check_port_of_its_own() {
+        let objects = apply_all(vec![
+            service(
+                "lb",
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80}]}),
+            ),
+            service(
+                "lb2",
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 31500, "ports": [{"port": 80}]}),
+            ),
+        ])
+        .expect("allocated");
+        // After the service's own node port, and never one another service holds.
+        assert_eq!(objects[0]["spec"]["ports"][0]["nodePort"], json!(30000));
+        assert_eq!(objects[0]["spec"]["healthCheckNodePort"], json!(30001));
+        assert_eq!(objects[1]["spec"]["healthCheckNodePort"], json!(31500));
+        assert_eq!(objects[1]["spec"]["ports"][0]["nodePort"], json!(30002));
+        let again = apply_all(vec![
+            service(
+                "lb",
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80}]}),
+            ),
+            service(
+                "np",
+                json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30001}]}),
+            ),
+        ]);
+        assert!(again.expect_err("held").contains("already allocated"));
+        let not_local = apply_all(vec![service(
+            "np",
+            json!({"type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 31000, "ports": [{"port": 80}]}),
+        )]);
+        assert!(not_local
+            .expect_err("only a Local LoadBalancer")
+            .contains("may only be set when type is LoadBalancer"));
     }
 
     #[test]
