@@ -75,6 +75,9 @@ fn shop() -> TestSandbox {
     let pods = [
         pod("client1", "client", "n1"),
         pod("client2", "client", "n2"),
+        // More clients on n1, each with its own session affinity (see the restart test).
+        pod("client3", "client", "n1"),
+        pod("client4", "client", "n1"),
         pod("web-1", "web", "n1"),
         pod("web-2", "web", "n2"),
         pod("web-3", "web", "n2"),
@@ -851,6 +854,30 @@ fn services_keep_working_while_the_agent_is_down_and_after_it_restarts() {
         let answers = socket_gets(&client, web, count);
         answers.into_iter().map(|(pod, _, _)| pod).collect()
     };
+    // Clients with session affinity keep their backends across the restart. Three clients:
+    // a forgotten choice is made again at random, and lands on the same backend by chance
+    // one time in three for each.
+    let sticky = SocketAddr::from((cluster_ip(&sandbox, "sticky"), 80));
+    let sticky_clients: Vec<PodState> = ["client1", "client3", "client4"]
+        .map(|name| sandbox.pod(name).clone())
+        .into();
+    let stuck_to = |client: &PodState, count| -> BTreeSet<String> {
+        socket_gets(client, sticky, count)
+            .into_iter()
+            .map(|(pod, _, _)| pod)
+            .collect()
+    };
+    let mut chosen = Vec::new();
+    for client in &sticky_clients {
+        wait_until_served(&client.netns, sticky);
+        let stuck = stuck_to(client, 10);
+        assert_eq!(
+            stuck.len(),
+            1,
+            "affinity holds before the restart: {stuck:?}"
+        );
+        chosen.push(stuck);
+    }
 
     let agent = sandbox
         .sandbox
@@ -888,6 +915,14 @@ fn services_keep_working_while_the_agent_is_down_and_after_it_restarts() {
         backends,
         "balanced over every backend after the restart"
     );
+    for (client, chosen) in sticky_clients.iter().zip(&chosen) {
+        assert_eq!(
+            &stuck_to(client, 10),
+            chosen,
+            "{} keeps its backend across the agent's restart",
+            client.name
+        );
+    }
     Sandbox::load(Some(&sandbox.name))
         .expect("state")
         .set_terminating(None, "shop", "web-1")

@@ -108,8 +108,8 @@ pub struct EndpointTraffic {
 
 /// Keys found in the load-balancing maps (left by an earlier agent, say).
 pub struct InstalledLoadBalancing {
-    pub frontends: Vec<LbFrontendKey>,
-    pub backends: Vec<u32>,
+    pub frontends: Vec<(LbFrontendKey, LbFrontend)>,
+    pub backends: Vec<(u32, LbBackend)>,
     pub tables: Vec<u32>,
 }
 
@@ -560,23 +560,31 @@ impl Datapath {
     /// Maglev table ids, so they can be replaced and then removed.
     pub fn installed_load_balancing(&mut self) -> Result<InstalledLoadBalancing, DatapathError> {
         let frontends: HashMap<_, LbFrontendKey, LbFrontend> = self.hash_map(LB_FRONTENDS)?;
-        let frontend_keys = frontends.keys().filter_map(Result::ok).collect();
+        let frontends = frontends.iter().filter_map(Result::ok).collect();
         let backends: HashMap<_, u32, LbBackend> = self.hash_map(LB_BACKENDS)?;
-        let backend_ids = backends.keys().filter_map(Result::ok).collect();
+        let backends = backends.iter().filter_map(Result::ok).collect();
         let tables = self.maglev_tables()?;
         let table_ids = tables.keys().filter_map(Result::ok).collect();
         Ok(InstalledLoadBalancing {
-            frontends: frontend_keys,
-            backends: backend_ids,
+            frontends,
+            backends,
             tables: table_ids,
         })
     }
 
-    /// Forgets every session-affinity choice (service ids are not stable across agents).
-    pub fn clear_affinity(&mut self) -> Result<(), DatapathError> {
+    /// Keeps the session-affinity choices `keep` accepts and forgets the others.
+    pub fn retain_affinity(
+        &mut self,
+        keep: impl Fn(&LbAffinityKey, &LbAffinity) -> bool,
+    ) -> Result<(), DatapathError> {
         let mut affinity: HashMap<_, LbAffinityKey, LbAffinity> = self.hash_map(LB_AFFINITY)?;
-        let keys: Vec<LbAffinityKey> = affinity.keys().filter_map(Result::ok).collect();
-        for key in keys {
+        let forgotten: Vec<LbAffinityKey> = affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| !keep(key, value))
+            .map(|(key, _)| key)
+            .collect();
+        for key in forgotten {
             removed(LB_AFFINITY, affinity.remove(&key))?;
         }
         Ok(())

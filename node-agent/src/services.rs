@@ -40,6 +40,15 @@ impl BackendRef {
         }
     }
 
+    /// The backend an `lb_backends` entry describes.
+    fn of_entry(entry: &LbBackend) -> Self {
+        Self {
+            address: Ipv4Addr::from(u32::from_be(entry.address)),
+            port: u16::from_be(entry.port),
+            cluster_id: entry.cluster_id,
+        }
+    }
+
     /// What Maglev hashes: the same on every node, so every node builds the same table.
     fn maglev_key(&self) -> String {
         format!("{}:{}@{}", self.address, self.port, self.cluster_id)
@@ -173,6 +182,11 @@ struct Installed {
     /// Active backend set → table id.
     tables: BTreeMap<Vec<BackendRef>, u32>,
     service_ids: BTreeMap<String, u32>,
+    /// Ids in `service_ids`.
+    used_service_ids: BTreeSet<u32>,
+    /// The service id an earlier agent gave each frontend: the same service port keeps it,
+    /// so session-affinity choices (keyed by service id) survive a restart.
+    adopted_service_ids: BTreeMap<LbFrontendKey, u32>,
     /// Left by an earlier agent: replaced, then removed, on the first sync.
     stale_frontends: BTreeSet<LbFrontendKey>,
     stale_backends: BTreeSet<u32>,
@@ -301,25 +315,78 @@ impl ServiceEngine {
         }
         // A failed write (a full map, say) is tried again on the next sync; what was written
         // stays, and every step leaves the maps consistent.
-        let applied = self.apply(datapath, &plan);
+        let first_after_adoption = !self.installed.adopted_service_ids.is_empty();
+        let mut applied = self.apply(datapath, &plan);
+        if applied.is_ok() && first_after_adoption {
+            applied = self.prune_affinity(datapath, &plan);
+            self.installed.adopted_service_ids.clear();
+        }
         self.retry = applied.is_err();
         applied
     }
 
-    /// Takes over what an earlier agent left: ids continue above it, and all of it is
-    /// replaced and then removed by the first sync. Affinity entries name old service ids.
+    /// Takes over what an earlier agent left: its backends keep their ids and each service
+    /// port its service id, so clients' session affinity (service id → backend id) survives;
+    /// frontends and tables are written again and what nothing uses is removed by the first
+    /// sync, which then forgets affinity choices that no longer name an active backend.
     fn adopt(&mut self, datapath: &mut Datapath) -> Result<(), DatapathError> {
         let found = datapath.installed_load_balancing()?;
         let installed = &mut self.installed;
-        installed.next_backend_id = found.backends.iter().max().map_or(1, |max| max + 1);
+        installed.next_backend_id = found
+            .backends
+            .iter()
+            .map(|(id, _)| *id)
+            .max()
+            .map_or(1, |max| max + 1);
         installed.next_table_id = found.tables.iter().max().map_or(1, |max| max + 1);
-        installed.stale_frontends = found.frontends.into_iter().collect();
-        installed.stale_backends = found.backends.into_iter().collect();
+        installed.next_service_id = found
+            .frontends
+            .iter()
+            .map(|(_, frontend)| frontend.service_id)
+            .max()
+            .map_or(1, |max| max + 1);
+        for (id, entry) in found.backends {
+            match installed.backends.entry(BackendRef::of_entry(&entry)) {
+                std::collections::btree_map::Entry::Vacant(vacant) => {
+                    vacant.insert((id, entry));
+                }
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    installed.stale_backends.insert(id);
+                }
+            }
+        }
+        installed.adopted_service_ids = found
+            .frontends
+            .iter()
+            .map(|(key, frontend)| (*key, frontend.service_id))
+            .collect();
+        installed.stale_frontends = found.frontends.into_iter().map(|(key, _)| key).collect();
         installed.stale_tables = found.tables.into_iter().collect();
-        datapath.clear_affinity()?;
         self.adopted = true;
         self.retry = true;
         Ok(())
+    }
+
+    /// Forgets affinity choices an adopted state no longer backs: a service id no frontend
+    /// has now, or a backend that is not among that service's active ones.
+    fn prune_affinity(&self, datapath: &mut Datapath, plan: &Plan) -> Result<(), DatapathError> {
+        let mut active: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for frontend in plan.frontends.values() {
+            let Some(&service_id) = self.installed.service_ids.get(&frontend.service_port) else {
+                continue;
+            };
+            let ids = active.entry(service_id).or_default();
+            for backend in &frontend.active {
+                if let Some((id, _)) = self.installed.backends.get(backend) {
+                    ids.insert(*id);
+                }
+            }
+        }
+        datapath.retain_affinity(|key, choice| {
+            active
+                .get(&key.service_id)
+                .is_some_and(|ids| ids.contains(&choice.backend_id))
+        })
     }
 
     fn apply(&mut self, datapath: &mut Datapath, plan: &Plan) -> Result<(), DatapathError> {
@@ -369,15 +436,26 @@ impl ServiceEngine {
         }
         // 3. Frontends switch to their tables.
         for (key, frontend) in &plan.frontends {
-            let next_service_id = &mut installed.next_service_id;
-            let service_id = *installed
-                .service_ids
-                .entry(frontend.service_port.clone())
-                .or_insert_with(|| {
-                    let id = *next_service_id;
-                    *next_service_id += 1;
+            let service_id = match installed.service_ids.get(&frontend.service_port) {
+                Some(&id) => id,
+                None => {
+                    let adopted = installed
+                        .adopted_service_ids
+                        .get(key)
+                        .copied()
+                        .filter(|id| !installed.used_service_ids.contains(id));
+                    let id = adopted.unwrap_or_else(|| {
+                        let id = installed.next_service_id;
+                        installed.next_service_id += 1;
+                        id
+                    });
+                    installed
+                        .service_ids
+                        .insert(frontend.service_port.clone(), id);
+                    installed.used_service_ids.insert(id);
                     id
-                });
+                }
+            };
             let value = LbFrontend {
                 service_id,
                 table_id: installed.tables.get(&frontend.active).copied().unwrap_or(0),
@@ -437,6 +515,7 @@ impl ServiceEngine {
         }
         let live: BTreeSet<&String> = plan.frontends.values().map(|f| &f.service_port).collect();
         installed.service_ids.retain(|name, _| live.contains(name));
+        installed.used_service_ids = installed.service_ids.values().copied().collect();
         tracing::debug!(
             frontends = installed.frontends.len(),
             backends = installed.backends.len(),
