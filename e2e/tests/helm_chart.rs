@@ -201,7 +201,8 @@ fn agent_settings_become_flags_the_agent_accepts() {
         "default": {},
         "tuned": {"agent": {"allowFromNode": false, "endpointReadyTimeout": "45s",
                   "conntrack": {"maxEntries": 131072, "closingLifetime": "5s"},
-                  "nat": {"snatPortRange": "20000-29999", "maxEntries": 65536}}},
+                  "nat": {"snatPortRange": "20000-29999", "maxEntries": 65536},
+                  "devices": ["eth1"]}},
     }));
     for (scenario, expected) in [
         ("default", ["--allow-from-node=true", "20s", "10s"]),
@@ -225,7 +226,12 @@ fn agent_settings_become_flags_the_agent_accepts() {
                 "{scenario}: {value} in {args:?}"
             );
         }
-        for tuned_only in ["--ct-max-entries", "--snat-port-range", "--nat-max-entries"] {
+        for tuned_only in [
+            "--ct-max-entries",
+            "--snat-port-range",
+            "--nat-max-entries",
+            "--device",
+        ] {
             assert_eq!(
                 args.iter().any(|arg| arg == tuned_only),
                 scenario == "tuned",

@@ -13,6 +13,7 @@ pub mod local_pods;
 pub mod nat;
 pub mod netlink;
 pub mod node;
+pub mod node_addresses;
 pub mod peers;
 pub mod policy;
 pub mod services;

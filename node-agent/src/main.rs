@@ -20,6 +20,7 @@ use weft_agent::flows::store::FlowStore;
 use weft_agent::kubernetes::{self, cni_install, Mode, RequestedMode};
 use weft_agent::nat::{self, NatMetrics, NatSettings, PortRange};
 use weft_agent::node::{NodeAgent, NodeSettings};
+use weft_agent::node_addresses;
 use weft_agent::peers::{self, LocalNode, PeerNode, PeerRouting, PeerSync};
 use weft_agent::services::ServiceEngine;
 use weft_agent::{kernel, netlink};
@@ -52,6 +53,8 @@ const TUNNEL_DEVICE: &str = "weft_vxlan";
 const TUNNEL_PORT: u16 = 8472;
 /// How often assigned identities are applied to local endpoints.
 const IDENTITY_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often the node's addresses are read for NodePorts: a new address serves within this.
+const NODE_ADDRESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// VXLAN adds 50 bytes of headers.
 const TUNNEL_OVERHEAD: u32 = 50;
 
@@ -97,6 +100,11 @@ struct Args {
     /// Default: in Kubernetes mode the device holding the node's address, else `eth0`.
     #[arg(long)]
     uplink: Option<String>,
+    /// Another network device of the node (repeatable): NodePorts are served and local pods
+    /// reached on it as on the uplink (multi-NIC nodes). NodePorts answer on every address of
+    /// the node either way.
+    #[arg(long = "device")]
+    devices: Vec<String>,
     /// Another node, as NODE_IP=POD_CIDR (repeatable): a static peer, wired for as long as the
     /// agent runs, in addition to those of --peers-file (and of the Node objects in Kubernetes
     /// mode). A pod CIDR claimed by a flag and by the file goes to the flag's node.
@@ -438,6 +446,17 @@ async fn main() -> anyhow::Result<()> {
     datapath
         .attach_network(&uplink)
         .with_context(|| format!("attaching to the uplink {uplink}"))?;
+    for device in args.devices.iter().filter(|device| **device != uplink) {
+        datapath
+            .attach_network(device)
+            .with_context(|| format!("attaching to the device {device} (--device)"))?;
+    }
+    tokio::spawn(node_addresses::run(
+        args.bpffs
+            .join("weft")
+            .join(weft_node_bpf::maps::NODE_ADDRESSES),
+        NODE_ADDRESS_INTERVAL,
+    ));
     // Peers get an ipcache entry and a route (see the peers module): the kernel needs the way
     // too, for FIB lookups and the fallback path in native mode, and in tunnel mode for the
     // node's own traffic to remote pods (and replies to them), which to_tunnel addresses.

@@ -59,6 +59,31 @@ pub fn handle_here() -> Result<Handle, NetlinkError> {
     Ok(handle)
 }
 
+/// Every IPv4 address on the node's interfaces, as `ip -4 addr` lists them.
+pub async fn ipv4_addresses(handle: &Handle) -> Result<Vec<Ipv4Addr>, NetlinkError> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut found = Vec::new();
+    let mut messages = handle.address().get().execute();
+    while let Some(message) = messages
+        .try_next()
+        .await
+        .map_err(request("listing the node's addresses"))?
+    {
+        for attribute in &message.attributes {
+            // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on
+            // point-to-point links); either names one of ours on a broadcast link.
+            if let AddressAttribute::Local(IpAddr::V4(address))
+            | AddressAttribute::Address(IpAddr::V4(address)) = attribute
+            {
+                found.push(*address);
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    Ok(found)
+}
+
 /// A handle whose socket lives in the namespace at `netns`.
 pub async fn handle_in(netns: &Path) -> Result<Handle, NetlinkError> {
     let file = File::open(netns).map_err(|error| NetlinkError::Namespace {

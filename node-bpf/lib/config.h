@@ -26,6 +26,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } node_config SEC(".maps");
 
+/* Every IPv4 address of the node beyond node_ip (secondary addresses, other NICs), kept current
+ * by the agent (node-agent/src/node_addresses.rs): NodePorts answer on each. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);  /* network byte order */
+	__type(value, __u8); /* unused */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} node_addresses SEC(".maps");
+
 static __always_inline struct node_config *get_node_config(void)
 {
 	__u32 zero = 0;

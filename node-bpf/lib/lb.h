@@ -254,10 +254,12 @@ static __always_inline void lb_nat_seen(struct lb_nat_entry *entry, void *other_
 
 static __always_inline int lb_is_node_address(__u32 address, struct node_config *cfg)
 {
-	return address == cfg->node_ip || (bpf_ntohl(address) >> 24) == 127;
+	return address == cfg->node_ip || (bpf_ntohl(address) >> 24) == 127 ||
+	       bpf_map_lookup_elem(&node_addresses, &address) != NULL;
 }
 
-/* The frontend a destination belongs to: an exact address, else a NodePort on a node address. */
+/* The frontend a destination belongs to: an exact address, else a NodePort on a node address.
+ * The node-address check comes last: only packets to a node port's number pay for it. */
 static __always_inline struct lb_frontend *lb_lookup_frontend(__u32 daddr, __u16 dport,
 							      __u8 protocol)
 {
@@ -268,11 +270,14 @@ static __always_inline struct lb_frontend *lb_lookup_frontend(__u32 daddr, __u16
 	frontend = bpf_map_lookup_elem(&lb_frontends, &key);
 	if (frontend)
 		return frontend;
+	key.address = 0;
+	frontend = bpf_map_lookup_elem(&lb_frontends, &key);
+	if (!frontend)
+		return NULL;
 	cfg = get_node_config();
 	if (!cfg || !lb_is_node_address(daddr, cfg))
 		return NULL;
-	key.address = 0;
-	return bpf_map_lookup_elem(&lb_frontends, &key);
+	return frontend;
 }
 
 static __always_inline struct lb_backend *lb_maglev_pick(struct lb_frontend *frontend, __u32 hash,

@@ -412,6 +412,9 @@ unsafe impl aya::Pod for PolicyEntry {}
 // SAFETY: as above.
 unsafe impl aya::Pod for EndpointPolicy {}
 
+/// `node_addresses` (`lib/config.h`): the node's IPv4 addresses (network byte order) → unused.
+pub const NODE_ADDRESSES: &str = "node_addresses";
+
 /// Names of the load-balancing maps (`lib/lb.h`).
 pub const LB_FRONTENDS: &str = "lb_frontends";
 pub const LB_BACKENDS: &str = "lb_backends";
