@@ -25,6 +25,21 @@ pub struct LocalPod {
     /// Named container ports: name → (protocol, port).
     #[serde(default)]
     pub named_ports: BTreeMap<String, (String, u16)>,
+    /// Container ports the pod also takes on its node (`hostPort`).
+    #[serde(default)]
+    pub host_ports: Vec<HostPort>,
+}
+
+/// A container port published on the pod's node (`ports[].hostPort`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HostPort {
+    /// `TCP` or `UDP` (SCTP is not balanced).
+    pub protocol: String,
+    pub host_port: u16,
+    pub container_port: u16,
+    /// `hostIP`: only this node address; `None` for every address of the node.
+    #[serde(default)]
+    pub host_ip: Option<std::net::Ipv4Addr>,
 }
 
 impl LocalPod {

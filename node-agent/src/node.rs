@@ -19,7 +19,7 @@ use crate::ipam::{Ipam, IpamError};
 use crate::local_pods::LocalPods;
 use crate::peers::{KernelPeers, PeerRouting, PeerSync};
 use crate::policy::{LocalEndpoint, PolicyEngine, PolicyInputs};
-use crate::services::ServiceEngine;
+use crate::services::{HostPortBinding, ServiceEngine};
 use std::sync::{Arc, Mutex};
 
 /// CNI error code for "try again later" (spec 1.0, well-known code 11).
@@ -473,9 +473,20 @@ impl NodeAgent {
         }
     }
 
-    /// Brings the service load-balancing maps in line with the cluster's services.
+    /// Brings the service load-balancing maps in line with the cluster's services and the
+    /// host ports of this node's pods.
     pub fn sync_services(&mut self) -> Result<(), NodeError> {
-        self.services.sync(&mut self.datapath)?;
+        let host_ports: Vec<HostPortBinding> = self
+            .endpoints
+            .values()
+            .flat_map(|record| {
+                let pod = self.local_pods.get(&record.pod.namespace, &record.pod.name);
+                pod.into_iter()
+                    .flat_map(|pod| pod.host_ports.iter())
+                    .filter_map(|port| HostPortBinding::of(record, port))
+            })
+            .collect();
+        self.services.sync(&mut self.datapath, host_ports)?;
         Ok(())
     }
 

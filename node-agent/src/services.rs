@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use tokio::sync::watch;
 
 use weft_core::service::maglev::{self, TableSize};
-use weft_core::service::{Backend, BackendCondition, FrontendKind, Service};
+use weft_core::service::{Backend, BackendCondition, FrontendKind, Protocol, Service};
 use weft_crds::service_model::{self, ServiceError};
 use weft_node_bpf::maps::{
     LbBackend, LbFrontend, LbFrontendKey, LbFrontendKind, LB_BACKEND_TERMINATING,
@@ -21,6 +21,8 @@ use weft_node_bpf::maps::{
 
 use crate::datapath::{Datapath, DatapathError};
 use crate::health_check::{HealthCheck, HealthChecks};
+use crate::local_pods::HostPort;
+use crate::node::EndpointRecord;
 use crate::watched_file::WatchedFile;
 
 /// A backend as the datapath knows it: one address and port in one cluster.
@@ -55,6 +57,38 @@ impl BackendRef {
     }
 }
 
+/// A pod's `hostPort` on this node: traffic to the node's address (or `host_ip`) and
+/// `host_port` goes to the pod, as the portmap CNI plugin's DNAT would send it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HostPortBinding {
+    /// `namespace/name` of the pod.
+    pub pod: String,
+    pub protocol: Protocol,
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub pod_ip: Ipv4Addr,
+    pub container_port: u16,
+}
+
+impl HostPortBinding {
+    /// The binding of `port` of the wired pod `record`; `None` for protocols not balanced.
+    pub fn of(record: &EndpointRecord, port: &HostPort) -> Option<Self> {
+        let protocol = match port.protocol.as_str() {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            _ => return None,
+        };
+        Some(Self {
+            pod: format!("{}/{}", record.pod.namespace, record.pod.name),
+            protocol,
+            host_ip: port.host_ip,
+            host_port: port.host_port,
+            pod_ip: record.ip,
+            container_port: port.container_port,
+        })
+    }
+}
+
 /// One frontend as planned: who gets new connections, for how long a client sticks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedFrontend {
@@ -76,9 +110,15 @@ pub struct Plan {
     pub health_checks: HealthChecks,
 }
 
-/// Plans the datapath of `node` for `services`; frontends two services claim go to the first
-/// by namespace/name, and the other is reported.
-pub fn plan(services: &[Service], local_cluster: u16, node: &str) -> (Plan, Vec<String>) {
+/// Plans the datapath of `node` for `services` and its pods' `host_ports`; a frontend two
+/// claim goes to the first (services by namespace/name, then host ports), and the other is
+/// reported.
+pub fn plan(
+    services: &[Service],
+    local_cluster: u16,
+    node: &str,
+    host_ports: &[HostPortBinding],
+) -> (Plan, Vec<String>) {
     let mut plan = Plan::default();
     let mut conflicts = Vec::new();
     let mut sorted: Vec<&Service> = services.iter().collect();
@@ -171,6 +211,42 @@ pub fn plan(services: &[Service], local_cluster: u16, node: &str) -> (Plan, Vec<
             );
         }
     }
+    for binding in host_ports {
+        let key = LbFrontendKey {
+            address: binding
+                .host_ip
+                .map(|address| u32::from(address).to_be())
+                .unwrap_or(0),
+            port: binding.host_port.to_be(),
+            protocol: binding.protocol.number(),
+            pad: 0,
+        };
+        let name = format!(
+            "{} hostPort {}/{}",
+            binding.pod,
+            binding.host_port,
+            binding.protocol.name()
+        );
+        if let Some(existing) = plan.frontends.get(&key) {
+            conflicts.push(format!("{name} is already {}", existing.service_port));
+            continue;
+        }
+        let backend = BackendRef {
+            address: binding.pod_ip,
+            port: binding.container_port,
+            cluster_id: local_cluster,
+        };
+        plan.backends.insert(backend, false);
+        plan.frontends.insert(
+            key,
+            PlannedFrontend {
+                service_port: name,
+                kind: LbFrontendKind::HostPort,
+                active: vec![backend],
+                affinity_timeout_s: 0,
+            },
+        );
+    }
     (plan, conflicts)
 }
 
@@ -212,6 +288,8 @@ pub struct ServiceEngine {
     adopted: bool,
     /// The last apply failed, or an earlier agent's entries await removal.
     retry: bool,
+    /// The node's pods' host ports as last planned.
+    host_ports: Vec<HostPortBinding>,
 }
 
 impl ServiceEngine {
@@ -241,6 +319,7 @@ impl ServiceEngine {
             },
             adopted: false,
             retry: false,
+            host_ports: Vec::new(),
         }
     }
 
@@ -292,17 +371,25 @@ impl ServiceEngine {
         self.last_good.values()
     }
 
-    /// Brings the datapath in line with the service file; does nothing when it did not change.
-    pub fn sync(&mut self, datapath: &mut Datapath) -> Result<(), DatapathError> {
+    /// Brings the datapath in line with the service file and the node's pods' `host_ports`;
+    /// does nothing when neither changed.
+    pub fn sync(
+        &mut self,
+        datapath: &mut Datapath,
+        mut host_ports: Vec<HostPortBinding>,
+    ) -> Result<(), DatapathError> {
         if !self.adopted {
             self.adopt(datapath)?;
         }
         let reloaded = self.reload();
-        if !reloaded && !self.retry {
+        host_ports.sort();
+        let host_ports_changed = host_ports != self.host_ports;
+        if !reloaded && !self.retry && !host_ports_changed {
             return Ok(());
         }
+        self.host_ports = host_ports;
         let services: Vec<Service> = self.last_good.values().cloned().collect();
-        let (plan, conflicts) = plan(&services, self.local_cluster, &self.node);
+        let (plan, conflicts) = plan(&services, self.local_cluster, &self.node, &self.host_ports);
         self.health_checks.send_if_modified(|current| {
             let changed = *current != plan.health_checks;
             if changed {
@@ -530,7 +617,7 @@ impl ServiceEngine {
 mod tests {
     use std::time::Duration;
 
-    use weft_core::service::{GlobalSettings, Protocol, ServicePort};
+    use weft_core::service::{GlobalSettings, ServicePort};
 
     use super::*;
 
@@ -588,7 +675,7 @@ mod tests {
                 backend([10, 1, 0, 5], BackendCondition::NotServing),
             ],
         );
-        let (plan, conflicts) = plan(&[web], 1, "node-a");
+        let (plan, conflicts) = plan(&[web], 1, "node-a", &[]);
         assert!(conflicts.is_empty());
         let cluster_ip = &plan.frontends[&key([10, 96, 0, 10], 80)];
         let node_port = &plan.frontends[&key([0, 0, 0, 0], 30080)];
@@ -628,7 +715,7 @@ mod tests {
             vec![backend([10, 1, 0, 9], BackendCondition::Ready)],
         );
         second.ports[0].node_port = Some(30080);
-        let (plan, conflicts) = plan(&[second, first], 1, "node-a");
+        let (plan, conflicts) = plan(&[second, first], 1, "node-a", &[]);
         assert_eq!(conflicts.len(), 1, "{conflicts:?}");
         assert!(conflicts[0].contains("shop/b:http") && conflicts[0].contains("shop/a:http"));
         assert_eq!(
@@ -642,7 +729,7 @@ mod tests {
     fn session_affinity_becomes_whole_seconds_and_no_backend_means_refuse() {
         let mut sticky = service("sticky", [10, 96, 0, 12], Vec::new());
         sticky.session_affinity_timeout = Some(Duration::from_secs(10800));
-        let (plan, _) = plan(&[sticky], 1, "node-a");
+        let (plan, _) = plan(&[sticky], 1, "node-a", &[]);
         let frontend = &plan.frontends[&key([10, 96, 0, 12], 80)];
         assert_eq!(frontend.affinity_timeout_s, 10800);
         assert!(

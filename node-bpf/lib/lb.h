@@ -26,6 +26,7 @@ enum lb_frontend_kind {
 	LB_KIND_NODE_PORT = 1,
 	LB_KIND_EXTERNAL_IP = 2,
 	LB_KIND_LOAD_BALANCER = 3,
+	LB_KIND_HOST_PORT = 4, /* a pod's hostPort: its node's addresses, that pod only */
 };
 
 /* NodePort frontends have address 0: they answer on every address of the node. */

@@ -437,6 +437,8 @@ pub enum LbFrontendKind {
     NodePort = 1,
     ExternalIp = 2,
     LoadBalancer = 3,
+    /// A pod's `hostPort`.
+    HostPort = 4,
 }
 
 /// `struct lb_frontend_key`: NodePort frontends have address 0 (every node address).

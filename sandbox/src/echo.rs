@@ -169,6 +169,8 @@ mod tests {
                 port,
                 protocol: "TCP".into(),
                 name: None,
+                host_port: None,
+                host_ip: None,
             })
             .collect();
         tokio::spawn(serve(identity, ports, None));

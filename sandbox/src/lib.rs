@@ -1414,6 +1414,12 @@ fn local_pod_entry(
         "named_ports": ports.iter().filter_map(|port| {
             Some((port.name.clone()?, (port.protocol.clone(), port.port)))
         }).collect::<BTreeMap<_, _>>(),
+        "host_ports": ports.iter().filter_map(|port| {
+            Some(serde_json::json!({
+                "protocol": port.protocol, "host_port": port.host_port?,
+                "container_port": port.port, "host_ip": port.host_ip,
+            }))
+        }).collect::<Vec<_>>(),
     })
 }
 

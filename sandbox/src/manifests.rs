@@ -31,6 +31,12 @@ pub struct PodPort {
     /// `TCP` or `UDP`.
     pub protocol: String,
     pub name: Option<String>,
+    /// `hostPort`: the port also taken on the pod's node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    /// `hostIP`: the node address the host port is on; every address when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// What the sandbox needs of a Pod.
@@ -128,27 +134,42 @@ fn sandbox_pod(document: Value) -> Result<SandboxPod, String> {
     let node = spec.node_name.clone().ok_or_else(|| {
         format!("pod {name} has no spec.nodeName: the sandbox has no scheduler, so say which node runs it")
     })?;
-    let ports = spec
-        .containers
-        .iter()
-        .flat_map(|container| container.ports.iter().flatten())
-        .map(|port| {
-            let number = u16::try_from(port.container_port)
-                .ok()
-                .filter(|number| *number > 0)
-                .ok_or_else(|| {
-                    format!(
-                        "pod {name}: containerPort {} is out of range",
-                        port.container_port
-                    )
-                })?;
-            Ok(PodPort {
-                port: number,
-                protocol: port.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                name: port.name.clone(),
+    let ports =
+        spec.containers
+            .iter()
+            .flat_map(|container| container.ports.iter().flatten())
+            .map(|port| {
+                let number = u16::try_from(port.container_port)
+                    .ok()
+                    .filter(|number| *number > 0)
+                    .ok_or_else(|| {
+                        format!(
+                            "pod {name}: containerPort {} is out of range",
+                            port.container_port
+                        )
+                    })?;
+                let host_port = match port.host_port {
+                    None | Some(0) => None,
+                    Some(host_port) => Some(u16::try_from(host_port).map_err(|_| {
+                        format!("pod {name}: hostPort {host_port} is out of range")
+                    })?),
+                };
+                let host_ip =
+                    match port.host_ip.as_deref() {
+                        None | Some("") | Some("0.0.0.0") => None,
+                        Some(ip) => Some(ip.parse().map_err(|_| {
+                            format!("pod {name}: hostIP {ip} is not an IPv4 address")
+                        })?),
+                    };
+                Ok(PodPort {
+                    port: number,
+                    protocol: port.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    name: port.name.clone(),
+                    host_port,
+                    host_ip,
+                })
             })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, String>>()?;
     Ok(SandboxPod {
         namespace: pod.metadata.namespace.unwrap_or_else(|| "default".into()),
         name,

@@ -31,7 +31,7 @@ use weft_crds::{
 };
 
 use crate::flows::directory::EndpointMeta;
-use crate::local_pods::LocalPod;
+use crate::local_pods::{HostPort, LocalPod};
 
 /// What the endpoint directory is built from.
 pub struct DirectoryInputs<'a> {
@@ -146,6 +146,27 @@ pub fn named_ports_of(pod: &Pod) -> BTreeMap<String, (String, u16)> {
                     u16::try_from(port.container_port).ok()?,
                 ),
             ))
+        })
+        .collect()
+}
+
+/// The container ports the pod takes on its node (`hostPort`); IPv6 host IPs are left out.
+pub fn host_ports_of(pod: &Pod) -> Vec<HostPort> {
+    pod.spec
+        .iter()
+        .flat_map(|spec| spec.containers.iter())
+        .flat_map(|container| container.ports.iter().flatten())
+        .filter_map(|port| {
+            let host_ip = match port.host_ip.as_deref() {
+                None | Some("") | Some("0.0.0.0") => None,
+                Some(ip) => Some(ip.parse().ok()?),
+            };
+            Some(HostPort {
+                protocol: port.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                host_port: u16::try_from(port.host_port?).ok().filter(|p| *p != 0)?,
+                container_port: u16::try_from(port.container_port).ok()?,
+                host_ip,
+            })
         })
         .collect()
 }
@@ -277,6 +298,7 @@ pub fn local_pods(
                 identity: identities.identity_of(&security_labels),
                 security_labels,
                 named_ports: named_ports_of(pod),
+                host_ports: host_ports_of(pod),
             }
         })
         .collect();

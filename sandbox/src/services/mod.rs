@@ -315,6 +315,8 @@ pub(crate) mod fixtures {
                     port: *port,
                     protocol: "TCP".into(),
                     name: Some((*name).to_owned()),
+                    host_port: None,
+                    host_ip: None,
                 })
                 .collect(),
             server_pid: 0,

@@ -1,6 +1,7 @@
-//! NodePorts answer on every address of a node, not only its node IP: a secondary address on
-//! the uplink, and the address of a second NIC the agent is told about (`--device`), as on
-//! multi-homed GPU nodes.
+//! Ports on the nodes themselves. NodePorts answer on every address of a node, not only its
+//! node IP: a secondary address on the uplink, and the address of a second NIC the agent is told
+//! about (`--device`), as on multi-homed GPU nodes. A pod's `hostPort` takes that port on its
+//! own node's addresses (and only there), the client's address kept.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use weft_e2e::sandbox::{answered_by, http_get, TestSandbox};
 use weft_sandbox::{host, Sandbox};
 
 const NODE_PORT: u16 = 30080;
+const HOST_PORT: u16 = 8443;
 /// The client, outside the cluster on the fabric.
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(172, 30, 255, 249);
 /// A second address on n1's uplink, in the fabric's network.
@@ -30,6 +32,16 @@ spec:
     ports: [{name: http, containerPort: 8080}]
 ---
 apiVersion: v1
+kind: Pod
+metadata: {name: ingress, namespace: default, labels: {app: ingress}}
+spec:
+  nodeName: n1
+  containers:
+  - name: c
+    image: weft/echo
+    ports: [{name: http, containerPort: 8080, hostPort: 8443}]
+---
+apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: default}
 spec:
@@ -38,7 +50,7 @@ spec:
   ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
 ";
 
-/// Polls until `target` answers from `netns` through the node port; who answered.
+/// Polls until `target` answers from `netns`; who answered.
 fn served(netns: &str, target: SocketAddr) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -47,7 +59,7 @@ fn served(netns: &str, target: SocketAddr) -> String {
             Err(error) => {
                 assert!(
                     Instant::now() < deadline,
-                    "NodePort at {target} never answered: {error}"
+                    "nothing answered at {target}: {error}"
                 );
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -145,5 +157,45 @@ fn node_ports_answer_on_a_secondary_address_and_on_a_second_nic() {
         served(&fabric, SocketAddr::from((SECOND_NIC, NODE_PORT))),
         "web",
         "NodePort on n1's second NIC"
+    );
+}
+
+#[test]
+fn a_host_port_reaches_its_pod_on_the_pods_node_only() {
+    let sandbox = TestSandbox::up(
+        "- {name: c1, id: 1, podCIDR: 10.1.0.0/16, nodes: [n1, n2], manifests: [web.yaml]}\n",
+        &[("web.yaml", MANIFESTS)],
+    );
+    let fabric = sandbox.sandbox.plan.fabric_netns.clone();
+    host::ip(&[
+        "-n",
+        &fabric,
+        "addr",
+        "add",
+        &format!("{OUTSIDE}/16"),
+        "dev",
+        "fabric0",
+    ])
+    .expect("address the fabric");
+    let node = |name: &str| sandbox.sandbox.plan.node("c1", name).expect("node").clone();
+    let (n1, n2) = (node("n1"), node("n2"));
+    let target = SocketAddr::from((n1.ip, HOST_PORT));
+    assert_eq!(served(&fabric, target), "ingress");
+    let body = http_get(&fabric, n1.ip, HOST_PORT).expect("through the host port");
+    let reply: serde_json::Value = serde_json::from_str(&body).expect("echo answer");
+    assert!(
+        reply["client"]
+            .as_str()
+            .is_some_and(|client| client.starts_with(&format!("{OUTSIDE}:"))),
+        "the pod sees the client's address: {reply}"
+    );
+    // From a pod on another node, through the socket balancer, too.
+    let web = sandbox.pod("web").clone();
+    let from_pod = http_get(&web.netns, n1.ip, HOST_PORT).expect("from a pod");
+    assert_eq!(answered_by(&from_pod), "ingress");
+    // n2 has no such pod: its port is its own (nothing listens there).
+    assert!(
+        http_get(&fabric, n2.ip, HOST_PORT).is_err(),
+        "the host port is taken on the pod's node only"
     );
 }
