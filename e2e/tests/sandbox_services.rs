@@ -935,3 +935,140 @@ fn services_keep_working_while_the_agent_is_down_and_after_it_restarts() {
         );
     }
 }
+
+/// A UDP echo pod `name` for the stale-socket test, as a manifest.
+fn dns_pod(name: &str, node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{app: dns}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: weft/echo\n    ports:\n    - {{name: dns, containerPort: 5353, protocol: UDP}}\n"
+    )
+}
+
+/// One datagram out and its echo back on a connected socket.
+fn udp_echo(socket: &UdpSocket) -> std::io::Result<()> {
+    socket.send(b"q")?;
+    let mut reply = [0u8; 1];
+    socket.recv(&mut reply).map(|_| ())
+}
+
+/// A process in `pod` (in its cgroup, so the socket balancer sees it) holding one connected UDP
+/// socket to `target`, as glibc's resolver does; it prints `ok`, `timeout` or `error <errno>`
+/// for each exchange, and stops at an error.
+fn resolver_like(pod: &PodState, target: SocketAddr) -> std::process::Child {
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.settimeout(0.5)
+while True:
+    try:
+        s.send(b"q")
+        s.recv(1)
+        print("ok", flush=True)
+    except socket.timeout:
+        print("timeout", flush=True)
+    except OSError as e:
+        print("error", e.errno, flush=True)
+        break
+"#;
+    let mut command = std::process::Command::new("python3");
+    command
+        .args([
+            "-c",
+            script,
+            &target.ip().to_string(),
+            &target.port().to_string(),
+        ])
+        .stdout(std::process::Stdio::piped());
+    host::in_namespaces(&mut command, Some(&pod.netns), pod.cgroup.as_deref())
+        .expect("prepare")
+        .spawn()
+        .expect("python3")
+}
+
+#[test]
+fn connected_udp_sockets_move_off_a_deleted_backend() {
+    use std::io::BufRead;
+    let sandbox = TestSandbox::up(
+        "- {name: c1, id: 1, podCIDR: 10.1.0.0/16, serviceCIDR: 10.96.0.0/16, nodes: [n1, n2], manifests: [pods.yaml, dns.yaml]}\n",
+        &[
+            ("pods.yaml", &[pod("client1", "client", "n1"), dns_pod("dns-1", "n2")].concat()),
+            (
+                "dns.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: dns, namespace: shop}\nspec:\n  selector: {app: dns}\n  ports: [{name: dns, port: 53, targetPort: dns, protocol: UDP}]\n",
+            ),
+        ],
+    );
+    let dns = SocketAddr::from((cluster_ip(&sandbox, "dns"), 53));
+    let client = sandbox.pod("client1").clone();
+    let connected = |netns: &str| {
+        in_netns(netns, || {
+            let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            socket.connect(dns).expect("connect");
+            socket
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .expect("timeout");
+            socket
+        })
+    };
+    // Two long-lived connected sockets to the service, whose one backend is dns-1: one in the
+    // pod's cgroup (balanced at connect(), so connected to dns-1 itself), one outside it
+    // (translated per packet at the pod's veth).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let outside_cgroup = loop {
+        let socket = connected(&client.netns);
+        if udp_echo(&socket).is_ok() {
+            break socket;
+        }
+        assert!(Instant::now() < deadline, "the DNS service never answered");
+    };
+    let mut resolver = resolver_like(&client, dns);
+    let mut lines = std::io::BufReader::new(resolver.stdout.take().expect("stdout")).lines();
+    let mut next_line = || lines.next().and_then(Result::ok).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = next_line();
+        if line == "ok" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && !line.is_empty(),
+            "the resolver-like socket never got an answer (last: {line:?})"
+        );
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (new_pod, old_pod) = (dir.path().join("dns-2.yaml"), dir.path().join("dns-1.yaml"));
+    std::fs::write(&new_pod, dns_pod("dns-2", "n2")).expect("manifest");
+    std::fs::write(&old_pod, dns_pod("dns-1", "n2")).expect("manifest");
+    let mut state = Sandbox::load(Some(&sandbox.name)).expect("state");
+    state.apply(None, &new_pod).expect("start dns-2");
+    state.delete(None, &old_pod).expect("delete dns-1");
+
+    // The balanced socket is destroyed (ECONNABORTED, or "destination address required" once
+    // it is no longer connected) instead of sending into the void.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let told = loop {
+        let line = next_line();
+        if let Some(errno) = line.strip_prefix("error ") {
+            break errno.parse::<i32>().unwrap_or(0);
+        }
+        assert!(
+            Instant::now() < deadline && !line.is_empty(),
+            "the socket connected to deleted dns-1 was never told (last: {line:?})"
+        );
+    };
+    let _ = resolver.kill();
+    let _ = resolver.wait();
+    assert!(
+        [libc::ECONNABORTED, libc::EDESTADDRREQ].contains(&told),
+        "errno {told}"
+    );
+    // The per-packet socket's next datagrams reach dns-2.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Err(error) = udp_echo(&outside_cgroup) {
+        assert!(
+            Instant::now() < deadline,
+            "the translated socket still sends to deleted dns-1: {error}"
+        );
+    }
+}

@@ -214,6 +214,11 @@ impl Datapath {
         })
     }
 
+    /// The bpffs directory the maps are pinned in.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
     /// Attaches the socket-level load balancer to `cgroup` (a cgroup v2 directory): every
     /// socket of a process in it or below (the node's pods and host processes) is balanced at
     /// connect()/sendmsg(). The links are pinned, replacing those of an earlier agent.

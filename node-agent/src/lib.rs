@@ -17,5 +17,6 @@ pub mod node_addresses;
 pub mod peers;
 pub mod policy;
 pub mod services;
+pub mod stale_backends;
 pub mod unix_socket;
 pub mod watched_file;

@@ -487,6 +487,19 @@ impl NodeAgent {
             })
             .collect();
         self.services.sync(&mut self.datapath, host_ports)?;
+        let removed = self.services.take_removed_backends();
+        if !removed.is_empty() {
+            let namespaces: Vec<PathBuf> = self
+                .endpoints
+                .values()
+                .map(|record| PathBuf::from(&record.netns))
+                .collect();
+            let pin_dir = self.datapath.pin_dir().to_owned();
+            // Off the agent's lock: one sock_diag dump per pod, one pass over the NAT table.
+            tokio::task::spawn_blocking(move || {
+                crate::stale_backends::forget(pin_dir, namespaces, removed)
+            });
+        }
         Ok(())
     }
 

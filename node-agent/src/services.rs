@@ -270,6 +270,8 @@ struct Installed {
     next_backend_id: u32,
     next_table_id: u32,
     next_service_id: u32,
+    /// Backends removed since [`ServiceEngine::take_removed_backends`] was last called.
+    removed: Vec<BackendRef>,
 }
 
 /// The services in force on the node and what was written for them.
@@ -364,6 +366,15 @@ impl ServiceEngine {
         self.last_good = fresh;
         self.problems = problems;
         true
+    }
+
+    /// Backends no service uses any more, by address and port, since the last call: sockets
+    /// still connected to them need to be told (see [`crate::stale_backends`]).
+    pub fn take_removed_backends(&mut self) -> BTreeSet<(Ipv4Addr, u16)> {
+        std::mem::take(&mut self.installed.removed)
+            .into_iter()
+            .map(|backend| (backend.address, backend.port))
+            .collect()
     }
 
     /// The services in force (for status).
@@ -596,6 +607,7 @@ impl ServiceEngine {
         for (backend, id) in unused_backends {
             datapath.remove_backend(id)?;
             installed.backends.remove(&backend);
+            installed.removed.push(backend);
         }
         for id in std::mem::take(&mut installed.stale_backends) {
             datapath.remove_backend(id)?;
