@@ -276,6 +276,21 @@ pub fn echo_reachable(netns: &str, target: SocketAddr, tries: usize) -> bool {
     })
 }
 
+/// Gives the fabric namespace `address` (in the fabric's /16): a client outside every cluster,
+/// gone with the sandbox.
+pub fn address_on_fabric(sandbox: &TestSandbox, address: Ipv4Addr) {
+    host::ip(&[
+        "-n",
+        &sandbox.sandbox.plan.fabric_netns,
+        "addr",
+        "add",
+        &format!("{address}/16"),
+        "dev",
+        "fabric0",
+    ])
+    .expect("address the fabric");
+}
+
 /// A host on the fabric, outside every cluster, serving HTTP on port 8080 at each of its
 /// addresses; stopped when dropped.
 pub struct OutsideHost(Child);
@@ -292,16 +307,7 @@ impl Drop for OutsideHost {
 pub fn outside_host(sandbox: &TestSandbox, addresses: &[Ipv4Addr]) -> OutsideHost {
     let fabric = &sandbox.sandbox.plan.fabric_netns;
     for address in addresses {
-        host::ip(&[
-            "-n",
-            fabric,
-            "addr",
-            "add",
-            &format!("{address}/16"),
-            "dev",
-            "fabric0",
-        ])
-        .expect("address the fabric");
+        address_on_fabric(sandbox, *address);
     }
     for node in &sandbox.sandbox.plan.nodes {
         let (cidr, via) = (node.pod_cidr.to_string(), node.ip.to_string());

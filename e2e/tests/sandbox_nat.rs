@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use weft_e2e::bpffs::pinned_map_entries;
 use weft_e2e::measure::prepare_short_connections;
 use weft_e2e::netns::{run, unique_prefix, NetNs};
-use weft_e2e::sandbox::{agent_metric, echo_reachable, in_netns, TestSandbox};
+use weft_e2e::sandbox::{address_on_fabric, agent_metric, echo_reachable, in_netns, TestSandbox};
 use weft_sandbox::host;
 
 /// A client outside the cluster, on the fabric.
@@ -84,16 +84,7 @@ fn fifty_thousand_short_nodeport_connections_all_succeed_and_leave_no_nat_state_
     let sandbox = sandbox();
     let n1 = sandbox.sandbox.plan.node("c1", "n1").expect("n1").clone();
     let fabric = sandbox.sandbox.plan.fabric_netns.clone();
-    host::ip(&[
-        "-n",
-        &fabric,
-        "addr",
-        "add",
-        &format!("{OUTSIDE}/16"),
-        "dev",
-        "fabric0",
-    ])
-    .expect("address the fabric");
+    address_on_fabric(&sandbox, OUTSIDE);
     // The client's own ports: it keeps each closed connection in TIME_WAIT, and must not run
     // out before the node does.
     prepare_short_connections(&fabric).expect("prepare the client");

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use weft_e2e::netns::unique_prefix;
-use weft_e2e::sandbox::{answered_by, http_get, TestSandbox};
+use weft_e2e::sandbox::{address_on_fabric, answered_by, http_get, TestSandbox};
 use weft_sandbox::{host, Sandbox};
 
 const NODE_PORT: u16 = 30080;
@@ -167,16 +167,7 @@ fn a_host_port_reaches_its_pod_on_the_pods_node_only() {
         &[("web.yaml", MANIFESTS)],
     );
     let fabric = sandbox.sandbox.plan.fabric_netns.clone();
-    host::ip(&[
-        "-n",
-        &fabric,
-        "addr",
-        "add",
-        &format!("{OUTSIDE}/16"),
-        "dev",
-        "fabric0",
-    ])
-    .expect("address the fabric");
+    address_on_fabric(&sandbox, OUTSIDE);
     let node = |name: &str| sandbox.sandbox.plan.node("c1", name).expect("node").clone();
     let (n1, n2) = (node("n1"), node("n2"));
     let target = SocketAddr::from((n1.ip, HOST_PORT));

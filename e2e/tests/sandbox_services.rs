@@ -9,7 +9,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use weft_e2e::sandbox::{answered_by, in_netns, run_in_pod, TestSandbox};
+use weft_e2e::sandbox::{address_on_fabric, answered_by, in_netns, run_in_pod, TestSandbox};
 use weft_sandbox::{host, PodState, Sandbox};
 
 /// An address on the fabric that belongs to no node and no pod: a client outside the cluster.
@@ -338,16 +338,7 @@ fn cluster_ip_node_port_udp_and_refusals() {
         "NodePort on n2 from node n1 reaches backends on both nodes: {answered:?}"
     );
     let fabric = sandbox.sandbox.plan.fabric_netns.clone();
-    host::ip(&[
-        "-n",
-        &fabric,
-        "addr",
-        "add",
-        &format!("{OUTSIDE}/16"),
-        "dev",
-        "fabric0",
-    ])
-    .expect("address the fabric");
+    address_on_fabric(&sandbox, OUTSIDE);
     for node in [&n1, &n2] {
         let target = SocketAddr::from((node.ip, 30080));
         let answered = spread(&fabric, target, 40);

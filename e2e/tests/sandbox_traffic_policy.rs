@@ -10,8 +10,10 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use weft_e2e::sandbox::{answered_by, http_get, http_response, in_netns, TestSandbox};
-use weft_sandbox::{host, Sandbox};
+use weft_e2e::sandbox::{
+    address_on_fabric, answered_by, http_get, http_response, in_netns, TestSandbox,
+};
+use weft_sandbox::Sandbox;
 
 /// A client outside the cluster, on the fabric.
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(172, 30, 255, 251);
@@ -129,16 +131,7 @@ fn health(sandbox: &TestSandbox, netns: &str, ip: Ipv4Addr) -> (u16, serde_json:
 fn external_traffic_local_keeps_traffic_on_the_node_and_health_checks_say_where_backends_are() {
     let sandbox = sandbox();
     let fabric = sandbox.sandbox.plan.fabric_netns.clone();
-    host::ip(&[
-        "-n",
-        &fabric,
-        "addr",
-        "add",
-        &format!("{OUTSIDE}/16"),
-        "dev",
-        "fabric0",
-    ])
-    .expect("address the fabric");
+    address_on_fabric(&sandbox, OUTSIDE);
     let node = |name: &str| sandbox.sandbox.plan.node("c1", name).expect("node").ip;
     let (n1, n2, n3) = (node("n1"), node("n2"), node("n3"));
     wait_until_served(&fabric, SocketAddr::from((n1, NODE_PORT)));
