@@ -16,10 +16,10 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use weft_node_bpf::maps::{
     Direction, EndpointCounterKey, EndpointInfo, EndpointKey, EndpointPolicy, IpcacheEntry,
-    LbAffinity, LbAffinityKey, LbBackend, LbFrontend, LbFrontendKey, NodeConfig, PeerSet,
-    PolicyEntry, PolicyKeyData, TrafficCounters, BPF_F_INNER_MAP, ENDPOINTS, ENDPOINT_COUNTERS,
-    ENDPOINT_POLICIES, FLOW_EVENTS, IPCACHE, LB_AFFINITY, LB_BACKENDS, LB_FRONTENDS, LB_MAGLEV,
-    NODE_CONFIG, POLICY_ENTRIES, POLICY_KEY_FIXED_BITS, POLICY_PEER_SETS,
+    LbAffinity, LbAffinityKey, LbBackend, LbFrontend, LbFrontendKey, MapLayoutKey, NodeConfig,
+    PeerSet, PolicyEntry, PolicyKeyData, TrafficCounters, BPF_F_INNER_MAP, ENDPOINTS,
+    ENDPOINT_COUNTERS, ENDPOINT_POLICIES, FLOW_EVENTS, IPCACHE, LB_AFFINITY, LB_BACKENDS,
+    LB_FRONTENDS, LB_MAGLEV, NODE_CONFIG, POLICY_ENTRIES, POLICY_KEY_FIXED_BITS, POLICY_PEER_SETS,
 };
 use weft_node_bpf::{maps, programs, HOST_OBJECT, POD_OBJECT, SOCK_OBJECT};
 
@@ -155,8 +155,9 @@ impl Datapath {
             std::fs::create_dir_all(&dir)
                 .map_err(|source| DatapathError::PinDirectory { path: dir, source })?;
         }
+        let recorded = recorded_layouts(pin_dir);
         for object in [POD_OBJECT, HOST_OBJECT, SOCK_OBJECT] {
-            drop_pins_of_changed_layout(pin_dir, object);
+            drop_pins_of_changed_layout(pin_dir, object, &recorded);
         }
         let nanos = |lifetime: std::time::Duration| -> u64 {
             u64::try_from(lifetime.as_nanos()).unwrap_or(u64::MAX)
@@ -206,12 +207,27 @@ impl Datapath {
                     source: Box::new(source),
                 })?;
         }
-        Ok(Self {
+        let mut datapath = Self {
             pod,
             host,
             sock,
             pin_dir: pin_dir.to_owned(),
-        })
+        };
+        datapath.record_layouts()?;
+        Ok(datapath)
+    }
+
+    /// Records the layout of every map these programs use, for the next agent to compare.
+    fn record_layouts(&mut self) -> Result<(), DatapathError> {
+        let mut recorded: HashMap<_, MapLayoutKey, u64> = self.hash_map(maps::MAP_LAYOUTS_MAP)?;
+        for (name, fingerprint) in maps::MAP_LAYOUTS {
+            if let Some(key) = MapLayoutKey::of(name) {
+                recorded
+                    .insert(key, fingerprint, 0)
+                    .map_err(map_error(maps::MAP_LAYOUTS_MAP))?;
+            }
+        }
+        Ok(())
     }
 
     /// The bpffs directory the maps are pinned in.
@@ -674,14 +690,50 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError
         })
 }
 
-/// Removes the pin of every map that `object` defines with another key or value size than the
-/// pinned one (a map an earlier version of the programs created), so loading creates it anew
+/// Removes the pin of every map that `object` defines with another kind, key or value size, or
+/// recorded layout fingerprint than the pinned one (a map an earlier version of the programs
+/// created), so loading creates it anew
 /// instead of handing the new programs a map they would read with the wrong layout. Programs
 /// still attached keep the old map until they are replaced; the agent repopulates the new one
 /// (endpoints, peers, policy, services) before it re-attaches them
 /// ([`Datapath::reattach_endpoint`]). What only a lost map knew is gone: a recreated
 /// connection-tracking table makes replies of running connections be judged by policy again.
-fn drop_pins_of_changed_layout(pin_dir: &Path, object: &[u8]) {
+/// The layout fingerprints an earlier agent recorded (`map_layouts`), by map name; empty when
+/// there is no record (a fresh node, or a version before the record existed).
+fn recorded_layouts(pin_dir: &Path) -> std::collections::HashMap<String, u64> {
+    let Ok(map) = MapData::from_pin(pin_dir.join(maps::MAP_LAYOUTS_MAP)) else {
+        return std::collections::HashMap::new();
+    };
+    let Ok(recorded) = aya::maps::Map::from_map_data(map)
+        .map_err(|error| error.to_string())
+        .and_then(|map| {
+            HashMap::<_, MapLayoutKey, u64>::try_from(map).map_err(|error| error.to_string())
+        })
+    else {
+        return std::collections::HashMap::new();
+    };
+    recorded
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, fingerprint)| {
+            let end = key
+                .name
+                .iter()
+                .position(|byte| *byte == 0)
+                .unwrap_or(key.name.len());
+            (
+                String::from_utf8_lossy(&key.name[..end]).into_owned(),
+                fingerprint,
+            )
+        })
+        .collect()
+}
+
+fn drop_pins_of_changed_layout(
+    pin_dir: &Path,
+    object: &[u8],
+    recorded: &std::collections::HashMap<String, u64>,
+) {
     let Ok(parsed) = aya_obj::Object::parse(object) else {
         return; // the loader reports it
     };
@@ -697,7 +749,11 @@ fn drop_pins_of_changed_layout(pin_dir: &Path, object: &[u8]) {
         let found_type = info.map_type().map_or(u32::MAX, |kind| kind as u32);
         let wanted = (map.map_type(), map.key_size(), map.value_size());
         let found = (found_type, info.key_size(), info.value_size());
-        if wanted != found {
+        // The recorded fingerprint also catches what keeps the sizes: fields reordered, retyped
+        // or renamed. Without a record (an agent from before it), the sizes must do.
+        let fingerprints = (recorded.get(name.as_str()).copied(), maps::layout_of(name));
+        let fingerprint_differs = matches!(fingerprints, (Some(was), Some(is)) if was != is);
+        if wanted != found || fingerprint_differs {
             tracing::warn!(
                 map = %name,
                 map_type = found.0,
@@ -706,6 +762,8 @@ fn drop_pins_of_changed_layout(pin_dir: &Path, object: &[u8]) {
                 new_map_type = wanted.0,
                 new_key_size = wanted.1,
                 new_value_size = wanted.2,
+                recorded_layout = ?fingerprints.0,
+                layout = ?fingerprints.1,
                 "a pinned map has another layout than these programs: it is recreated and repopulated"
             );
             if let Err(error) = std::fs::remove_file(&pin) {

@@ -36,6 +36,21 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } node_addresses SEC(".maps");
 
+/* The layout fingerprint (node-bpf/build.rs) of every pinned map, recorded by the agent after
+ * it loads the programs: a later agent recreates a map whose recorded layout is not its own,
+ * even when the sizes match. Programs never read it. */
+struct map_layout_key {
+	char name[64]; /* the map's (pin) name, zero-padded */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct map_layout_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} map_layouts SEC(".maps");
+
 static __always_inline struct node_config *get_node_config(void)
 {
 	__u32 zero = 0;

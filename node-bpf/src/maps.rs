@@ -412,6 +412,38 @@ unsafe impl aya::Pod for PolicyEntry {}
 // SAFETY: as above.
 unsafe impl aya::Pod for EndpointPolicy {}
 
+include!(concat!(env!("OUT_DIR"), "/map_layouts.rs"));
+
+/// `map_layouts` (`lib/config.h`): each pinned map's layout fingerprint, as recorded.
+pub const MAP_LAYOUTS_MAP: &str = "map_layouts";
+
+/// `struct map_layout_key`: a map's name, zero-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayoutKey {
+    pub name: [u8; 64],
+}
+
+impl MapLayoutKey {
+    /// The key of the map named `name`; `None` when the name does not fit.
+    pub fn of(name: &str) -> Option<Self> {
+        let mut key = [0u8; 64];
+        key.get_mut(..name.len())?.copy_from_slice(name.as_bytes());
+        Some(Self { name: key })
+    }
+}
+
+// SAFETY: repr(C), a byte array only.
+unsafe impl aya::Pod for MapLayoutKey {}
+
+/// The layout fingerprint these programs give the map named `name`.
+pub fn layout_of(name: &str) -> Option<u64> {
+    MAP_LAYOUTS
+        .iter()
+        .find(|(map, _)| *map == name)
+        .map(|(_, fingerprint)| *fingerprint)
+}
+
 /// `node_addresses` (`lib/config.h`): the node's IPv4 addresses (network byte order) → unused.
 pub const NODE_ADDRESSES: &str = "node_addresses";
 
@@ -600,3 +632,31 @@ unsafe impl aya::Pod for LbTuple {}
 unsafe impl aya::Pod for LbNat {}
 // SAFETY: as above.
 unsafe impl aya::Pod for LbNatEntry {}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    #[test]
+    fn every_map_has_a_layout_and_layouts_tell_types_apart() {
+        for name in [
+            CONNTRACK,
+            ENDPOINTS,
+            IPCACHE,
+            LB_FLOWS,
+            LB_REVERSE,
+            MAP_LAYOUTS_MAP,
+        ] {
+            assert!(layout_of(name).is_some(), "{name}");
+        }
+        // The two NAT tables declare the same key and value types; the others do not.
+        assert_eq!(layout_of(LB_FLOWS), layout_of(LB_REVERSE));
+        assert_ne!(layout_of(LB_FLOWS), layout_of(CONNTRACK));
+        assert_ne!(layout_of(LB_FRONTENDS), layout_of(LB_BACKENDS));
+        assert!(MapLayoutKey::of(&"x".repeat(65)).is_none());
+        assert_eq!(
+            MapLayoutKey::of("ab").map(|key| key.name[..3].to_vec()),
+            Some(vec![b'a', b'b', 0])
+        );
+    }
+}
