@@ -66,8 +66,13 @@ fn pod_programs_count_what_a_pod_sends_and_receives() {
 
     let (ping, traffic) = node
         .enter(|| {
-            let mut datapath = Datapath::load(bpffs.path(), &test_conntrack(), &test_nat())
-                .expect("load and verify the programs");
+            let mut datapath = Datapath::load(
+                bpffs.path(),
+                &test_conntrack(),
+                &test_nat(),
+                &Default::default(),
+            )
+            .expect("load and verify the programs");
             register(&mut datapath, &pod, &wired);
             datapath
                 .attach_endpoint(&wired.host_veth)
@@ -119,8 +124,13 @@ fn the_datapath_outlives_the_agent_until_detached() {
 
     let (attached_after_agent_exit, counted_by_the_next_agent, after_detach) = node
         .enter(|| {
-            let mut first_agent =
-                Datapath::load(bpffs.path(), &test_conntrack(), &test_nat()).expect("load");
+            let mut first_agent = Datapath::load(
+                bpffs.path(),
+                &test_conntrack(),
+                &test_nat(),
+                &Default::default(),
+            )
+            .expect("load");
             register(&mut first_agent, &pod, &wired);
             first_agent.attach_endpoint(veth).expect("attach");
             drop(first_agent); // the agent exits: pinned links and maps stay
@@ -129,8 +139,13 @@ fn the_datapath_outlives_the_agent_until_detached() {
                 attached_programs(veth, false).expect("query egress"),
             );
             ping("3");
-            let mut next_agent =
-                Datapath::load(bpffs.path(), &test_conntrack(), &test_nat()).expect("load again");
+            let mut next_agent = Datapath::load(
+                bpffs.path(),
+                &test_conntrack(),
+                &test_nat(),
+                &Default::default(),
+            )
+            .expect("load again");
             let counted = next_agent.traffic(ifindex).expect("counters");
             next_agent.detach(veth);
             // The kernel detaches when the last reference to a link closes. A child that

@@ -202,7 +202,7 @@ fn agent_settings_become_flags_the_agent_accepts() {
         "tuned": {"agent": {"allowFromNode": false, "endpointReadyTimeout": "45s",
                   "conntrack": {"maxEntries": 131072, "closingLifetime": "5s"},
                   "nat": {"snatPortRange": "20000-29999", "maxEntries": 65536},
-                  "devices": ["eth1"]}},
+                  "devices": ["eth1"], "mapEntries": {"endpoints": 8192}}},
     }));
     for (scenario, expected) in [
         ("default", ["--allow-from-node=true", "20s", "10s"]),
@@ -231,6 +231,7 @@ fn agent_settings_become_flags_the_agent_accepts() {
             "--snat-port-range",
             "--nat-max-entries",
             "--device",
+            "--map-entries",
         ] {
             assert_eq!(
                 args.iter().any(|arg| arg == tuned_only),

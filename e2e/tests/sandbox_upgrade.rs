@@ -222,3 +222,35 @@ fn a_map_whose_recorded_layout_differs_is_recreated_even_with_the_same_sizes() {
         String::from_utf8_lossy(&pinged.stdout)
     );
 }
+
+/// `bpftool map show`'s max_entries of a pinned map.
+fn max_entries(pin: &std::path::Path) -> Option<u64> {
+    let output = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .ok()?;
+    let map: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    map["max_entries"].as_u64()
+}
+
+#[test]
+fn map_sizes_are_set_by_the_agents_flags() {
+    let sandbox = TestSandbox::up(
+        "- {name: c1, id: 1, podCIDR: 10.1.0.0/16, nodes: [n1], manifests: [pods.yaml], agentArgs: [--map-entries, endpoints=8192, --map-entries, endpoint_policies=8192, --map-entries, ipcache=131072, --ct-max-entries, '70000', --nat-max-entries, '90000']}\n",
+        &[("pods.yaml", &pod("a"))],
+    );
+    let pins = sandbox.sandbox.bpffs.join("c1-n1/weft");
+    for (map, entries) in [
+        ("endpoints", 8192),
+        ("endpoint_policies", 8192),
+        ("ipcache", 131072),
+        ("conntrack", 70000),
+        ("lb_flows", 90000),
+        ("lb_reverse", 90000),
+        // Not named: as the programs declare it.
+        ("endpoint_counters", 4096),
+    ] {
+        assert_eq!(max_entries(&pins.join(map)), Some(entries), "{map}");
+    }
+}

@@ -4,6 +4,7 @@
 //! Everything the kernel needs survives the agent: maps and links are pinned, so pods keep
 //! talking while the agent is down, and a restarted agent opens the same maps again.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -125,6 +126,43 @@ pub struct InstalledPolicy {
     pub entries: Vec<(PolicyKeyData, u8)>,
 }
 
+/// Sizes of maps set at load time (`--map-entries`), for the maps of
+/// [`maps::RESIZABLE_MAPS`]; a map not named keeps the size the programs declare. A size
+/// applies when the map is created: an existing pinned map keeps its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapEntries(pub BTreeMap<String, u32>);
+
+impl std::str::FromStr for MapEntries {
+    type Err = String;
+
+    /// One `NAME=ENTRIES`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (name, entries) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not NAME=ENTRIES"))?;
+        if !maps::RESIZABLE_MAPS.iter().any(|(map, _)| *map == name) {
+            let names: Vec<&str> = maps::RESIZABLE_MAPS.iter().map(|(map, _)| *map).collect();
+            return Err(format!(
+                "{name:?} is not a map whose size can be set; one of: {} (connection tracking and NAT: --ct-max-entries, --nat-max-entries)",
+                names.join(", ")
+            ));
+        }
+        let entries: u32 = entries
+            .parse()
+            .ok()
+            .filter(|entries| *entries > 0)
+            .ok_or_else(|| format!("{entries:?} is not a positive number of entries"))?;
+        Ok(Self(BTreeMap::from([(name.to_owned(), entries)])))
+    }
+}
+
+impl MapEntries {
+    /// Every `NAME=ENTRIES` given, the last one of a name winning.
+    pub fn merged(all: impl IntoIterator<Item = MapEntries>) -> Self {
+        Self(all.into_iter().flat_map(|entries| entries.0).collect())
+    }
+}
+
 /// The loaded programs and their pinned maps.
 pub struct Datapath {
     pod: Ebpf,
@@ -150,6 +188,7 @@ impl Datapath {
         pin_dir: &Path,
         conntrack: &CtSettings,
         nat: &NatSettings,
+        map_entries: &MapEntries,
     ) -> Result<Self, DatapathError> {
         for dir in [pin_dir.to_owned(), pin_dir.join("links")] {
             std::fs::create_dir_all(&dir)
@@ -179,6 +218,9 @@ impl Datapath {
                 .map_max_entries(maps::CONNTRACK, conntrack.max_entries)
                 .map_max_entries(maps::LB_FLOWS, nat.max_entries)
                 .map_max_entries(maps::LB_REVERSE, nat.max_entries);
+            for (name, entries) in &map_entries.0 {
+                loader.map_max_entries(name, *entries);
+            }
             // Not every object tracks connections or translates (the socket programs do not).
             for (name, value) in &lifetimes {
                 loader.override_global(name, value, false);
@@ -852,4 +894,25 @@ fn sock_program<'a>(
     ebpf.program_mut(name)
         .and_then(|program| program.try_into().ok())
         .ok_or(DatapathError::MissingProgram(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_sizes_name_a_resizable_map_and_a_positive_size() {
+        let parsed: Vec<MapEntries> = ["endpoints=8192", "ipcache=131072", "endpoints=16384"]
+            .iter()
+            .map(|text| text.parse().expect("valid"))
+            .collect();
+        assert_eq!(
+            MapEntries::merged(parsed).0,
+            BTreeMap::from([("endpoints".into(), 16384), ("ipcache".into(), 131072)])
+        );
+        let unknown = "conntrack=5".parse::<MapEntries>().expect_err("own flag");
+        assert!(unknown.contains("--ct-max-entries"), "{unknown}");
+        assert!("endpoints=0".parse::<MapEntries>().is_err());
+        assert!("endpoints".parse::<MapEntries>().is_err());
+    }
 }

@@ -10,7 +10,7 @@ use ipnet::Ipv4Net;
 use prometheus_client::registry::Registry;
 use weft_agent::cni::server;
 use weft_agent::conntrack::{self, ConntrackMetrics, CtSettings};
-use weft_agent::datapath::Datapath;
+use weft_agent::datapath::{Datapath, MapEntries};
 use weft_agent::flows::directory::Directory;
 use weft_agent::flows::enrich::{Clock, Origin};
 use weft_agent::flows::grpc;
@@ -205,6 +205,12 @@ struct Args {
     /// the tables are created. When full, new translations are dropped and reported.
     #[arg(long)]
     nat_max_entries: Option<u32>,
+    /// The size of a datapath map, NAME=ENTRIES (repeatable): endpoints, endpoint_counters and
+    /// endpoint_policies (pods on the node, 4,096), ipcache (65,536), policy_peer_sets,
+    /// policy_entries, lb_frontends, lb_backends, lb_maglev, lb_affinity, lb_sock_reverse,
+    /// fragments, flow_last_reported, node_addresses. Applies when the map is created.
+    #[arg(long = "map-entries")]
+    map_entries: Vec<MapEntries>,
     /// How often dead connections (and ended translations) are swept out of their tables.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     ct_gc_interval: std::time::Duration,
@@ -404,8 +410,14 @@ async fn main() -> anyhow::Result<()> {
         snat_ports = %nat_settings.snat_ports,
         "service NAT"
     );
-    let mut datapath = Datapath::load(&args.bpffs.join("weft"), &ct_settings, &nat_settings)
-        .context("loading the datapath (is bpffs mounted at --bpffs?)")?;
+    let map_entries = MapEntries::merged(args.map_entries.clone());
+    let mut datapath = Datapath::load(
+        &args.bpffs.join("weft"),
+        &ct_settings,
+        &nat_settings,
+        &map_entries,
+    )
+    .context("loading the datapath (is bpffs mounted at --bpffs?)")?;
     tokio::spawn(conntrack::run_collector(
         args.bpffs.join("weft"),
         ct_settings,

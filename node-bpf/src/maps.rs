@@ -414,6 +414,26 @@ unsafe impl aya::Pod for EndpointPolicy {}
 
 include!(concat!(env!("OUT_DIR"), "/map_layouts.rs"));
 
+/// Maps whose size `--map-entries NAME=N` sets, with the size the programs declare. Connection
+/// tracking and the NAT tables have flags of their own (their defaults follow the node's
+/// memory); the node configuration, the layout record and the flow ring buffer have fixed sizes.
+pub const RESIZABLE_MAPS: &[(&str, u32)] = &[
+    ("endpoints", 4096),
+    ("endpoint_counters", 4096),
+    ("endpoint_policies", 4096),
+    ("ipcache", 65536),
+    ("policy_peer_sets", 65536),
+    ("policy_entries", 262144),
+    ("lb_frontends", 65536),
+    ("lb_backends", 65536),
+    ("lb_maglev", 65536),
+    ("lb_affinity", 65536),
+    ("lb_sock_reverse", 262144),
+    ("fragments", 8192),
+    ("flow_last_reported", 16384),
+    ("node_addresses", 1024),
+];
+
 /// `map_layouts` (`lib/config.h`): each pinned map's layout fingerprint, as recorded.
 pub const MAP_LAYOUTS_MAP: &str = "map_layouts";
 

@@ -381,3 +381,53 @@ fn load_balancing_types_match_the_c_structs_in_every_object() {
         );
     }
 }
+
+/// The sizes `RESIZABLE_MAPS` states as defaults are the ones the objects declare.
+#[test]
+fn resizable_maps_state_the_sizes_the_programs_declare() {
+    let path = std::env::temp_dir().join(format!("weft-btf-sizes-{}.bpf.o", std::process::id()));
+    let mut declared = std::collections::BTreeMap::new();
+    for object in [POD_OBJECT, HOST_OBJECT, SOCK_OBJECT] {
+        std::fs::write(&path, object).expect("write object");
+        let output = Command::new("bpftool")
+            .args(["-j", "btf", "dump", "file"])
+            .arg(&path)
+            .output()
+            .expect("bpftool runs");
+        let dump: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+        let types: std::collections::HashMap<u64, &serde_json::Value> = dump["types"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|ty| Some((ty["id"].as_u64()?, ty)))
+            .collect();
+        let type_of = |id: &serde_json::Value| id.as_u64().and_then(|id| types.get(&id).copied());
+        let maps = dump["types"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|ty| ty["kind"] == "DATASEC" && ty["name"] == ".maps")
+            .expect("a .maps section");
+        for var in maps["vars"].as_array().into_iter().flatten() {
+            let var = type_of(&var["type_id"]).expect("var");
+            let definition = type_of(&var["type_id"]).expect("definition");
+            let entries = definition["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|member| member["name"] == "max_entries")
+                .and_then(|member| type_of(&member["type_id"]))
+                .and_then(|pointer| type_of(&pointer["type_id"]))
+                .and_then(|array| array["nr_elems"].as_u64());
+            declared.insert(var["name"].as_str().unwrap_or_default().to_owned(), entries);
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    for (name, size) in weft_node_bpf::maps::RESIZABLE_MAPS {
+        assert_eq!(
+            declared.get(*name).copied().flatten(),
+            Some(u64::from(*size)),
+            "{name}"
+        );
+    }
+}
