@@ -126,11 +126,12 @@ pub fn plan(
     for service in sorted {
         let frontends = service.frontends(local_cluster, node);
         if let Some(port) = service.health_check_node_port {
-            // Its external frontends balance over this node's backends only.
-            let local: BTreeSet<BackendRef> = frontends
+            // Its external frontends balance over this node's backends only; a pod serving
+            // several ports is one endpoint, as kube-proxy counts them.
+            let local: BTreeSet<Ipv4Addr> = frontends
                 .iter()
                 .filter(|frontend| frontend.frontend.kind != FrontendKind::ClusterIp)
-                .flat_map(|frontend| frontend.active.iter().map(BackendRef::of))
+                .flat_map(|frontend| frontend.active.iter().map(|backend| backend.address))
                 .collect();
             let check = HealthCheck {
                 namespace: service.namespace.clone(),
@@ -236,7 +237,8 @@ pub fn plan(
             port: binding.container_port,
             cluster_id: local_cluster,
         };
-        plan.backends.insert(backend, false);
+        // A service draining the same pod keeps its flag: that is about the service's traffic.
+        plan.backends.entry(backend).or_insert(false);
         plan.frontends.insert(
             key,
             PlannedFrontend {
