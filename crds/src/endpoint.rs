@@ -72,6 +72,12 @@ pub struct WeftEndpointStatus {
 /// message is the node's problem. `weftctl policy status` lists such nodes.
 pub const POLICY_NOT_ENFORCED: &str = "PolicyNotEnforced";
 
+/// The reason of a `WeftEndpoint`'s `Ready=False` when a datapath map on its node that its
+/// wiring, identity or policy needs is full: what does not fit is denied and retried on every
+/// pass; the message names the map and the flag that sizes it. `weftctl policy status` lists
+/// such nodes too.
+pub const MAP_FULL: &str = "MapFull";
+
 /// Where the endpoint is in its life on the node.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "kebab-case")]

@@ -59,3 +59,34 @@ pub fn pinned_map_entries(pin: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
         .map(|entry| (bytes(&entry["key"]), bytes(&entry["value"])))
         .collect()
 }
+
+/// How many entries each keyed map pinned in `dir` holds (hash maps, LRU and per-CPU hashes,
+/// LPM tries, hashes of maps), by name; arrays and ring buffers have no size to change.
+pub fn pinned_map_sizes(dir: &Path) -> std::collections::BTreeMap<String, usize> {
+    const KEYED: [&str; 6] = [
+        "hash",
+        "lru_hash",
+        "percpu_hash",
+        "lru_percpu_hash",
+        "lpm_trie",
+        "hash_of_maps",
+    ];
+    let mut sizes = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let Ok(output) = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&path)
+            .output()
+        else {
+            continue;
+        };
+        let info: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        if !KEYED.contains(&info["type"].as_str().unwrap_or_default()) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        sizes.insert(name, pinned_map_entries(&path).len());
+    }
+    sizes
+}

@@ -248,6 +248,32 @@ pub fn assert_connection_observed(sandbox: &TestSandbox, from: &PodState, to: &P
     }
 }
 
+/// The container IDs holding an address on `cluster`/`node` (its agent's IPAM state).
+pub fn ipam_allocations(sandbox: &TestSandbox, cluster: &str, node: &str) -> Vec<String> {
+    let path = sandbox
+        .sandbox
+        .node_state_dir(cluster, node)
+        .join("ipam.json");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("ipam state")).expect("json");
+    state["allocations"]
+        .as_object()
+        .map(|allocations| allocations.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// The pods' host-side veths in a node's namespace.
+pub fn host_veths(netns: &str) -> Vec<String> {
+    let json = host::ip(&["-n", netns, "-j", "link", "show"]).expect("ip link");
+    let links: Vec<serde_json::Value> = serde_json::from_str(&json).expect("json");
+    links
+        .iter()
+        .filter_map(|link| link["ifname"].as_str())
+        .filter(|name| name.starts_with("wc"))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A metric's value on the admin endpoint of `cluster`/`node`'s agent, if it is exported.
 pub fn agent_metric(sandbox: &TestSandbox, cluster: &str, node: &str, name: &str) -> Option<f64> {
     let netns = sandbox.node_netns(cluster, node);

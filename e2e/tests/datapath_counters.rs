@@ -71,6 +71,7 @@ fn pod_programs_count_what_a_pod_sends_and_receives() {
                 &test_conntrack(),
                 &test_nat(),
                 &Default::default(),
+                Default::default(),
             )
             .expect("load and verify the programs");
             register(&mut datapath, &pod, &wired);
@@ -129,6 +130,7 @@ fn the_datapath_outlives_the_agent_until_detached() {
                 &test_conntrack(),
                 &test_nat(),
                 &Default::default(),
+                Default::default(),
             )
             .expect("load");
             register(&mut first_agent, &pod, &wired);
@@ -144,6 +146,7 @@ fn the_datapath_outlives_the_agent_until_detached() {
                 &test_conntrack(),
                 &test_nat(),
                 &Default::default(),
+                Default::default(),
             )
             .expect("load again");
             let counted = next_agent.traffic(ifindex).expect("counters");

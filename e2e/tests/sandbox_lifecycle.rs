@@ -6,39 +6,15 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use weft_e2e::sandbox::{answered_by, http_get, in_netns, TestSandbox};
+use weft_e2e::sandbox::{
+    answered_by, host_veths, http_get, in_netns, ipam_allocations, TestSandbox,
+};
 use weft_sandbox::{host, Sandbox};
 
 fn pod(name: &str, node: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: weft/echo\n    ports:\n    - {{name: http, containerPort: 8080}}\n---\n"
     )
-}
-
-fn allocations(sandbox: &TestSandbox, node: &str) -> Vec<String> {
-    let path = sandbox
-        .sandbox
-        .run_dir
-        .join("nodes")
-        .join(format!("c1-{node}"))
-        .join("state/ipam.json");
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).expect("ipam state")).expect("json");
-    state["allocations"]
-        .as_object()
-        .map(|allocations| allocations.keys().cloned().collect())
-        .unwrap_or_default()
-}
-
-fn host_veths(netns: &str) -> Vec<String> {
-    let json = host::ip(&["-n", netns, "-j", "link", "show"]).expect("ip link");
-    let links: Vec<serde_json::Value> = serde_json::from_str(&json).expect("json");
-    links
-        .iter()
-        .filter_map(|link| link["ifname"].as_str())
-        .filter(|name| name.starts_with("wc"))
-        .map(str::to_owned)
-        .collect()
 }
 
 #[test]
@@ -55,7 +31,7 @@ fn cni_del_frees_the_address_and_removes_the_links() {
     sandbox.sandbox.apply(None, &file).expect("apply");
     let late = sandbox.pod("late").clone();
     assert_eq!(host_veths(&node_ns).len(), 2);
-    assert!(allocations(&sandbox, "n1").contains(&late.ip.to_string()));
+    assert!(ipam_allocations(&sandbox, "c1", "n1").contains(&late.ip.to_string()));
     let pins = sandbox.sandbox.bpffs.join("c1-n1/weft/links");
     let pinned = |pins: &Path| std::fs::read_dir(pins).map(|d| d.count()).unwrap_or(0);
     let pins_with_late = pinned(&pins);
@@ -63,7 +39,7 @@ fn cni_del_frees_the_address_and_removes_the_links() {
     sandbox.sandbox.delete(None, &file).expect("delete");
     assert_eq!(host_veths(&node_ns).len(), 1, "the pod's veth is gone");
     assert!(
-        !allocations(&sandbox, "n1").contains(&late.ip.to_string()),
+        !ipam_allocations(&sandbox, "c1", "n1").contains(&late.ip.to_string()),
         "its address is free"
     );
     assert_eq!(

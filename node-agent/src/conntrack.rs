@@ -69,6 +69,30 @@ pub fn default_max_entries(memory_bytes: u64) -> u32 {
         .clamp(MIN_ENTRIES, MAX_ENTRIES)
 }
 
+/// Maps that hold one entry per connection or client besides the tracking table (the
+/// socket-level reverse translations, session-affinity choices): unless sized by
+/// `--map-entries`, they follow the tracking table's size, and never go below what the programs
+/// declare. The cluster-scale maps (endpoints, ipcache, policy, services) keep their declared
+/// sizes: they need room for the cluster, not for the node's traffic.
+pub fn with_connection_scale_defaults(
+    mut entries: crate::datapath::MapEntries,
+    ct_max_entries: u32,
+) -> crate::datapath::MapEntries {
+    for (name, declared) in maps::RESIZABLE_MAPS
+        .iter()
+        .filter(|(name, _)| CONNECTION_SCALE_MAPS.contains(name))
+    {
+        entries
+            .0
+            .entry((*name).to_owned())
+            .or_insert(ct_max_entries.max(*declared));
+    }
+    entries
+}
+
+/// See [`with_connection_scale_defaults`].
+const CONNECTION_SCALE_MAPS: [&str; 2] = ["lb_sock_reverse", "lb_affinity"];
+
 /// The node's memory from `/proc/meminfo` (`MemTotal`), if it can be read.
 pub fn node_memory_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -164,6 +188,37 @@ pub fn sweep(pin: &std::path::Path, settings: &CtSettings) -> Result<Sweep, Stri
         std::thread::yield_now();
     }
     Ok(Sweep { live, collected })
+}
+
+/// Removes every tracked connection of `address` (either end), as its endpoint goes: the next
+/// pod given the address starts with none, as Cilium scrubs an endpoint's entries on delete.
+/// One pass over the table; failures are logged (the entries then die by their lifetimes).
+pub fn forget_address(pin_dir: &std::path::Path, address: std::net::Ipv4Addr) {
+    let forgot = || -> Result<usize, String> {
+        let map = MapData::from_pin(pin_dir.join(maps::CONNTRACK)).map_err(|e| e.to_string())?;
+        let map = Map::from_map_data(map).map_err(|error| error.to_string())?;
+        let mut table: HashMap<MapData, CtKey, CtEntry> =
+            HashMap::try_from(map).map_err(|error| error.to_string())?;
+        // Keys hold addresses in network byte order.
+        let address = u32::from(address).to_be();
+        let keys: Vec<CtKey> = table
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.src_ip == address || key.dst_ip == address)
+            .collect();
+        Ok(keys.iter().filter(|key| table.remove(key).is_ok()).count())
+    };
+    match forgot() {
+        Ok(0) => {}
+        Ok(forgotten) => {
+            tracing::debug!(%address, forgotten, "connections of a removed endpoint forgotten")
+        }
+        Err(error) => tracing::warn!(
+            %error,
+            %address,
+            "cannot forget a removed endpoint's connections; they end by their lifetimes"
+        ),
+    }
 }
 
 /// Sweeps the connection-tracking table and the NAT tables pinned in `pin_dir` every
@@ -276,6 +331,25 @@ mod tests {
         assert!(!settings.alive(&key, &syn, now), "SYN: 60 s");
         let (key, udp) = entry(17, CtState::Established, 100_000 - 61);
         assert!(!settings.alive(&key, &udp, now), "other protocols: 60 s");
+    }
+
+    #[test]
+    fn connection_scale_maps_follow_the_tracking_table_unless_sized() {
+        let given: crate::datapath::MapEntries = "lb_affinity=1000".parse().expect("parse");
+        let entries = with_connection_scale_defaults(given, 300_000);
+        assert_eq!(entries.0.get("lb_affinity"), Some(&1000), "given wins");
+        assert_eq!(entries.0.get("lb_sock_reverse"), Some(&300_000));
+        assert_eq!(
+            entries.0.get("endpoints"),
+            None,
+            "cluster-scale maps keep theirs"
+        );
+        let small = with_connection_scale_defaults(Default::default(), 65_536);
+        assert_eq!(
+            small.0.get("lb_sock_reverse"),
+            Some(&262_144),
+            "never below the declared size"
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ use weft_node_bpf::maps::{
 use weft_node_bpf::{maps, programs, HOST_OBJECT, POD_OBJECT, SOCK_OBJECT};
 
 use crate::conntrack::CtSettings;
+use crate::map_pressure::{self, FullMap, MapPressure, MapPressureMetrics, BPF_NOEXIST};
 use crate::nat::NatSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,8 @@ pub enum DatapathError {
     },
     #[error("the embedded objects have no map {0:?}; the build embedded a stale object")]
     MissingMap(&'static str),
+    #[error("{}", .0.describe())]
+    MapFull(FullMap),
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -169,6 +172,7 @@ pub struct Datapath {
     host: Ebpf,
     sock: Ebpf,
     pin_dir: PathBuf,
+    pressure: MapPressure,
 }
 
 /// The socket-level programs and where each attaches in a cgroup.
@@ -189,6 +193,7 @@ impl Datapath {
         conntrack: &CtSettings,
         nat: &NatSettings,
         map_entries: &MapEntries,
+        pressure: MapPressureMetrics,
     ) -> Result<Self, DatapathError> {
         for dir in [pin_dir.to_owned(), pin_dir.join("links")] {
             std::fs::create_dir_all(&dir)
@@ -254,6 +259,7 @@ impl Datapath {
             host,
             sock,
             pin_dir: pin_dir.to_owned(),
+            pressure: MapPressure::new(pressure),
         };
         datapath.record_layouts()?;
         Ok(datapath)
@@ -389,33 +395,72 @@ impl Datapath {
         &mut self,
         name: &'static str,
     ) -> Result<HashMap<&mut MapData, K, V>, DatapathError> {
-        let map = self
-            .pod
-            .map_mut(name)
-            .ok_or(DatapathError::MissingMap(name))?;
-        HashMap::try_from(map).map_err(map_error(name))
+        hash_map(&mut self.pod, name)
     }
 
     fn lpm_trie<K: aya::Pod, V: aya::Pod>(
         &mut self,
         name: &'static str,
     ) -> Result<LpmTrie<&mut MapData, K, V>, DatapathError> {
-        let map = self
-            .pod
-            .map_mut(name)
-            .ok_or(DatapathError::MissingMap(name))?;
-        LpmTrie::try_from(map).map_err(map_error(name))
+        lpm_trie(&mut self.pod, name)
+    }
+
+    /// Writes one entry of the pod object's map `name` with `insert` (given the update
+    /// flags), telling a full map apart from other failures (see [`crate::map_pressure`]).
+    fn write(
+        &mut self,
+        name: &'static str,
+        mut insert: impl FnMut(&mut Ebpf, u64) -> Result<Result<(), aya::maps::MapError>, DatapathError>,
+    ) -> Result<(), DatapathError> {
+        if self.pressure.is_full(name) {
+            // Only a key that was not there proves room: replacing one succeeds when full.
+            match insert(&mut self.pod, BPF_NOEXIST)? {
+                Ok(()) => {
+                    self.pressure.has_room(name);
+                    return Ok(());
+                }
+                Err(error) if map_pressure::key_exists(&error) => {}
+                Err(error) => return Err(self.write_failed(name, error)),
+            }
+        }
+        match insert(&mut self.pod, 0)? {
+            Ok(()) => Ok(()),
+            Err(error) => Err(self.write_failed(name, error)),
+        }
+    }
+
+    fn write_failed(&mut self, name: &'static str, error: aya::maps::MapError) -> DatapathError {
+        if !map_pressure::is_full(&error) {
+            return map_error(name)(error);
+        }
+        let max_entries = aya::maps::MapInfo::from_pin(self.pin_dir.join(name))
+            .ok()
+            .map(|info| info.max_entries());
+        DatapathError::MapFull(self.pressure.refused(name, max_entries))
+    }
+
+    /// [`removed`], and a map that was full has room once an entry went.
+    fn removed(
+        &mut self,
+        name: &'static str,
+        result: Result<(), aya::maps::MapError>,
+    ) -> Result<(), DatapathError> {
+        if result.is_ok() {
+            self.pressure.has_room(name);
+        }
+        removed(name, result)
+    }
+
+    /// The maps that refused a write for want of room and have had none since.
+    pub fn full_maps(&self) -> Vec<FullMap> {
+        self.pressure.full_maps()
     }
 
     /// Maglev table id → the table (`lb_maglev`, a hash of maps).
     fn maglev_tables(
         &mut self,
     ) -> Result<HashOfMaps<&mut MapData, u32, Array<MapData, u32>>, DatapathError> {
-        let map = self
-            .pod
-            .map_mut(LB_MAGLEV)
-            .ok_or(DatapathError::MissingMap(LB_MAGLEV))?;
-        HashOfMaps::try_from(map).map_err(map_error(LB_MAGLEV))
+        maglev_tables(&mut self.pod)
     }
 
     pub fn configure(&mut self, config: NodeConfig) -> Result<(), DatapathError> {
@@ -434,14 +479,16 @@ impl Datapath {
         ip: Ipv4Addr,
         info: EndpointInfo,
     ) -> Result<(), DatapathError> {
-        self.hash_map(ENDPOINTS)?
-            .insert(EndpointKey::new(ip), info, 0)
-            .map_err(map_error(ENDPOINTS))
+        let key = EndpointKey::new(ip);
+        self.write(ENDPOINTS, |pod, flags| {
+            Ok(hash_map(pod, ENDPOINTS)?.insert(key, info, flags))
+        })
     }
 
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
         let mut endpoints: HashMap<_, EndpointKey, EndpointInfo> = self.hash_map(ENDPOINTS)?;
-        removed(ENDPOINTS, endpoints.remove(&EndpointKey::new(ip)))
+        let result = endpoints.remove(&EndpointKey::new(ip));
+        self.removed(ENDPOINTS, result)
     }
 
     /// Records what the node knows about `prefix`: its identity and the node it lives behind.
@@ -454,9 +501,9 @@ impl Datapath {
             u32::from(prefix.prefix_len()),
             u32::from(prefix.network()).to_be(),
         );
-        self.lpm_trie(IPCACHE)?
-            .insert(&key, entry, 0)
-            .map_err(map_error(IPCACHE))
+        self.write(IPCACHE, |pod, flags| {
+            Ok(lpm_trie(pod, IPCACHE)?.insert(&key, entry, flags))
+        })
     }
 
     pub fn remove_ipcache(&mut self, prefix: Ipv4Net) -> Result<(), DatapathError> {
@@ -465,7 +512,8 @@ impl Datapath {
             u32::from(prefix.network()).to_be(),
         );
         let mut ipcache: LpmTrie<_, u32, IpcacheEntry> = self.lpm_trie(IPCACHE)?;
-        removed(IPCACHE, ipcache.remove(&key))
+        let result = ipcache.remove(&key);
+        self.removed(IPCACHE, result)
     }
 
     /// Every ipcache entry (a restarted agent finds what the one before it wrote).
@@ -485,14 +533,15 @@ impl Datapath {
     }
 
     pub fn upsert_peer_set(&mut self, identity: u32, set: PeerSet) -> Result<(), DatapathError> {
-        self.hash_map(POLICY_PEER_SETS)?
-            .insert(identity, set, 0)
-            .map_err(map_error(POLICY_PEER_SETS))
+        self.write(POLICY_PEER_SETS, |pod, flags| {
+            Ok(hash_map(pod, POLICY_PEER_SETS)?.insert(identity, set, flags))
+        })
     }
 
     pub fn remove_peer_set(&mut self, identity: u32) -> Result<(), DatapathError> {
         let mut sets: HashMap<_, u32, PeerSet> = self.hash_map(POLICY_PEER_SETS)?;
-        removed(POLICY_PEER_SETS, sets.remove(&identity))
+        let result = sets.remove(&identity);
+        self.removed(POLICY_PEER_SETS, result)
     }
 
     /// `port_bits` of `data.port` (network byte order) are significant.
@@ -503,9 +552,9 @@ impl Datapath {
         entry: PolicyEntry,
     ) -> Result<(), DatapathError> {
         let key = LpmKey::new(POLICY_KEY_FIXED_BITS + u32::from(port_bits), data);
-        self.lpm_trie(POLICY_ENTRIES)?
-            .insert(&key, entry, 0)
-            .map_err(map_error(POLICY_ENTRIES))
+        self.write(POLICY_ENTRIES, |pod, flags| {
+            Ok(lpm_trie(pod, POLICY_ENTRIES)?.insert(&key, entry, flags))
+        })
     }
 
     pub fn remove_policy_entry(
@@ -515,7 +564,8 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         let key = LpmKey::new(POLICY_KEY_FIXED_BITS + u32::from(port_bits), data);
         let mut entries: LpmTrie<_, PolicyKeyData, PolicyEntry> = self.lpm_trie(POLICY_ENTRIES)?;
-        removed(POLICY_ENTRIES, entries.remove(&key))
+        let result = entries.remove(&key);
+        self.removed(POLICY_ENTRIES, result)
     }
 
     pub fn upsert_endpoint_policy(
@@ -523,14 +573,15 @@ impl Datapath {
         ifindex: u32,
         state: EndpointPolicy,
     ) -> Result<(), DatapathError> {
-        self.hash_map(ENDPOINT_POLICIES)?
-            .insert(ifindex, state, 0)
-            .map_err(map_error(ENDPOINT_POLICIES))
+        self.write(ENDPOINT_POLICIES, |pod, flags| {
+            Ok(hash_map(pod, ENDPOINT_POLICIES)?.insert(ifindex, state, flags))
+        })
     }
 
     pub fn remove_endpoint_policy(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         let mut states: HashMap<_, u32, EndpointPolicy> = self.hash_map(ENDPOINT_POLICIES)?;
-        removed(ENDPOINT_POLICIES, states.remove(&ifindex))
+        let result = states.remove(&ifindex);
+        self.removed(ENDPOINT_POLICIES, result)
     }
 
     /// What an earlier agent left in the policy maps, so that what the policy in force no
@@ -572,25 +623,27 @@ impl Datapath {
         key: LbFrontendKey,
         frontend: LbFrontend,
     ) -> Result<(), DatapathError> {
-        self.hash_map(LB_FRONTENDS)?
-            .insert(key, frontend, 0)
-            .map_err(map_error(LB_FRONTENDS))
+        self.write(LB_FRONTENDS, |pod, flags| {
+            Ok(hash_map(pod, LB_FRONTENDS)?.insert(key, frontend, flags))
+        })
     }
 
     pub fn remove_frontend(&mut self, key: LbFrontendKey) -> Result<(), DatapathError> {
         let mut frontends: HashMap<_, LbFrontendKey, LbFrontend> = self.hash_map(LB_FRONTENDS)?;
-        removed(LB_FRONTENDS, frontends.remove(&key))
+        let result = frontends.remove(&key);
+        self.removed(LB_FRONTENDS, result)
     }
 
     pub fn upsert_backend(&mut self, id: u32, backend: LbBackend) -> Result<(), DatapathError> {
-        self.hash_map(LB_BACKENDS)?
-            .insert(id, backend, 0)
-            .map_err(map_error(LB_BACKENDS))
+        self.write(LB_BACKENDS, |pod, flags| {
+            Ok(hash_map(pod, LB_BACKENDS)?.insert(id, backend, flags))
+        })
     }
 
     pub fn remove_backend(&mut self, id: u32) -> Result<(), DatapathError> {
         let mut backends: HashMap<_, u32, LbBackend> = self.hash_map(LB_BACKENDS)?;
-        removed(LB_BACKENDS, backends.remove(&id))
+        let result = backends.remove(&id);
+        self.removed(LB_BACKENDS, result)
     }
 
     /// Installs a Maglev table (slot → backend id) under `table_id`: a new inner array of the
@@ -608,15 +661,15 @@ impl Datapath {
                 .set(slot, backend_id, 0)
                 .map_err(map_error(LB_MAGLEV))?;
         }
-        let mut tables = self.maglev_tables()?;
-        tables
-            .insert(table_id, &table, 0)
-            .map_err(map_error(LB_MAGLEV))
+        self.write(LB_MAGLEV, |pod, flags| {
+            Ok(maglev_tables(pod)?.insert(table_id, &table, flags))
+        })
     }
 
     pub fn remove_maglev_table(&mut self, table_id: u32) -> Result<(), DatapathError> {
         let mut tables = self.maglev_tables()?;
-        removed(LB_MAGLEV, tables.remove(&table_id))
+        let result = tables.remove(&table_id);
+        self.removed(LB_MAGLEV, result)
     }
 
     /// What an earlier agent left in the load-balancing maps: frontend keys, backend ids and
@@ -707,6 +760,35 @@ impl Datapath {
 }
 
 /// A removal of something already gone is not an error (deletes are idempotent).
+fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
+    object: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<&'a mut MapData, K, V>, DatapathError> {
+    let map = object
+        .map_mut(name)
+        .ok_or(DatapathError::MissingMap(name))?;
+    HashMap::try_from(map).map_err(map_error(name))
+}
+
+fn lpm_trie<'a, K: aya::Pod, V: aya::Pod>(
+    object: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<LpmTrie<&'a mut MapData, K, V>, DatapathError> {
+    let map = object
+        .map_mut(name)
+        .ok_or(DatapathError::MissingMap(name))?;
+    LpmTrie::try_from(map).map_err(map_error(name))
+}
+
+fn maglev_tables(
+    object: &mut Ebpf,
+) -> Result<HashOfMaps<&mut MapData, u32, Array<MapData, u32>>, DatapathError> {
+    let map = object
+        .map_mut(LB_MAGLEV)
+        .ok_or(DatapathError::MissingMap(LB_MAGLEV))?;
+    HashOfMaps::try_from(map).map_err(map_error(LB_MAGLEV))
+}
+
 fn removed(
     name: &'static str,
     result: Result<(), aya::maps::MapError>,

@@ -10,6 +10,7 @@ pub mod ipam;
 pub mod kernel;
 pub mod kubernetes;
 pub mod local_pods;
+pub mod map_pressure;
 pub mod nat;
 pub mod netlink;
 pub mod node;

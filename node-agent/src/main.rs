@@ -272,6 +272,8 @@ async fn main() -> anyhow::Result<()> {
     conntrack_metrics.register(&mut metrics_registry);
     let nat_metrics = NatMetrics::default();
     nat_metrics.register(&mut metrics_registry);
+    let map_pressure_metrics = weft_agent::map_pressure::MapPressureMetrics::default();
+    map_pressure_metrics.register(&mut metrics_registry);
     let registry = Arc::new(Mutex::new(metrics_registry));
     let admin = start_admin(args.admin_addr, readiness.clone(), registry)
         .await
@@ -410,12 +412,16 @@ async fn main() -> anyhow::Result<()> {
         snat_ports = %nat_settings.snat_ports,
         "service NAT"
     );
-    let map_entries = MapEntries::merged(args.map_entries.clone());
+    let map_entries = conntrack::with_connection_scale_defaults(
+        MapEntries::merged(args.map_entries.clone()),
+        ct_settings.max_entries,
+    );
     let mut datapath = Datapath::load(
         &args.bpffs.join("weft"),
         &ct_settings,
         &nat_settings,
         &map_entries,
+        map_pressure_metrics,
     )
     .context("loading the datapath (is bpffs mounted at --bpffs?)")?;
     tokio::spawn(conntrack::run_collector(
@@ -566,16 +572,25 @@ async fn main() -> anyhow::Result<()> {
                 let mut agent = agent.lock().await;
                 // Peers first: the policy pass then sees the peer set they left.
                 agent.sync_peers().await;
+                // A full map is logged once where it is found, not on every retry.
+                let failed = |what: &str, error: weft_agent::node::NodeError| {
+                    if error.is_map_full() {
+                        tracing::debug!(%error, "cannot apply {what}");
+                    } else {
+                        tracing::warn!(%error, "cannot apply {what}");
+                    }
+                };
                 if let Err(error) = tokio::task::block_in_place(|| agent.sync_identities()) {
-                    tracing::warn!(%error, "cannot apply endpoint identities");
+                    failed("endpoint identities", error);
                 }
                 if let Err(error) = tokio::task::block_in_place(|| agent.sync_policy()) {
-                    tracing::warn!(%error, "cannot apply policy");
+                    failed("policy", error);
                 }
                 if let Err(error) = tokio::task::block_in_place(|| agent.sync_services()) {
-                    tracing::warn!(%error, "cannot apply services");
+                    failed("services", error);
                 }
                 tokio::task::block_in_place(|| agent.replace_outdated_programs());
+                agent.report_map_pressure();
             }
         })
     };

@@ -37,6 +37,14 @@ pub enum NodeError {
     Record { path: PathBuf, reason: String },
 }
 
+impl NodeError {
+    /// Whether a datapath map had no room: already logged once where it happened
+    /// ([`crate::map_pressure`]), and retried on every pass.
+    pub fn is_map_full(&self) -> bool {
+        matches!(self, Self::Datapath(DatapathError::MapFull(_)))
+    }
+}
+
 /// What the agent remembers about one endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
@@ -260,7 +268,12 @@ impl NodeAgent {
             }),
         };
         result.unwrap_or_else(|error| {
-            tracing::error!(%error, "CNI request failed");
+            if error.is_map_full() {
+                // Logged once where the map was found full; the runtime retries ADD.
+                tracing::debug!(%error, "CNI request failed");
+            } else {
+                tracing::error!(%error, "CNI request failed");
+            }
             Response::Error {
                 code: CNI_TRY_AGAIN_LATER,
                 message: error.to_string(),
@@ -289,16 +302,26 @@ impl NodeAgent {
             netns: registration.netns,
             identity: ReservedIdentity::Init.id(),
         };
-        self.datapath.attach_endpoint(&record.host_veth)?;
-        self.program_endpoint(&record)?;
-        self.save(&record)?;
+        // Kept from the start, so that a failure part way is undone like any release.
+        self.endpoints
+            .insert(record.container_id.clone(), record.clone());
+        let wired = self
+            .datapath
+            .attach_endpoint(&record.host_veth)
+            .map_err(NodeError::from)
+            .and_then(|()| self.program_endpoint(&record))
+            .and_then(|()| self.save(&record));
+        if let Err(error) = wired {
+            // Nothing of this attempt stays: the runtime retries ADD, which wires it afresh.
+            self.abandon(&record.container_id);
+            return Err(error);
+        }
         tracing::info!(
             ip = %record.ip,
             pod = %format!("{}/{}", record.pod.namespace, record.pod.name),
             veth = %record.host_veth,
             "endpoint ready"
         );
-        self.endpoints.insert(record.container_id.clone(), record);
         Ok(Response::Registered)
     }
 
@@ -402,6 +425,11 @@ impl NodeAgent {
         };
         self.policy.sync(&mut self.datapath, &inputs)?;
         Ok(())
+    }
+
+    /// Puts the datapath's full maps in the node's enforcement report.
+    pub fn report_map_pressure(&mut self) {
+        self.policy.set_full_maps(self.datapath.full_maps());
     }
 
     /// Brings a newly registered endpoint as far as its sources allow (its identity, then the
@@ -543,22 +571,45 @@ impl NodeAgent {
         Ok(())
     }
 
+    /// Forgets the endpoint everywhere: every step is tried even when one fails, so a
+    /// failure leaves as little as possible behind; the first failure is returned.
     fn release(&mut self, container_id: &str) -> Result<Response, NodeError> {
         let record = self.endpoints.remove(container_id);
+        let mut failures: Vec<NodeError> = Vec::new();
         if let Some(record) = &record {
-            self.datapath.remove_endpoint(record.ip)?;
-            self.datapath.remove_ipcache(Ipv4Net::from(record.ip))?;
-            self.datapath.detach(&record.host_veth);
-            self.policy
-                .forget_endpoint(&mut self.datapath, record.host_ifindex)?;
-            self.datapath.remove_counters(record.host_ifindex)?;
+            let steps = [
+                self.datapath.remove_endpoint(record.ip),
+                self.datapath.remove_ipcache(Ipv4Net::from(record.ip)),
+                {
+                    self.datapath.detach(&record.host_veth);
+                    self.policy
+                        .forget_endpoint(&mut self.datapath, record.host_ifindex)
+                },
+                self.datapath.remove_counters(record.host_ifindex),
+            ];
+            failures.extend(
+                steps
+                    .into_iter()
+                    .filter_map(Result::err)
+                    .map(NodeError::from),
+            );
             self.directory().remove_local(record.ip);
             let _ = std::fs::remove_file(self.record_path(container_id));
+            // A later pod given this address must not inherit its connections: a tracked
+            // "reply" to it would pass its ingress policy.
+            let pin_dir = self.datapath.pin_dir().to_owned();
+            let address = record.ip;
+            tokio::task::spawn_blocking(move || {
+                crate::conntrack::forget_address(&pin_dir, address)
+            });
             tracing::info!(ip = %record.ip, veth = %record.host_veth, "endpoint removed");
         }
-        let ip = self.ipam.release(container_id)?;
+        let ip = self.ipam.release(container_id);
+        if let Some(error) = failures.into_iter().next() {
+            return Err(error);
+        }
         Ok(Response::Released {
-            ip,
+            ip: ip?,
             host_veth: record.map(|record| record.host_veth),
         })
     }

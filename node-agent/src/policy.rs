@@ -31,6 +31,7 @@ use weft_node_bpf::maps::{
 use crate::datapath::{Datapath, DatapathError, InstalledPolicy};
 use crate::flows::directory::EndpointMeta;
 use crate::local_pods::LocalPod;
+use crate::map_pressure::FullMap;
 use crate::watched_file::WatchedFile;
 
 /// First identity number for CIDR prefixes named by policies (node-local, as Cilium's): above
@@ -59,6 +60,8 @@ pub struct PolicyEngine {
     reported: Option<EnforcementReport>,
     /// What the last pass reported as its problem, if any.
     problem: Option<String>,
+    /// The datapath's maps found full (see [`crate::map_pressure`]), for the report.
+    full_maps: Vec<FullMap>,
     /// `installed` holds what an earlier run left (see [`Self::adopt`]) and no install has
     /// replaced it yet.
     adopted: bool,
@@ -107,6 +110,11 @@ pub struct EnforcementReport {
     /// direction: isolated traffic is allowed only by a rule.
     #[serde(default)]
     pub endpoints: BTreeMap<Ipv4Addr, Isolation>,
+    /// Datapath maps that refused a write for want of room: some entries the node needs
+    /// (an endpoint, policy, a service) are missing until there is room, and what needs them
+    /// is denied meanwhile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub full_maps: Vec<FullMap>,
 }
 
 /// Whether policy isolates an endpoint in each direction.
@@ -193,6 +201,7 @@ impl PolicyEngine {
             report,
             isolation: BTreeMap::new(),
             reported: None,
+            full_maps: Vec::new(),
             problem: None,
             mode,
             file: WatchedFile::new(file),
@@ -321,8 +330,25 @@ impl PolicyEngine {
     }
 
     /// Brings the datapath in line with the policies and inputs; does nothing when neither
-    /// changed since the last call.
+    /// changed since the last call, unless the last call failed: then it tries again.
     pub fn sync(
+        &mut self,
+        datapath: &mut Datapath,
+        inputs: &PolicyInputs<'_>,
+    ) -> Result<(), DatapathError> {
+        let synced = self.sync_once(datapath, inputs);
+        if let Err(error) = &synced {
+            self.last_inputs = None;
+            if self.problem.is_none() {
+                self.report(Some(format!(
+                    "the policy could not be written ({error}); endpoints keep the policy they had, and those without one are denied"
+                )));
+            }
+        }
+        synced
+    }
+
+    fn sync_once(
         &mut self,
         datapath: &mut Datapath,
         inputs: &PolicyInputs<'_>,
@@ -605,12 +631,26 @@ impl PolicyEngine {
         Ok(())
     }
 
-    /// Writes the enforcement report when it changed (atomically: others poll it).
+    /// Records the datapath's full maps in the report.
+    pub fn set_full_maps(&mut self, full_maps: Vec<FullMap>) {
+        if self.full_maps != full_maps {
+            self.full_maps = full_maps;
+            self.write_report();
+        }
+    }
+
+    /// Records the pass's problem in the report.
     fn report(&mut self, problem: Option<String>) {
-        self.problem.clone_from(&problem);
+        self.problem = problem;
+        self.write_report();
+    }
+
+    /// Writes the enforcement report when it changed (atomically: others poll it).
+    fn write_report(&mut self) {
         let report = EnforcementReport {
-            problem,
+            problem: self.problem.clone(),
             endpoints: self.isolation.clone(),
+            full_maps: self.full_maps.clone(),
         };
         if self.reported.as_ref() == Some(&report) {
             return;
@@ -619,8 +659,10 @@ impl PolicyEngine {
             return;
         };
         let temporary = path.with_extension("json.tmp");
-        let written = serde_json::to_vec(&report)
-            .map_err(std::io::Error::other)
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| serde_json::to_vec(&report).map_err(std::io::Error::other))
             .and_then(|json| std::fs::write(&temporary, json))
             .and_then(|()| std::fs::rename(&temporary, path));
         match written {

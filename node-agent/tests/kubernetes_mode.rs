@@ -934,6 +934,7 @@ async fn a_wired_pod_gets_its_weft_endpoint_with_its_enforcement_and_loses_it_wh
             },
         )]
         .into(),
+        full_maps: Vec::new(),
     };
     write_report(&report, &isolated);
     let api = tokio::spawn(async move {
@@ -960,7 +961,7 @@ async fn a_wired_pod_gets_its_weft_endpoint_with_its_enforcement_and_loses_it_wh
         &report,
         &EnforcementReport {
             problem: Some("the policies do not compile (1100 peer selectors)".into()),
-            ..isolated
+            ..isolated.clone()
         },
     );
     let api = tokio::spawn(async move {
@@ -979,6 +980,46 @@ async fn a_wired_pod_gets_its_weft_endpoint_with_its_enforcement_and_loses_it_wh
             .as_str()
             .unwrap_or_default();
         assert!(message.contains("1100 peer selectors"), "{message}");
+        server
+    });
+    publisher.pass(&mut applied).await;
+    let mut server = api.await.expect("api server");
+
+    // A map the endpoint's policy needs is full: said as MapFull, naming the map and its flag.
+    // A full service map is not the endpoint's problem.
+    let mut pressure = weft_agent::map_pressure::MapPressure::default();
+    let full_maps = vec![
+        pressure.refused("policy_entries", Some(64)),
+        pressure.refused("lb_backends", Some(16)),
+    ];
+    write_report(
+        &report,
+        &EnforcementReport {
+            problem: None,
+            full_maps,
+            ..isolated.clone()
+        },
+    );
+    let api = tokio::spawn(async move {
+        let body = expect_apply(&mut server, STATUS).await;
+        let status = &body["status"];
+        assert_eq!(
+            condition(status, "Ready"),
+            ("False".into(), "MapFull".into())
+        );
+        assert_eq!(
+            condition(status, "Stalled"),
+            ("True".into(), "MapFull".into())
+        );
+        let message = status["conditions"][1]["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            message.contains("map policy_entries (64 entries) is full")
+                && message.contains("--map-entries policy_entries=N")
+                && !message.contains("lb_backends"),
+            "{message}"
+        );
         server
     });
     publisher.pass(&mut applied).await;

@@ -551,7 +551,11 @@ impl Sandbox {
             if succeeded || !try_again || Instant::now() > deadline {
                 break (succeeded, result);
             }
-            tracing::info!(pod = %pod.name, "the node's agent is unavailable; retrying");
+            tracing::info!(
+                pod = %pod.name,
+                reason = result.get("details").and_then(|d| d.as_str()).unwrap_or("the node's agent is unavailable"),
+                "the node's agent says try again later; retrying"
+            );
             std::thread::sleep(CNI_RETRY_INTERVAL);
         };
         if !succeeded {

@@ -95,7 +95,7 @@ pub fn desired_endpoint(record: &EndpointRecord, pod: &Pod, node: &str) -> Value
     })
 }
 
-use weft_crds::endpoint::POLICY_NOT_ENFORCED;
+use weft_crds::endpoint::{MAP_FULL, POLICY_NOT_ENFORCED};
 
 /// What the agent says of an endpoint in its `WeftEndpoint` status: where it is in its life
 /// (`state`), whether policy isolates it (`enforcement`, from the node's enforcement report), and
@@ -115,12 +115,29 @@ pub fn desired_status(
     let waiting_for_identity = record.identity == ReservedIdentity::Init.id();
     let isolation = report.and_then(|report| report.endpoints.get(&record.ip));
     let valid = format!("wired by the agent of node {node}");
+    let full_maps: Vec<&str> = report
+        .iter()
+        .flat_map(|report| &report.full_maps)
+        .filter(|full| crate::map_pressure::affects_endpoints(&full.map))
+        .map(|full| full.message.as_str())
+        .collect();
     let outcome = if waiting_for_identity {
         Outcome::Waiting {
             valid,
             waiting: Finding::new(
                 "WaitingForIdentity",
                 "the pod's security identity is not known yet (the operator allocates a WeftIdentity for its labels); until then it has the init identity",
+            ),
+        }
+    } else if !full_maps.is_empty() {
+        Outcome::Degraded {
+            valid,
+            problem: Finding::new(
+                MAP_FULL,
+                format!(
+                    "{}; what does not fit is denied until it does",
+                    full_maps.join("; ")
+                ),
             ),
         }
     } else {

@@ -20,7 +20,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::Value;
 use weft_core::identity::{LabelFilter, SecurityLabels};
-use weft_crds::endpoint::POLICY_NOT_ENFORCED;
+use weft_crds::endpoint::{MAP_FULL, POLICY_NOT_ENFORCED};
 use weft_crds::status::CONDITION_READY;
 use weft_crds::{WeftClusterwideNetworkPolicy, WeftEndpoint, WeftNetworkPolicy};
 
@@ -191,7 +191,10 @@ pub fn node_problems(cluster: &str, endpoints: &[WeftEndpoint]) -> Vec<NodeProbl
             .status
             .iter()
             .flat_map(|status| status.conditions.iter())
-            .find(|c| c.type_ == CONDITION_READY && c.reason == POLICY_NOT_ENFORCED);
+            .find(|c| {
+                c.type_ == CONDITION_READY
+                    && (c.reason == POLICY_NOT_ENFORCED || c.reason == MAP_FULL)
+            });
         if let Some(condition) = not_enforced {
             by_node
                 .entry(endpoint.spec.node_name.as_str())

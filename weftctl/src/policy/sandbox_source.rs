@@ -65,7 +65,20 @@ pub fn node_problems(sandbox: &Sandbox) -> Vec<NodeProblem> {
                 .join("policy-enforcement.json");
             let report: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-            let problem = report["problem"].as_str()?.to_owned();
+            // Its policy problem, then every map it found full that the problem does not
+            // already name.
+            let problem = report["problem"].as_str();
+            let full_maps = report["full_maps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|full| full["message"].as_str())
+                .filter(|message| !problem.is_some_and(|problem| problem.contains(message)));
+            let problems: Vec<&str> = problem.into_iter().chain(full_maps).collect();
+            if problems.is_empty() {
+                return None;
+            }
+            let problem = problems.join("; ");
             Some(NodeProblem {
                 cluster: node.cluster.clone(),
                 node: node.name.clone(),
