@@ -259,7 +259,19 @@ impl Datapath {
             host,
             sock,
             pin_dir: pin_dir.to_owned(),
-            pressure: MapPressure::new(pressure),
+            pressure: MapPressure::new(
+                pressure,
+                &[
+                    ENDPOINTS,
+                    IPCACHE,
+                    POLICY_PEER_SETS,
+                    POLICY_ENTRIES,
+                    ENDPOINT_POLICIES,
+                    LB_FRONTENDS,
+                    LB_BACKENDS,
+                    LB_MAGLEV,
+                ],
+            ),
         };
         datapath.record_layouts()?;
         Ok(datapath)

@@ -94,7 +94,17 @@ pub struct MapPressure {
 }
 
 impl MapPressure {
-    pub fn new(metrics: MapPressureMetrics) -> Self {
+    /// `written`: the maps the agent writes, shown at 0 from the start (an alert on the
+    /// gauge then sees every map, full or not).
+    pub fn new(metrics: MapPressureMetrics, written: &[&str]) -> Self {
+        for map in written {
+            metrics
+                .full
+                .get_or_create(&MapLabels {
+                    map: (*map).to_owned(),
+                })
+                .set(0);
+        }
         Self {
             full: BTreeMap::new(),
             metrics,
@@ -186,7 +196,7 @@ mod tests {
         let metrics = MapPressureMetrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let mut pressure = MapPressure::new(metrics);
+        let mut pressure = MapPressure::new(metrics, &["policy_entries", "endpoints"]);
         pressure.refused("policy_entries", Some(16));
         pressure.refused("policy_entries", Some(16));
         assert!(pressure.is_full("policy_entries"));

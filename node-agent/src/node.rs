@@ -599,9 +599,11 @@ impl NodeAgent {
             // "reply" to it would pass its ingress policy.
             let pin_dir = self.datapath.pin_dir().to_owned();
             let address = record.ip;
-            tokio::task::spawn_blocking(move || {
-                crate::conntrack::forget_address(&pin_dir, address)
-            });
+            let forget = move || crate::conntrack::forget_address(&pin_dir, address);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(forget)),
+                Err(_) => forget(),
+            }
             tracing::info!(ip = %record.ip, veth = %record.host_veth, "endpoint removed");
         }
         let ip = self.ipam.release(container_id);
