@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::io::Write as _;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -668,20 +668,7 @@ impl IdentityAllocator {
                 source,
             }
         };
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        let mut temp = tempfile::NamedTempFile::new_in(dir)
-            .map_err(io_error("create a temporary file next to"))?;
-        temp.write_all(&json).map_err(io_error("write"))?;
-        temp.as_file().sync_all().map_err(io_error("flush"))?;
-        temp.persist(path)
-            .map_err(|e| io_error("replace")(e.error))?;
-        // Make the rename itself durable.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error("flush the directory of"))?;
+        crate::files::write_atomically(path, &json).map_err(io_error("replace"))?;
         Ok(())
     }
 

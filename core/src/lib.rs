@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod daemon;
+pub mod files;
 pub mod identity;
 pub mod policy;
 pub mod service;

@@ -248,6 +248,18 @@ pub fn assert_connection_observed(sandbox: &TestSandbox, from: &PodState, to: &P
     }
 }
 
+/// `weftctl policy status` for the sandbox: whether it succeeded, and what it printed.
+pub fn policy_status(sandbox: &TestSandbox) -> (bool, String) {
+    let output = Command::new(default_bin_dir().join("weftctl"))
+        .args(["policy", "status", "--sandbox", &sandbox.name])
+        .output()
+        .expect("run weftctl");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
 /// The container IDs holding an address on `cluster`/`node` (its agent's IPAM state).
 pub fn ipam_allocations(sandbox: &TestSandbox, cluster: &str, node: &str) -> Vec<String> {
     let path = sandbox

@@ -9,14 +9,14 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use weft_e2e::bpffs::pinned_map_sizes;
 use weft_e2e::sandbox::{
-    agent_metric, echo_reachable, host_veths, http_get, in_netns, ipam_allocations, TestSandbox,
+    agent_metric, echo_reachable, host_veths, http_get, in_netns, ipam_allocations, policy_status,
+    TestSandbox,
 };
-use weft_sandbox::{default_bin_dir, Sandbox};
+use weft_sandbox::Sandbox;
 
 fn pod(name: &str, app: &str) -> String {
     format!(
@@ -28,18 +28,6 @@ fn write(dir: &Path, name: &str, yaml: &str) -> std::path::PathBuf {
     let file = dir.join(name);
     std::fs::write(&file, yaml).expect("write manifest");
     file
-}
-
-/// `weftctl policy status` for the sandbox: whether it succeeded, and what it printed.
-fn policy_status(sandbox: &TestSandbox) -> (bool, String) {
-    let output = Command::new(default_bin_dir().join("weftctl"))
-        .args(["policy", "status", "--sandbox", &sandbox.name])
-        .output()
-        .expect("run weftctl");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
 }
 
 fn until(what: &str, timeout: Duration, mut done: impl FnMut() -> Result<(), String>) {

@@ -3,11 +3,10 @@
 //! a silent allow: the policy in force before stays, and the error clears once it is fixed.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use weft_e2e::sandbox::{echo_reachable, TestSandbox};
-use weft_sandbox::{default_bin_dir, Sandbox};
+use weft_e2e::sandbox::{echo_reachable, policy_status, TestSandbox};
+use weft_sandbox::Sandbox;
 
 fn pod(name: &str, app: &str, node: &str) -> String {
     format!(
@@ -29,17 +28,6 @@ fn too_many_peers() -> String {
     format!("apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata: {{name: model, namespace: ml}}\nspec:\n  endpointSelector: {{matchLabels: {{app: model}}}}\n  ingress:\n{rules}")
 }
 
-fn status(sandbox: &TestSandbox) -> (bool, String) {
-    let output = Command::new(default_bin_dir().join("weftctl"))
-        .args(["policy", "status", "--sandbox", &sandbox.name])
-        .output()
-        .expect("run weftctl");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
-}
-
 fn apply(sandbox: &TestSandbox, yaml: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("policy.yaml");
@@ -54,7 +42,7 @@ fn apply(sandbox: &TestSandbox, yaml: &str) {
 fn status_until(sandbox: &TestSandbox, what: &str, done: impl Fn(bool, &str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (ok, out) = status(sandbox);
+        let (ok, out) = policy_status(sandbox);
         if done(ok, &out) {
             return out;
         }

@@ -957,6 +957,10 @@ while True:
         print("ok", flush=True)
     except socket.timeout:
         print("timeout", flush=True)
+    except ConnectionRefusedError:
+        # The backend's server stopped before its pod went (ICMP port unreachable): a
+        # resolver tries again, as glibc does; the socket is still connected to it.
+        print("refused", flush=True)
     except OSError as e:
         print("error", e.errno, flush=True)
         break

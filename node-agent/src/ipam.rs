@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -136,14 +136,9 @@ impl Ipam {
             path: self.path.clone(),
             source,
         };
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(write_error)?;
-        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(write_error)?;
-        serde_json::to_writer_pretty(&mut file, &next)
+        let json = serde_json::to_vec_pretty(&next)
             .map_err(|error| write_error(std::io::Error::other(error)))?;
-        file.as_file().sync_all().map_err(write_error)?;
-        file.persist(&self.path)
-            .map_err(|error| write_error(error.error))?;
+        weft_core::files::write_atomically(&self.path, &json).map_err(write_error)?;
         self.state = next;
         Ok(())
     }

@@ -113,7 +113,7 @@ mod tests {
         let mut pods = LocalPods::new(Some(path.clone()));
         pods.refresh();
         assert_eq!(pods.get("ml", "trainer-0"), None);
-        crate::kubernetes::write_atomically(
+        weft_core::files::write_atomically(
             &path,
             br#"[{"namespace":"ml","pod":"trainer-0","identity":5},
                  {"namespace":"ml","pod":"broken"},

@@ -310,9 +310,10 @@ async fn main() -> anyhow::Result<()> {
             // file before the watches start, closes that gap; the watch then rewrites it.
             let listed = kubernetes::node::list_peers(&client, &args.node_name).await?;
             let paths = kubernetes::FilePaths::under(&args.state_dir);
-            if let Err(error) =
-                kubernetes::write_atomically(&paths.peers_file, &peers::to_file_bytes(&listed))
-            {
+            if let Err(error) = weft_core::files::write_atomically(
+                &paths.peers_file,
+                &peers::to_file_bytes(&listed),
+            ) {
                 tracing::warn!(%error, path = %paths.peers_file.display(), "cannot write the peers file; the first pass uses what it held");
             }
             tracing::info!(

@@ -622,18 +622,13 @@ impl NodeAgent {
 
     fn save(&self, record: &EndpointRecord) -> Result<(), NodeError> {
         let path = self.record_path(&record.container_id);
-        let write = || -> std::io::Result<()> {
-            std::fs::create_dir_all(&self.records_dir)?;
-            let mut file = tempfile::NamedTempFile::new_in(&self.records_dir)?;
-            serde_json::to_writer(&mut file, record).map_err(std::io::Error::other)?;
-            file.as_file().sync_all()?;
-            file.persist(&path).map_err(|error| error.error)?;
-            Ok(())
-        };
-        write().map_err(|error| NodeError::Record {
-            path,
-            reason: error.to_string(),
-        })
+        serde_json::to_vec(record)
+            .map_err(std::io::Error::other)
+            .and_then(|json| weft_core::files::write_atomically(&path, &json))
+            .map_err(|error| NodeError::Record {
+                path,
+                reason: error.to_string(),
+            })
     }
 }
 

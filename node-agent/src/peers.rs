@@ -703,7 +703,7 @@ mod tests {
     }
 
     fn write_file(path: &std::path::Path, peers: &[PeerNode]) {
-        crate::kubernetes::write_atomically(path, &to_file_bytes(peers)).expect("write");
+        weft_core::files::write_atomically(path, &to_file_bytes(peers)).expect("write");
     }
 
     #[tokio::test]
@@ -799,7 +799,7 @@ mod tests {
             &b"[{\"name\": \"b\", \"nodeIP\": "[..],
             &br#"[{"name": "b", "nodeIP": "192.168.0.2", "podCIDR": "ten"}]"#[..],
         ] {
-            crate::kubernetes::write_atomically(&path, broken).expect("write");
+            weft_core::files::write_atomically(&path, broken).expect("write");
             assert_eq!(sync.sync(&mut fake).await, None, "the peers stay");
             assert!(fake.ops.is_empty(), "{:?}", fake.ops);
         }

@@ -658,13 +658,9 @@ impl PolicyEngine {
         let Some(path) = &self.report else {
             return;
         };
-        let temporary = path.with_extension("json.tmp");
-        let written = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| serde_json::to_vec(&report).map_err(std::io::Error::other))
-            .and_then(|json| std::fs::write(&temporary, json))
-            .and_then(|()| std::fs::rename(&temporary, path));
+        let written = serde_json::to_vec(&report)
+            .map_err(std::io::Error::other)
+            .and_then(|json| weft_core::files::write_atomically(path, &json));
         match written {
             Ok(()) => self.reported = Some(report),
             Err(error) => {
@@ -749,17 +745,11 @@ fn named_ports(meta: &EndpointMeta) -> NamedPorts {
 }
 
 fn named_ports_from(ports: &BTreeMap<String, (String, u16)>) -> NamedPorts {
-    ports
-        .iter()
-        .map(|(name, (protocol, port))| {
-            let protocol = if protocol.eq_ignore_ascii_case("UDP") {
-                Protocol::Udp
-            } else {
-                Protocol::Tcp
-            };
-            (name.clone(), (protocol, *port))
-        })
-        .collect()
+    weft_core::policy::evaluate::named_ports(
+        ports
+            .iter()
+            .map(|(name, (protocol, port))| (Some(name.as_str()), Some(protocol.as_str()), *port)),
+    )
 }
 
 #[cfg(test)]

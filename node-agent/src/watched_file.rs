@@ -93,13 +93,13 @@ mod tests {
             None,
             "no file yet, nothing new"
         );
-        crate::kubernetes::write_atomically(&path, b"[1]").expect("write");
+        weft_core::files::write_atomically(&path, b"[1]").expect("write");
         assert_eq!(file.changed_objects("test"), Some(vec![Value::from(1)]));
         assert_eq!(file.changed_objects("test"), None, "read once");
-        crate::kubernetes::write_atomically(&path, b"[2").expect("write");
+        weft_core::files::write_atomically(&path, b"[2").expect("write");
         assert_eq!(file.changed_objects("test"), None, "broken");
         assert_eq!(file.changed_objects("test"), None, "still broken");
-        crate::kubernetes::write_atomically(&path, b"[3]").expect("write");
+        weft_core::files::write_atomically(&path, b"[3]").expect("write");
         assert_eq!(file.changed_objects("test"), Some(vec![Value::from(3)]));
         std::fs::remove_file(&path).expect("remove");
         assert_eq!(

@@ -18,6 +18,27 @@ use crate::policy::selector::Labels;
 /// A container's named ports: name → (protocol, number).
 pub type NamedPorts = BTreeMap<String, (Protocol, u16)>;
 
+/// A pod's named ports from its container ports as `(name, protocol, number)`; unnamed ports
+/// are skipped. A missing protocol is TCP, as Kubernetes defaults it. An SCTP port is left out:
+/// Weft cannot allow SCTP, and a name resolved to a TCP or UDP port of the same number would
+/// allow what the policy did not say (an unresolved name allows nothing).
+pub fn named_ports<'a>(
+    ports: impl IntoIterator<Item = (Option<&'a str>, Option<&'a str>, u16)>,
+) -> NamedPorts {
+    ports
+        .into_iter()
+        .filter_map(|(name, protocol, number)| {
+            let protocol = match protocol {
+                None => Protocol::Tcp,
+                Some(protocol) if protocol.eq_ignore_ascii_case("TCP") => Protocol::Tcp,
+                Some(protocol) if protocol.eq_ignore_ascii_case("UDP") => Protocol::Udp,
+                Some(_) => return None,
+            };
+            Some((name?.to_owned(), (protocol, number)))
+        })
+        .collect()
+}
+
 /// The other end of a connection, as the node knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerKind {
@@ -598,6 +619,25 @@ mod tests {
                 "{entity:?} vs {kind:?}"
             );
         }
+    }
+
+    #[test]
+    fn named_ports_take_tcp_by_default_and_leave_sctp_out() {
+        let ports = named_ports([
+            (Some("http"), None, 8080),
+            (Some("dns"), Some("UDP"), 53),
+            (Some("grpc"), Some("TCP"), 9090),
+            (Some("signal"), Some("SCTP"), 3868),
+            (None, Some("TCP"), 22),
+        ]);
+        assert_eq!(
+            ports,
+            NamedPorts::from([
+                ("http".to_owned(), (Protocol::Tcp, 8080)),
+                ("dns".to_owned(), (Protocol::Udp, 53)),
+                ("grpc".to_owned(), (Protocol::Tcp, 9090)),
+            ])
+        );
     }
 
     #[test]

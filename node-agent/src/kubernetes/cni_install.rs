@@ -6,7 +6,6 @@
 //! The conflist is written once the agent serves its CNI socket and has listed the cluster:
 //! the runtime starts wiring pods through Weft only when the agent can answer.
 
-use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -68,17 +67,7 @@ fn install_file(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<PathB
         path: path.clone(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(failed)?;
-    let mut file = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .tempfile_in(dir)
-        .map_err(failed)?;
-    file.write_all(bytes).map_err(failed)?;
-    file.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(failed)?;
-    file.as_file().sync_all().map_err(failed)?;
-    file.persist(&path).map_err(|error| failed(error.error))?;
+    weft_core::files::write_atomically_with_mode(&path, bytes, Some(mode)).map_err(failed)?;
     Ok(path)
 }
 

@@ -128,19 +128,6 @@ impl FilePaths {
     }
 }
 
-/// Writes `bytes` to `path` so that a reader never sees half of it: a temporary file in the
-/// same directory, flushed, then renamed over the old one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    file.write_all(bytes)?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|error| error.error)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,16 +158,5 @@ mod tests {
         let error = resolve_mode(RequestedMode::Kubernetes, true, &["--service-file"])
             .expect_err("files and kubernetes mode conflict");
         assert!(error.contains("--service-file"), "{error}");
-    }
-
-    #[test]
-    fn writes_replace_the_file_whole() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("sub").join("f.json");
-        write_atomically(&path, b"[1]").expect("write");
-        write_atomically(&path, b"[2]").expect("write");
-        assert_eq!(std::fs::read(&path).expect("read"), b"[2]");
-        let leftovers = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
-        assert_eq!(leftovers, 1, "no temporary file is left behind");
     }
 }

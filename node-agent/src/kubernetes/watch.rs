@@ -25,8 +25,9 @@ use weft_crds::{
 };
 
 use super::files::{self, DirectoryInputs};
-use super::{node, write_atomically, FilePaths};
+use super::{node, FilePaths};
 use crate::peers;
+use weft_core::files::write_atomically;
 
 /// How long a file waits after a change for more changes before it is rewritten.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);

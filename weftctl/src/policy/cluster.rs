@@ -25,8 +25,9 @@ use weft_crds::status::CONDITION_READY;
 use weft_crds::{WeftClusterwideNetworkPolicy, WeftEndpoint, WeftNetworkPolicy};
 
 use super::explain::{explain, parse_target, Explanation};
-use super::inventory::{named_ports, Inventory, NodeView, PodView, PolicyEntry, ReportedStatus};
+use super::inventory::{Inventory, NodeView, PodView, PolicyEntry, ReportedStatus};
 use super::status::{status, NodeProblem, StatusReport};
+use weft_core::policy::evaluate::named_ports;
 
 /// Page size of LIST requests, as kubectl uses.
 const PAGE: u32 = 500;
@@ -273,7 +274,7 @@ fn pod_view(
         .filter_map(|port| {
             Some((
                 port.name.as_deref(),
-                port.protocol.as_deref().unwrap_or("TCP"),
+                port.protocol.as_deref(),
                 u16::try_from(port.container_port).ok()?,
             ))
         });

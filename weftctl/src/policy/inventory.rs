@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use serde_json::Value;
 use weft_core::policy::evaluate::NamedPorts;
-use weft_core::policy::model::{Policy, Protocol};
+use weft_core::policy::model::Policy;
 use weft_core::policy::selector::Labels;
 use weft_crds::policy_model::{self, InvalidReason, PolicyError};
 
@@ -169,24 +169,6 @@ fn decode_error(error: &serde_json::Error) -> PolicyError {
         reason: InvalidReason::BadSelector,
         message: format!("does not match the schema: {error} (run `weftctl validate`)"),
     }
-}
-
-/// A pod's named ports from `(name, protocol, number)` triples; protocols other than UDP count
-/// as TCP, as Kubernetes defaults them.
-pub fn named_ports<'a>(
-    ports: impl IntoIterator<Item = (Option<&'a str>, &'a str, u16)>,
-) -> NamedPorts {
-    ports
-        .into_iter()
-        .filter_map(|(name, protocol, number)| {
-            let protocol = if protocol == "UDP" {
-                Protocol::Udp
-            } else {
-                Protocol::Tcp
-            };
-            Some((name?.to_owned(), (protocol, number)))
-        })
-        .collect()
 }
 
 #[cfg(test)]

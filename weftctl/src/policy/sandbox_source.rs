@@ -3,8 +3,9 @@
 
 use weft_sandbox::Sandbox;
 
-use super::inventory::{named_ports, Inventory, NodeView, PodView, PolicyEntry};
+use super::inventory::{Inventory, NodeView, PodView, PolicyEntry};
 use super::status::NodeProblem;
+use weft_core::policy::evaluate::named_ports;
 
 pub fn inventory(sandbox: &Sandbox) -> Inventory {
     let pods = sandbox
@@ -18,11 +19,13 @@ pub fn inventory(sandbox: &Sandbox) -> Inventory {
             ip: Some(pod.ip),
             host_network: false,
             security_labels: sandbox.security_labels(pod),
-            named_ports: named_ports(
-                pod.ports
-                    .iter()
-                    .map(|port| (port.name.as_deref(), port.protocol.as_str(), port.port)),
-            ),
+            named_ports: named_ports(pod.ports.iter().map(|port| {
+                (
+                    port.name.as_deref(),
+                    Some(port.protocol.as_str()),
+                    port.port,
+                )
+            })),
         })
         .collect();
     let nodes = sandbox
