@@ -348,14 +348,55 @@ pub struct IdentityRecord {
     pub unused_since: Option<u64>,
 }
 
-/// The local identity file: the records plus the last number handed out, so a number freed
-/// before a restart is not handed out right after it.
+/// The local identity file. (Files of earlier releases also hold `lastAllocated`, which the
+/// search order no longer needs; it is ignored.)
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct IdentityFile {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    last_allocated: Option<u32>,
     identities: Vec<IdentityRecord>,
+}
+
+/// Fixed SipHash keys: the hash must be the same in every process and every release, since it
+/// is stored in labels and decides where a label set's number is searched first.
+const HASH_KEYS: (u64, u64) = (0x7765_6674_2d69_6431, 0x7365_632d_6c61_6273);
+
+fn labels_hash128(labels: &SecurityLabels) -> u128 {
+    // Length-prefixed keys and values in key order: no two label sets encode alike.
+    let mut bytes = Vec::new();
+    for (key, value) in labels.iter() {
+        bytes.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.extend_from_slice(&(value.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(value.as_bytes());
+    }
+    siphasher::sip128::SipHasher13::new_with_keys(HASH_KEYS.0, HASH_KEYS.1)
+        .hash(&bytes)
+        .as_u128()
+}
+
+/// A stable 128-bit hash of a label set as 32 lowercase hex digits (a valid label value). Only an
+/// index: equal hashes are always confirmed by comparing the labels themselves.
+pub fn labels_hash(labels: &SecurityLabels) -> String {
+    format!("{:032x}", labels_hash128(labels))
+}
+
+/// The local number (in `FIRST_LOCAL_IDENTITY..=MAX_LOCAL_IDENTITY`) where the search for a
+/// free number for `labels` starts: the first of [`search_order`].
+pub fn preferred_local(labels: &SecurityLabels) -> u32 {
+    // The remainder is below the capacity (65280), so it fits in a u32.
+    FIRST_LOCAL_IDENTITY + (labels_hash128(labels) % u128::from(LOCAL_IDENTITY_CAPACITY)) as u32
+}
+
+/// The local numbers to try for `labels`, in order: from a number derived from the labels'
+/// hash upwards, wrapping around, over the first `capacity` local numbers (all of them,
+/// [`LOCAL_IDENTITY_CAPACITY`], outside tests). Every allocator searches in this order — the
+/// operator's replicas, which then meet on one object when they race for a label set, and the
+/// sandbox — so a label set gets the same number wherever it is first allocated.
+pub fn search_order(labels: &SecurityLabels, capacity: u32) -> impl Iterator<Item = u32> {
+    let capacity = capacity.clamp(1, LOCAL_IDENTITY_CAPACITY);
+    // The remainder is below the capacity, so it fits in a u32.
+    let start = (labels_hash128(labels) % u128::from(capacity)) as u32;
+    (0..capacity).map(move |step| FIRST_LOCAL_IDENTITY + (start + step) % capacity)
 }
 
 #[derive(Clone, Debug)]
@@ -370,15 +411,13 @@ struct Entry {
 /// Hands out the identities of one cluster: one number per security label set, stable while
 /// the label set is in use, and freed a grace period after its last user is gone.
 ///
-/// Numbers are handed out in increasing order, wrapping around to the lowest free one when the
-/// top is reached, so a freed number is reused as late as possible: peers may still cache it.
+/// A label set's number is the first free one of its [`search_order`], as the operator
+/// allocates them; a number is reused only after its garbage-collection grace period.
 #[derive(Clone, Debug)]
 pub struct IdentityAllocator {
     cluster_id: ClusterId,
     /// Highest local number this allocator may hand out (below [`MAX_LOCAL_IDENTITY`] in tests).
     max_local: u32,
-    /// The local number handed out last; the next search starts after it.
-    last_local: u32,
     /// Keyed by local number.
     by_local: BTreeMap<u32, Entry>,
     by_labels: BTreeMap<SecurityLabels, u32>,
@@ -399,7 +438,6 @@ impl IdentityAllocator {
         Self {
             cluster_id,
             max_local,
-            last_local: FIRST_LOCAL_IDENTITY - 1,
             by_local: BTreeMap::new(),
             by_labels: BTreeMap::new(),
         }
@@ -436,12 +474,13 @@ impl IdentityAllocator {
         if let Some(&id) = self.by_labels.get(labels) {
             return Ok(id);
         }
-        let local = self.next_free().ok_or(IdentityError::Exhausted {
-            cluster_id: self.cluster_id,
-            capacity: self.capacity(),
-        })?;
+        let local = search_order(labels, self.capacity())
+            .find(|local| !self.by_local.contains_key(local))
+            .ok_or(IdentityError::Exhausted {
+                cluster_id: self.cluster_id,
+                capacity: self.capacity(),
+            })?;
         let id = make_identity(self.cluster_id, local);
-        self.last_local = local;
         self.by_local.insert(
             local,
             Entry {
@@ -453,27 +492,6 @@ impl IdentityAllocator {
         self.by_labels.insert(labels.clone(), id);
         tracing::debug!(identity = id, labels = %labels, "allocated identity");
         Ok(id)
-    }
-
-    /// The next free local number after the last one handed out, wrapping to the lowest free.
-    fn next_free(&self) -> Option<u32> {
-        let start = self.last_local.saturating_add(1).max(FIRST_LOCAL_IDENTITY);
-        self.first_free_in(start, self.max_local)
-            .or_else(|| self.first_free_in(FIRST_LOCAL_IDENTITY, start.saturating_sub(1)))
-    }
-
-    fn first_free_in(&self, low: u32, high: u32) -> Option<u32> {
-        if low > high {
-            return None;
-        }
-        let mut candidate = low;
-        for &taken in self.by_local.range(low..=high).map(|(local, _)| local) {
-            if taken != candidate {
-                return Some(candidate);
-            }
-            candidate += 1;
-        }
-        (candidate <= high).then_some(candidate)
     }
 
     /// The identity of `labels`, counting one more user (e.g. an endpoint). An identity whose
@@ -591,7 +609,6 @@ impl IdentityAllocator {
 
     /// An allocator holding `records`, with their numbers. Refuses, rather than renumbers,
     /// records of another cluster, outside the local range, or repeating an id or a label set.
-    /// The next number handed out is the one after the highest record.
     pub fn from_records(
         cluster_id: ClusterId,
         records: impl IntoIterator<Item = IdentityRecord>,
@@ -624,7 +641,6 @@ impl IdentityAllocator {
                         .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
                 },
             );
-            allocator.last_local = allocator.last_local.max(local);
         }
         Ok(allocator)
     }
@@ -654,8 +670,6 @@ impl IdentityAllocator {
     /// the old or the new file, never a torn one.
     pub fn save(&self, path: &Path) -> Result<(), IdentityError> {
         let file = IdentityFile {
-            last_allocated: (self.last_local >= FIRST_LOCAL_IDENTITY)
-                .then(|| make_identity(self.cluster_id, self.last_local)),
             identities: self.to_records(),
         };
         let mut json = serde_json::to_vec_pretty(&file).map_err(IdentityError::Encode)?;
@@ -684,12 +698,7 @@ impl IdentityAllocator {
                 path: path.to_owned(),
                 source,
             })?;
-        let mut allocator = Self::from_records(cluster_id, file.identities)?;
-        if let Some(last) = file.last_allocated {
-            // The true position after a wrap-around, which may be below the highest record.
-            allocator.last_local = allocator.check_own(last)?;
-        }
-        Ok(allocator)
+        Self::from_records(cluster_id, file.identities)
     }
 
     /// Like [`Self::load`], but an absent file gives an empty allocator (first start).
@@ -840,39 +849,46 @@ mod tests {
     #[test]
     fn identities_carry_the_cluster_id() {
         let mut allocator = IdentityAllocator::new(cluster(3));
-        let id = allocator
-            .allocate(&pod("shop", &[("app", "web")]))
-            .expect("allocate");
-        assert_eq!(id, (3 << 16) | FIRST_LOCAL_IDENTITY);
+        let web = pod("shop", &[("app", "web")]);
+        let id = allocator.allocate(&web).expect("allocate");
+        assert_eq!(id, (3 << 16) | preferred_local(&web));
         assert_eq!(cluster_of(id), 3);
-        assert_eq!(local_of(id), FIRST_LOCAL_IDENTITY);
+        assert_eq!(local_of(id), preferred_local(&web));
         assert_eq!(cluster_of(ReservedIdentity::World.id()), 0);
         let highest = make_identity(cluster(511), MAX_LOCAL_IDENTITY);
         assert_eq!(highest, (1 << 25) - 1);
         assert_eq!(cluster_of(highest), 511);
         // Another cluster's number is not ours, even if its low bits match.
-        assert_eq!(allocator.labels_of((4 << 16) | FIRST_LOCAL_IDENTITY), None);
+        assert_eq!(allocator.labels_of((4 << 16) | local_of(id)), None);
     }
 
     #[test]
-    fn freed_numbers_are_not_reused_at_once() {
-        let mut allocator = IdentityAllocator::new(cluster(1));
-        let a = allocator
-            .acquire(&pod("shop", &[("app", "a")]))
-            .expect("acquire");
-        let b = allocator
-            .acquire(&pod("shop", &[("app", "b")]))
-            .expect("acquire");
-        allocator.release_at(a, at(100)).expect("release");
+    fn a_label_set_gets_the_first_free_number_of_its_search_order() {
+        // As the operator allocates: from the hash's number up, wrapping around. With room for
+        // three, two of four label sets must start at the same number.
+        let mut allocator = IdentityAllocator::with_capacity(cluster(1), 3);
+        let apps: Vec<SecurityLabels> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|app| pod("shop", &[("app", app)]))
+            .collect();
+        let start = |labels: &SecurityLabels| search_order(labels, 3).next().expect("a number");
+        let (first, second) = (0..apps.len())
+            .flat_map(|i| (i + 1..apps.len()).map(move |j| (i, j)))
+            .find(|(i, j)| start(&apps[*i]) == start(&apps[*j]))
+            .expect("two label sets share a start");
+        let taken = allocator.acquire(&apps[first]).expect("acquire");
+        assert_eq!(local_of(taken), start(&apps[first]), "its own start");
+        let moved = allocator.acquire(&apps[second]).expect("acquire");
+        let next = FIRST_LOCAL_IDENTITY + (start(&apps[second]) - FIRST_LOCAL_IDENTITY + 1) % 3;
+        assert_eq!(local_of(moved), next, "the next number up, wrapping");
+        // The full search order is the operator's: every number once, the preferred first.
+        let order: Vec<u32> = search_order(&apps[0], LOCAL_IDENTITY_CAPACITY).collect();
+        assert_eq!(order[0], preferred_local(&apps[0]));
+        assert_eq!(order.len(), LOCAL_IDENTITY_CAPACITY as usize);
         assert_eq!(
-            allocator.collect_garbage(at(200), Duration::from_secs(60)),
-            vec![a]
+            order.iter().collect::<BTreeSet<_>>().len(),
+            LOCAL_IDENTITY_CAPACITY as usize
         );
-        let c = allocator
-            .acquire(&pod("shop", &[("app", "c")]))
-            .expect("acquire");
-        assert!(c > b, "{c} should come after {b}, not reuse {a}");
-        assert_eq!(allocator.labels_of(a), None);
     }
 
     #[test]
@@ -983,11 +999,15 @@ mod tests {
         assert_eq!(loaded.identity_of(&web), Some(web_id));
         assert_eq!(loaded.references(web_id), Some(2));
         assert_eq!(loaded.references(db_id), Some(0));
-        // The freed number stays unused after the restart too.
-        let next = loaded
-            .acquire(&pod("shop", &[("app", "new")]))
-            .expect("acquire");
-        assert!(next > gone_id);
+        // After the restart a new label set gets the number the operator would give it.
+        let new = pod("shop", &[("app", "new")]);
+        let next = loaded.acquire(&new).expect("acquire");
+        assert_eq!(local_of(next), preferred_local(&new));
+        assert_eq!(
+            loaded.labels_of(gone_id),
+            None,
+            "collected before the restart"
+        );
         // The grace period of the unused identity carries over.
         assert_eq!(
             loaded.collect_garbage(at(1234 + 60), Duration::from_secs(60)),

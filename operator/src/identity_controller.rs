@@ -56,7 +56,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use weft_core::cluster::ClusterId;
 use weft_core::identity::{
-    make_identity, LabelFilter, SecurityLabels, FIRST_LOCAL_IDENTITY, LOCAL_IDENTITY_CAPACITY,
+    make_identity, search_order, LabelFilter, SecurityLabels, LOCAL_IDENTITY_CAPACITY,
 };
 use weft_crds::identity::{WeftIdentitySpec, WeftIdentityStatus};
 use weft_crds::{WeftEndpoint, WeftIdentity};
@@ -376,11 +376,8 @@ pub fn identity_object(id: u32, labels: &SecurityLabels) -> WeftIdentity {
 async fn allocate(ctx: &Context, labels: &SecurityLabels) -> Result<Option<u32>, Error> {
     let cluster = ctx.config.cluster_id;
     let api = ctx.identity_api();
-    let start = preferred_local(labels);
     let mut conflicts = 0;
-    for step in 0..LOCAL_IDENTITY_CAPACITY {
-        let local =
-            FIRST_LOCAL_IDENTITY + (start - FIRST_LOCAL_IDENTITY + step) % LOCAL_IDENTITY_CAPACITY;
+    for local in search_order(labels, LOCAL_IDENTITY_CAPACITY) {
         let id = make_identity(cluster, local);
         if let Some(known) = ctx.identities.get(id) {
             if known.consistent && &known.labels == labels {

@@ -15,11 +15,9 @@ use std::sync::{Arc, RwLock};
 use futures::StreamExt;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
-use siphasher::sip128::SipHasher13;
 use weft_core::cluster::ClusterId;
-use weft_core::identity::{
-    cluster_of, SecurityLabels, FIRST_LOCAL_IDENTITY, LOCAL_IDENTITY_CAPACITY, LOCAL_IDENTITY_MASK,
-};
+use weft_core::identity::{cluster_of, SecurityLabels, FIRST_LOCAL_IDENTITY, LOCAL_IDENTITY_MASK};
+pub use weft_core::identity::{labels_hash, preferred_local};
 use weft_crds::identity::WeftIdentityStatus;
 use weft_crds::WeftIdentity;
 
@@ -28,38 +26,6 @@ pub const LABELS_HASH_LABEL: &str = "weft.io/security-labels-hash";
 /// Label saying who created the object.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "weft-operator";
-
-/// Fixed SipHash keys: the hash must be the same in every process and every release, since it
-/// is stored in labels and decides where a label set's number is searched first.
-const HASH_KEYS: (u64, u64) = (0x7765_6674_2d69_6431, 0x7365_632d_6c61_6273);
-
-fn labels_hash128(labels: &SecurityLabels) -> u128 {
-    // Length-prefixed keys and values in key order: no two label sets encode alike.
-    let mut bytes = Vec::new();
-    for (key, value) in labels.iter() {
-        bytes.extend_from_slice(&(key.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(key.as_bytes());
-        bytes.extend_from_slice(&(value.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(value.as_bytes());
-    }
-    SipHasher13::new_with_keys(HASH_KEYS.0, HASH_KEYS.1)
-        .hash(&bytes)
-        .as_u128()
-}
-
-/// A stable 128-bit hash of a label set as 32 lowercase hex digits (a valid label value). Only an
-/// index: equal hashes are always confirmed by comparing the labels themselves.
-pub fn labels_hash(labels: &SecurityLabels) -> String {
-    format!("{:032x}", labels_hash128(labels))
-}
-
-/// The local number (in `FIRST_LOCAL_IDENTITY..=MAX_LOCAL_IDENTITY`) where the search for a
-/// free number for `labels` starts. Every replica derives the same one, so replicas racing to
-/// allocate one label set try the same numbers in the same order and meet on one object.
-pub fn preferred_local(labels: &SecurityLabels) -> u32 {
-    // The remainder is below the capacity (65280), so it fits in a u32.
-    FIRST_LOCAL_IDENTITY + (labels_hash128(labels) % u128::from(LOCAL_IDENTITY_CAPACITY)) as u32
-}
 
 /// One `WeftIdentity` as the index keeps it.
 #[derive(Clone, Debug, PartialEq)]
