@@ -16,6 +16,7 @@ use weft_e2e::measure::prepare_short_connections;
 use weft_e2e::netns::{run, unique_prefix, NetNs};
 use weft_e2e::sandbox::{address_on_fabric, agent_metric, echo_reachable, in_netns, TestSandbox};
 use weft_sandbox::host;
+use weft_sandbox::plan::NodePlan;
 
 /// A client outside the cluster, on the fabric.
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(172, 30, 255, 252);
@@ -160,12 +161,10 @@ fn wire(a: &str, a_end: &str, b: &str, b_end: &str) {
     run("ip", &["-n", b, "link", "set", b_end, "up"]).expect("up");
 }
 
-#[test]
-fn a_large_transfer_through_a_node_port_crosses_a_hop_with_a_smaller_mtu() {
-    let sandbox = sandbox();
-    let n1 = sandbox.sandbox.plan.node("c1", "n1").expect("n1").clone();
+/// A client network behind a router on the fabric whose link towards the client carries at
+/// most `HOP_MTU` bytes (every other link: 1,500), routed from `n1`: (router, client).
+fn narrow_hop(sandbox: &TestSandbox, n1: &NodePlan) -> (NetNs, NetNs) {
     let fabric = sandbox.sandbox.plan.fabric_netns.clone();
-    // client --(router: 1,400 towards the client)-- fabric -- n1 (NodePort) -- n2 (backend).
     let prefix = unique_prefix();
     let router = NetNs::create(format!("{prefix}r")).expect("router netns");
     let client = NetNs::create(format!("{prefix}c")).expect("client netns");
@@ -250,6 +249,16 @@ fn a_large_transfer_through_a_node_port_crosses_a_hop_with_a_smaller_mtu() {
     ])
     .expect("n1 routes to the client");
 
+    (router, client)
+}
+
+#[test]
+fn a_large_transfer_through_a_node_port_crosses_a_hop_with_a_smaller_mtu() {
+    let sandbox = sandbox();
+    let n1 = sandbox.sandbox.plan.node("c1", "n1").expect("n1").clone();
+    // client --(router: 1,400 towards the client)-- fabric -- n1 (NodePort) -- n2 (backend).
+    let (_router, client) = narrow_hop(&sandbox, &n1);
+
     let target = SocketAddr::from((n1.ip, NODE_PORT));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !echo_reachable(client.name(), target, 1) {
@@ -296,4 +305,80 @@ fn a_large_transfer_through_a_node_port_crosses_a_hop_with_a_smaller_mtu() {
         .join()
         .expect("sender thread")
         .expect("all 10 MB sent");
+}
+
+/// A pod whose ingress a policy isolates uploads through the narrow hop: the router's
+/// "fragmentation needed" is not traffic any rule allows, but it is about the pod's own
+/// connection (related), so it reaches the pod, which sends smaller segments. Dropped, the
+/// upload would stall: the pod would resend full-size segments the hop cannot carry.
+#[test]
+fn an_isolated_pod_learns_its_path_mtu_from_errors_about_its_own_connection() {
+    let sandbox = TestSandbox::up(
+        "- {name: c1, id: 1, podCIDR: 10.1.0.0/16, nodes: [n1], manifests: [pods.yaml]}\n",
+        &[(
+            "pods.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: uploader, namespace: default, labels: {app: uploader}}\nspec:\n  nodeName: n1\n  containers: [{name: c, image: weft/echo, ports: [{containerPort: 8080}]}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: isolate-uploader, namespace: default}\nspec: {podSelector: {matchLabels: {app: uploader}}, policyTypes: [Ingress]}\n",
+        )],
+    );
+    let n1 = sandbox.sandbox.plan.node("c1", "n1").expect("n1").clone();
+    let (router, client) = narrow_hop(&sandbox, &n1);
+    router
+        .exec(&[
+            "ip",
+            "route",
+            "add",
+            "10.1.0.0/16",
+            "via",
+            &n1.ip.to_string(),
+        ])
+        .expect("the router reaches the pods through n1");
+    let uploader = sandbox.pod("uploader").clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while echo_reachable(client.name(), SocketAddr::from((uploader.ip, 8080)), 1) {
+        assert!(
+            Instant::now() < deadline,
+            "the policy never isolated the pod's ingress"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The far end counts what arrives and says how much.
+    let listener = in_netns(client.name(), || {
+        std::net::TcpListener::bind(SocketAddr::from((CLIENT, 9000)))
+    })
+    .expect("listen behind the narrow hop");
+    let sink = std::thread::spawn(move || -> std::io::Result<usize> {
+        let (mut stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut received = 0usize;
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match stream.read(&mut buffer)? {
+                0 => break,
+                read => received += read,
+            }
+        }
+        stream.write_all(&(received as u64).to_be_bytes())?;
+        Ok(received)
+    });
+    let uploaded = in_netns(&uploader.netns, || -> std::io::Result<u64> {
+        let mut stream =
+            TcpStream::connect_timeout(&SocketAddr::from((CLIENT, 9000)), Duration::from_secs(2))?;
+        stream.set_write_timeout(Some(Duration::from_secs(15)))?;
+        stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..TRANSFER / chunk.len() {
+            stream.write_all(&chunk)?;
+        }
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut count = [0u8; 8];
+        stream.read_exact(&mut count)?;
+        Ok(u64::from_be_bytes(count))
+    });
+    assert_eq!(
+        uploaded.ok(),
+        Some(TRANSFER as u64),
+        "the upload stalled at the narrow hop"
+    );
+    assert_eq!(sink.join().expect("sink thread").ok(), Some(TRANSFER));
 }

@@ -68,6 +68,40 @@ struct peer_lookup {
 	__u8 done;                   /* 0: not looked up (a reply, a known peer, no policy) */
 };
 
+#define ICMP_PARAMETER_PROBLEM 12
+
+/* Whether a packet is an ICMP error (destination unreachable — "fragmentation needed"
+ * among them —, time exceeded, parameter problem) about a packet of a live connection: the
+ * error quotes the packet it is about, and the quoted packet's connection vouches for it, as
+ * Linux conntrack's RELATED and Cilium do. So a pod that policy isolates still learns its path
+ * MTU, or that a peer's port is closed, for the connections it has; an error about nothing it
+ * has is judged by policy like other ICMP. Returns -1 when the packet is no ICMP error, 0 when
+ * it is one no live connection vouches for, 1 when it is related. Only the quoted connection
+ * is looked up: the error is never a connection of its own. */
+static __always_inline int icmp_error_related(struct __sk_buff *skb, struct iphdr *ip, __u64 now)
+{
+	void *data_end = ctx_data_end(skb);
+	__u8 *icmp = (void *)(ip + 1);
+	struct ct_lookup quoted = {};
+	struct iphdr inner;
+	__u16 ports[2];
+
+	if (ip->protocol != LB_PROTO_ICMP || ip->ihl != 5 || (void *)(icmp + 1) > data_end)
+		return -1;
+	if (icmp[0] != LB_ICMP_DEST_UNREACH && icmp[0] != LB_ICMP_TIME_EXCEEDED &&
+	    icmp[0] != ICMP_PARAMETER_PROBLEM)
+		return -1;
+	/* The quote must be a TCP or UDP packet sent by the error's addressee. */
+	if (bpf_skb_load_bytes(skb, LB_ICMP_INNER_IP_OFFSET, &inner, sizeof(inner)) < 0 ||
+	    inner.ihl != 5 || inner.saddr != ip->daddr ||
+	    (inner.protocol != LB_PROTO_TCP && inner.protocol != LB_PROTO_UDP) ||
+	    bpf_skb_load_bytes(skb, LB_ICMP_INNER_L4_OFFSET, ports, sizeof(ports)) < 0)
+		return 0;
+	ct_verdict(inner.saddr, inner.daddr, bpf_ntohs(ports[0]), bpf_ntohs(ports[1]),
+		   inner.protocol, 0, now, &quoted);
+	return quoted.entry ? 1 : 0;
+}
+
 /* Applies `endpoint`'s policy in `direction` to a packet, remembering allowed connections.
  * `known_peer` is the peer's identity when the packet itself vouches for it (a validated
  * local sender, the tunnel's VNI); 0 derives it from the peer's address. Returns 1 when the
@@ -82,12 +116,17 @@ static __always_inline int enforce(struct __sk_buff *skb, struct iphdr *ip, __u3
 	__u64 now = bpf_ktime_get_ns();
 	__u32 peer;
 	int verdict;
+	int icmp_error = icmp_error_related(skb, ip, now);
 
+	if (icmp_error == 1)
+		return 0;
 	packet_l4(skb, ip, &l4);
-	verdict = ct_verdict(ip->saddr, ip->daddr, l4.sport, l4.dport, ip->protocol, l4.tcp_flags,
-			     now, &ct);
-	if (verdict == CT_REPLY)
-		goto allowed;
+	if (icmp_error < 0) {
+		verdict = ct_verdict(ip->saddr, ip->daddr, l4.sport, l4.dport, ip->protocol,
+				     l4.tcp_flags, now, &ct);
+		if (verdict == CT_REPLY)
+			goto allowed;
+	}
 	state = endpoint_policy_of(endpoint);
 	/* Endpoints no policy selects skip the identity and policy lookups; their connections
 	 * are still tracked, so replies pass once a policy isolates them. */
@@ -118,7 +157,9 @@ static __always_inline int enforce(struct __sk_buff *skb, struct iphdr *ip, __u3
 		return 1;
 	}
 allowed:
-	ct_update(&ct, l4.tcp_flags, now);
+	/* An ICMP error opens no connection (its key was never filled). */
+	if (icmp_error < 0)
+		ct_update(&ct, l4.tcp_flags, now);
 	return 0;
 }
 
