@@ -1067,3 +1067,69 @@ fn connected_udp_sockets_move_off_a_deleted_backend() {
         );
     }
 }
+
+/// A backend that leaves a service with session affinity but still serves another service
+/// stays in the node's backend table; the clients pinned to it must move on, as they would if
+/// it had gone altogether (kube-proxy forgets affinity to endpoints a service no longer has).
+#[test]
+fn affinity_lets_go_of_a_backend_that_left_the_service_but_serves_another() {
+    let web = |name: &str, app: &str, node: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{app: {app}, tier: front}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: weft/echo\n    ports:\n    - {{name: http, containerPort: 8080}}\n---\n")
+    };
+    let services = "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: shop}\nspec:\n  selector: {app: web}\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: front, namespace: shop}\nspec:\n  selector: {tier: front}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n";
+    let sandbox = TestSandbox::up(
+        "- {name: c1, id: 1, podCIDR: 10.1.0.0/16, serviceCIDR: 10.96.0.0/16, nodes: [n1, n2], manifests: [pods.yaml, services.yaml]}\n",
+        &[
+            (
+                "pods.yaml",
+                &[pod("client1", "client", "n1"), web("web-1", "web", "n1"), web("web-2", "web", "n2")].concat(),
+            ),
+            ("services.yaml", services),
+        ],
+    );
+    let client = sandbox.pod("client1").clone();
+    let sticky = SocketAddr::from((cluster_ip(&sandbox, "sticky"), 80));
+    wait_until_served(&client.netns, sticky);
+    let answered = tally(
+        socket_gets(&client, sticky, 10)
+            .iter()
+            .map(|(pod, _, _)| pod),
+    );
+    assert_eq!(answered.len(), 1, "ClientIP affinity: {answered:?}");
+    let pinned = answered.keys().next().expect("one backend").clone();
+    let other = if pinned == "web-1" { "web-2" } else { "web-1" };
+
+    // The pinned backend leaves `sticky` (its app label changes) and stays in `front`.
+    let node = if pinned == "web-1" { "n1" } else { "n2" };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relabelled = dir.path().join("relabel.yaml");
+    std::fs::write(&relabelled, web(&pinned, "retired", node)).expect("manifest");
+    Sandbox::load(Some(&sandbox.name))
+        .expect("state")
+        .apply(None, &relabelled)
+        .expect("relabel");
+    let front = SocketAddr::from((cluster_ip(&sandbox, "front"), 80));
+    let serves_front = |pod: &str| {
+        socket_gets(&client, front, 20)
+            .iter()
+            .any(|(answered, _, _)| answered == pod)
+    };
+    assert!(serves_front(&pinned), "{pinned} still serves front");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answered = tally(
+            socket_gets(&client, sticky, 10)
+                .iter()
+                .map(|(pod, _, _)| pod),
+        );
+        if answered.len() == 1 && answered.contains_key(other) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sticky still sends the client to {pinned}, which left it: {answered:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

@@ -274,6 +274,8 @@ struct Installed {
     next_service_id: u32,
     /// Backends removed since [`ServiceEngine::take_removed_backends`] was last called.
     removed: Vec<BackendRef>,
+    /// Service id → the ids of the backends taking its new connections, as last applied.
+    active_by_service: BTreeMap<u32, BTreeSet<u32>>,
 }
 
 /// The services in force on the node and what was written for them.
@@ -417,9 +419,16 @@ impl ServiceEngine {
         // stays, and every step leaves the maps consistent.
         let first_after_adoption = !self.installed.adopted_service_ids.is_empty();
         let mut applied = self.apply(datapath, &plan);
-        if applied.is_ok() && first_after_adoption {
-            applied = self.prune_affinity(datapath, &plan);
-            self.installed.adopted_service_ids.clear();
+        if applied.is_ok() {
+            applied = if first_after_adoption {
+                self.prune_affinity(datapath, &plan)
+            } else {
+                self.forget_affinity_to_departed(datapath, &plan)
+            };
+            if applied.is_ok() {
+                self.installed.adopted_service_ids.clear();
+                self.installed.active_by_service = self.active_by_service(&plan);
+            }
         }
         self.retry = applied.is_err();
         applied
@@ -470,6 +479,16 @@ impl ServiceEngine {
     /// Forgets affinity choices an adopted state no longer backs: a service id no frontend
     /// has now, or a backend that is not among that service's active ones.
     fn prune_affinity(&self, datapath: &mut Datapath, plan: &Plan) -> Result<(), DatapathError> {
+        let active = self.active_by_service(plan);
+        datapath.retain_affinity(|key, choice| {
+            active
+                .get(&key.service_id)
+                .is_some_and(|ids| ids.contains(&choice.backend_id))
+        })
+    }
+
+    /// Service id → the ids of the backends that take its new connections under `plan`.
+    fn active_by_service(&self, plan: &Plan) -> BTreeMap<u32, BTreeSet<u32>> {
         let mut active: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
         for frontend in plan.frontends.values() {
             let Some(&service_id) = self.installed.service_ids.get(&frontend.service_port) else {
@@ -482,11 +501,35 @@ impl ServiceEngine {
                 }
             }
         }
-        datapath.retain_affinity(|key, choice| {
-            active
-                .get(&key.service_id)
-                .is_some_and(|ids| ids.contains(&choice.backend_id))
-        })
+        active
+    }
+
+    /// Forgets the clients' affinity to backends that left a service but still serve another
+    /// (and so stay in the backend table, where the datapath would keep finding them). One
+    /// pass over the affinity table, and only when some service lost a backend.
+    fn forget_affinity_to_departed(
+        &self,
+        datapath: &mut Datapath,
+        plan: &Plan,
+    ) -> Result<(), DatapathError> {
+        let now = self.active_by_service(plan);
+        let departed: BTreeSet<(u32, u32)> = self
+            .installed
+            .active_by_service
+            .iter()
+            .flat_map(|(service, before)| {
+                let after = now.get(service);
+                before
+                    .iter()
+                    .filter(move |id| !after.is_some_and(|after| after.contains(id)))
+                    .map(move |id| (*service, *id))
+            })
+            .collect();
+        if departed.is_empty() {
+            return Ok(());
+        }
+        datapath
+            .retain_affinity(|key, choice| !departed.contains(&(key.service_id, choice.backend_id)))
     }
 
     fn apply(&mut self, datapath: &mut Datapath, plan: &Plan) -> Result<(), DatapathError> {
