@@ -248,6 +248,20 @@ pub fn assert_connection_observed(sandbox: &TestSandbox, from: &PodState, to: &P
     }
 }
 
+/// Polls `check` until it holds, every 200 ms (a condition in another process, seen through
+/// files, metrics or packets, has no event to wait on); panics with `what` and the last reason
+/// after `timeout`.
+pub fn until(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(last) if Instant::now() > deadline => panic!("{what}: {last}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 /// `weftctl policy status` for the sandbox: whether it succeeded, and what it printed.
 pub fn policy_status(sandbox: &TestSandbox) -> (bool, String) {
     let output = Command::new(default_bin_dir().join("weftctl"))

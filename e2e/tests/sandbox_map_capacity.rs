@@ -9,12 +9,12 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weft_e2e::bpffs::pinned_map_sizes;
 use weft_e2e::sandbox::{
     agent_metric, echo_reachable, host_veths, http_get, in_netns, ipam_allocations, policy_status,
-    TestSandbox,
+    until, TestSandbox,
 };
 use weft_sandbox::Sandbox;
 
@@ -28,17 +28,6 @@ fn write(dir: &Path, name: &str, yaml: &str) -> std::path::PathBuf {
     let file = dir.join(name);
     std::fs::write(&file, yaml).expect("write manifest");
     file
-}
-
-fn until(what: &str, timeout: Duration, mut done: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match done() {
-            Ok(()) => return,
-            Err(last) if Instant::now() > deadline => panic!("{what}: {last}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
 }
 
 fn map_full(sandbox: &TestSandbox, map: &str) -> Option<f64> {

@@ -9,7 +9,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use weft_e2e::sandbox::{address_on_fabric, answered_by, in_netns, run_in_pod, TestSandbox};
+use weft_e2e::sandbox::{address_on_fabric, answered_by, in_netns, run_in_pod, until, TestSandbox};
 use weft_sandbox::{host, PodState, Sandbox};
 
 /// An address on the fabric that belongs to no node and no pod: a client outside the cluster.
@@ -1116,20 +1116,21 @@ fn affinity_lets_go_of_a_backend_that_left_the_service_but_serves_another() {
     };
     assert!(serves_front(&pinned), "{pinned} still serves front");
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let answered = tally(
-            socket_gets(&client, sticky, 10)
-                .iter()
-                .map(|(pod, _, _)| pod),
-        );
-        if answered.len() == 1 && answered.contains_key(other) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sticky still sends the client to {pinned}, which left it: {answered:?}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    until(
+        "sticky lets go of the backend that left it",
+        Duration::from_secs(20),
+        || {
+            let answered = tally(
+                socket_gets(&client, sticky, 10)
+                    .iter()
+                    .map(|(pod, _, _)| pod),
+            );
+            match answered.len() == 1 && answered.contains_key(other) {
+                true => Ok(()),
+                false => Err(format!(
+                    "sticky still sends the client to {pinned}, which left it: {answered:?}"
+                )),
+            }
+        },
+    );
 }

@@ -278,6 +278,19 @@ struct Installed {
     active_by_service: BTreeMap<u32, BTreeSet<u32>>,
 }
 
+/// Forgets affinity choices an adopted state no longer backs: a service id no frontend has
+/// now, or a backend that is not among that service's `active` ones.
+fn prune_affinity(
+    datapath: &mut Datapath,
+    active: &BTreeMap<u32, BTreeSet<u32>>,
+) -> Result<(), DatapathError> {
+    datapath.retain_affinity(|key, choice| {
+        active
+            .get(&key.service_id)
+            .is_some_and(|ids| ids.contains(&choice.backend_id))
+    })
+}
+
 /// The services in force on the node and what was written for them.
 pub struct ServiceEngine {
     file: WatchedFile,
@@ -420,14 +433,15 @@ impl ServiceEngine {
         let first_after_adoption = !self.installed.adopted_service_ids.is_empty();
         let mut applied = self.apply(datapath, &plan);
         if applied.is_ok() {
+            let active = self.active_by_service(&plan);
             applied = if first_after_adoption {
-                self.prune_affinity(datapath, &plan)
+                prune_affinity(datapath, &active)
             } else {
-                self.forget_affinity_to_departed(datapath, &plan)
+                self.forget_affinity_to_departed(datapath, &active)
             };
             if applied.is_ok() {
                 self.installed.adopted_service_ids.clear();
-                self.installed.active_by_service = self.active_by_service(&plan);
+                self.installed.active_by_service = active;
             }
         }
         self.retry = applied.is_err();
@@ -476,17 +490,6 @@ impl ServiceEngine {
         Ok(())
     }
 
-    /// Forgets affinity choices an adopted state no longer backs: a service id no frontend
-    /// has now, or a backend that is not among that service's active ones.
-    fn prune_affinity(&self, datapath: &mut Datapath, plan: &Plan) -> Result<(), DatapathError> {
-        let active = self.active_by_service(plan);
-        datapath.retain_affinity(|key, choice| {
-            active
-                .get(&key.service_id)
-                .is_some_and(|ids| ids.contains(&choice.backend_id))
-        })
-    }
-
     /// Service id → the ids of the backends that take its new connections under `plan`.
     fn active_by_service(&self, plan: &Plan) -> BTreeMap<u32, BTreeSet<u32>> {
         let mut active: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
@@ -510,9 +513,8 @@ impl ServiceEngine {
     fn forget_affinity_to_departed(
         &self,
         datapath: &mut Datapath,
-        plan: &Plan,
+        now: &BTreeMap<u32, BTreeSet<u32>>,
     ) -> Result<(), DatapathError> {
-        let now = self.active_by_service(plan);
         let departed: BTreeSet<(u32, u32)> = self
             .installed
             .active_by_service

@@ -24,22 +24,10 @@ impl Sandbox {
             .map_err(|e| SandboxError::Invalid(e.to_string()))?;
         let identity_error =
             |e: IdentityError| SandboxError::Invalid(format!("identity allocation failed: {e}"));
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
+        // `save` creates the directory on the first allocation.
         let mut allocator = IdentityAllocator::load_or_new(&path, id).map_err(identity_error)?;
-        let namespace_labels = self
-            .namespaces
-            .get(cluster)
-            .and_then(|namespaces| namespaces.get(namespace))
-            .cloned()
-            .unwrap_or_default();
-        let labels = SecurityLabels::for_pod(
-            namespace,
-            pod_labels,
-            &namespace_labels,
-            &LabelFilter::default(),
-        );
+        let labels =
+            SecurityLabels::from_map(self.pod_security_labels(cluster, namespace, pod_labels));
         let identity = allocator.acquire(&labels).map_err(identity_error)?;
         allocator.collect_garbage(std::time::SystemTime::now(), IDENTITY_GRACE);
         allocator.save(&path).map_err(identity_error)?;
