@@ -429,6 +429,7 @@ impl Datapath {
             match insert(&mut self.pod, BPF_NOEXIST)? {
                 Ok(()) => {
                     self.pressure.has_room(name);
+                    self.pressure.updated(name);
                     return Ok(());
                 }
                 Err(error) if map_pressure::key_exists(&error) => {}
@@ -436,7 +437,10 @@ impl Datapath {
             }
         }
         match insert(&mut self.pod, 0)? {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.pressure.updated(name);
+                Ok(())
+            }
             Err(error) => Err(self.write_failed(name, error)),
         }
     }
@@ -459,6 +463,7 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         if result.is_ok() {
             self.pressure.has_room(name);
+            self.pressure.deleted(name);
         }
         removed(name, result)
     }

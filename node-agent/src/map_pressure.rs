@@ -64,11 +64,15 @@ struct MapLabels {
     map: String,
 }
 
-/// `weft_agent_map_full` and `weft_agent_map_full_writes` on the admin endpoint.
+/// `weft_agent_map_full`, `weft_agent_map_full_writes`, and every successful write
+/// (`weft_agent_map_updates`, `weft_agent_map_deletes`: what a change cost in map entries) on
+/// the admin endpoint.
 #[derive(Clone, Default)]
 pub struct MapPressureMetrics {
     full: Family<MapLabels, Gauge>,
     full_writes: Family<MapLabels, Counter>,
+    updates: Family<MapLabels, Counter>,
+    deletes: Family<MapLabels, Counter>,
 }
 
 impl MapPressureMetrics {
@@ -82,6 +86,16 @@ impl MapPressureMetrics {
             "map_full_writes",
             "Writes to a datapath map refused because it was full (each retry counts)",
             self.full_writes.clone(),
+        );
+        registry.register(
+            "map_updates",
+            "Entries the agent wrote (created or replaced) in a datapath map",
+            self.updates.clone(),
+        );
+        registry.register(
+            "map_deletes",
+            "Entries the agent removed from a datapath map",
+            self.deletes.clone(),
         );
     }
 }
@@ -136,6 +150,26 @@ impl MapPressure {
         full.message = full.describe();
         self.full.insert(map, full.clone());
         full
+    }
+
+    /// An entry of `map` was written.
+    pub fn updated(&self, map: &str) {
+        self.metrics
+            .updates
+            .get_or_create(&MapLabels {
+                map: map.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An entry of `map` was removed.
+    pub fn deleted(&self, map: &str) {
+        self.metrics
+            .deletes
+            .get_or_create(&MapLabels {
+                map: map.to_owned(),
+            })
+            .inc();
     }
 
     /// An entry left `map`, or a new key fit in it.

@@ -291,6 +291,14 @@ impl NodeAgent {
                 ),
             });
         }
+        // The identity the cluster assigned the pod by name, when it is known already: the
+        // endpoint is then written once, not as `init` first.
+        self.local_pods.refresh();
+        let identity = self
+            .local_pods
+            .get(&registration.pod.namespace, &registration.pod.name)
+            .filter(|pod| pod.resolved())
+            .map_or(ReservedIdentity::Init.id(), |pod| pod.identity);
         let record = EndpointRecord {
             container_id: registration.container_id,
             pod: registration.pod,
@@ -300,7 +308,7 @@ impl NodeAgent {
             host_mac: registration.host_mac,
             pod_mac: registration.pod_mac,
             netns: registration.netns,
-            identity: ReservedIdentity::Init.id(),
+            identity,
         };
         // Kept from the start, so that a failure part way is undone like any release.
         self.endpoints

@@ -135,12 +135,54 @@ impl EnforcementReport {
 /// The report's file name in the agent's state directory.
 pub const ENFORCEMENT_REPORT: &str = "policy-enforcement.json";
 
+/// A policy entry's key as the engine keeps it: endpoint, direction, protocol, port (host
+/// order) and significant port bits.
+type EntryKey = (u32, u8, u8, u16, u8);
+
+/// What the engine wrote, with the values: a pass writes only the entries whose value
+/// differs, so a change costs map writes in proportion to what it changed. `None`: the key
+/// was adopted from an earlier run and its value is not known, so it is written again.
 #[derive(Default)]
 struct Installed {
-    peer_sets: BTreeSet<u32>,
-    entries: BTreeSet<(u32, u8, u8, u16, u8)>,
-    endpoints: BTreeSet<u32>,
-    ipcache: BTreeSet<Ipv4Net>,
+    peer_sets: BTreeMap<u32, Option<PeerSet>>,
+    entries: BTreeMap<EntryKey, Option<PolicyEntry>>,
+    endpoints: BTreeMap<u32, Option<EndpointPolicy>>,
+    ipcache: BTreeMap<Ipv4Net, Option<IpcacheEntry>>,
+}
+
+impl Installed {
+    /// Keeps `other`'s keys too (theirs win): after a pass that could not write everything,
+    /// what it did write is known and the rest stays as it was.
+    fn merge(&mut self, other: Installed) {
+        self.peer_sets.extend(other.peer_sets);
+        self.entries.extend(other.entries);
+        self.endpoints.extend(other.endpoints);
+        self.ipcache.extend(other.ipcache);
+    }
+}
+
+/// The keys of `before` that `after` no longer has.
+fn stale<K: Ord + Copy, V>(before: &BTreeMap<K, V>, after: &BTreeMap<K, V>) -> Vec<K> {
+    before
+        .keys()
+        .filter(|key| !after.contains_key(*key))
+        .copied()
+        .collect()
+}
+
+/// Writes `value` under `key` unless `before` holds it already, and records it in `after`.
+fn write_if_changed<K: Ord + Copy, V: PartialEq + Copy>(
+    before: &BTreeMap<K, Option<V>>,
+    after: &mut BTreeMap<K, Option<V>>,
+    key: K,
+    value: V,
+    write: impl FnOnce(K, V) -> Result<(), DatapathError>,
+) -> Result<(), DatapathError> {
+    if before.get(&key) != Some(&Some(value)) {
+        write(key, value)?;
+    }
+    after.insert(key, Some(value));
+    Ok(())
 }
 
 /// What the node knows besides policies: its endpoints and the cluster's.
@@ -239,18 +281,23 @@ impl PolicyEngine {
             entries: self.installed.entries.len(),
             ipcache: self.installed.ipcache.len(),
         };
-        self.installed.endpoints.extend(found.endpoints);
-        self.installed.peer_sets.extend(found.peer_sets);
+        self.installed
+            .endpoints
+            .extend(found.endpoints.into_iter().map(|key| (key, None)));
+        self.installed
+            .peer_sets
+            .extend(found.peer_sets.into_iter().map(|key| (key, None)));
         self.installed
             .entries
             .extend(found.entries.into_iter().map(|(data, bits)| {
-                (
+                let key = (
                     data.endpoint,
                     data.direction,
                     data.protocol,
                     u16::from_be(data.port),
                     bits,
-                )
+                );
+                (key, None)
             }));
         self.installed.ipcache.extend(
             ipcache
@@ -259,7 +306,7 @@ impl PolicyEngine {
                     owns_ipcache_entry(entry)
                         && !(prefix.prefix_len() == 32 && local.contains(&prefix.network()))
                 })
-                .map(|(prefix, _)| *prefix),
+                .map(|(prefix, entry)| (*prefix, Some(*entry))),
         );
         let adopted = Adopted {
             endpoints: self.installed.endpoints.len() - before.endpoints,
@@ -531,10 +578,15 @@ impl PolicyEngine {
 
         let mut installed = Installed::default();
         for (prefix, entry) in &ipcache {
-            datapath.upsert_ipcache(*prefix, *entry)?;
-            installed.ipcache.insert(*prefix);
+            write_if_changed(
+                &self.installed.ipcache,
+                &mut installed.ipcache,
+                *prefix,
+                *entry,
+                |prefix, entry| datapath.upsert_ipcache(prefix, entry),
+            )?;
         }
-        let written = write_allows(datapath, &compiled, &mut installed);
+        let written = write_allows(datapath, &compiled, &self.installed, &mut installed);
         if let Err(error) = &written {
             // Fail closed: isolate what the policy isolates even though some allow entries are
             // missing (a full map, say), so the gap denies instead of allowing.
@@ -558,16 +610,18 @@ impl PolicyEngine {
                     pad: 0,
                 },
             };
-            datapath.upsert_endpoint_policy(endpoint.ifindex, state)?;
-            installed.endpoints.insert(endpoint.ifindex);
+            write_if_changed(
+                &self.installed.endpoints,
+                &mut installed.endpoints,
+                endpoint.ifindex,
+                state,
+                |ifindex, state| datapath.upsert_endpoint_policy(ifindex, state),
+            )?;
         }
         if let Err(error) = written {
             // Keep what is installed so a later sync can finish the job; nothing stale is
             // removed while the new policy is incomplete.
-            self.installed.entries.extend(installed.entries);
-            self.installed.peer_sets.extend(installed.peer_sets);
-            self.installed.endpoints.extend(installed.endpoints);
-            self.installed.ipcache.extend(installed.ipcache);
+            self.installed.merge(installed);
             self.last_inputs = None;
             self.report(Some(format!(
                 "policy entries could not all be written ({error}); the selected endpoints are isolated with the entries that were (what is missing is denied)"
@@ -575,31 +629,31 @@ impl PolicyEngine {
             return Err(error);
         }
         // Stale state goes last.
-        for endpoint in self.installed.endpoints.difference(&installed.endpoints) {
-            datapath.remove_endpoint_policy(*endpoint)?;
+        for endpoint in stale(&self.installed.endpoints, &installed.endpoints) {
+            datapath.remove_endpoint_policy(endpoint)?;
         }
         for (endpoint, direction, protocol, port, bits) in
-            self.installed.entries.difference(&installed.entries)
+            stale(&self.installed.entries, &installed.entries)
         {
             datapath.remove_policy_entry(
                 PolicyKeyData {
-                    endpoint: *endpoint,
-                    direction: *direction,
-                    protocol: *protocol,
+                    endpoint,
+                    direction,
+                    protocol,
                     port: port.to_be(),
                 },
-                *bits,
+                bits,
             )?;
         }
-        for identity in self.installed.peer_sets.difference(&installed.peer_sets) {
-            datapath.remove_peer_set(*identity)?;
+        for identity in stale(&self.installed.peer_sets, &installed.peer_sets) {
+            datapath.remove_peer_set(identity)?;
         }
-        for prefix in self.installed.ipcache.difference(&installed.ipcache) {
+        for prefix in stale(&self.installed.ipcache, &installed.ipcache) {
             // Taken over by a peer or a local pod since (see above): theirs now.
-            if owned_elsewhere.contains(prefix) {
+            if owned_elsewhere.contains(&prefix) {
                 continue;
             }
-            datapath.remove_ipcache(*prefix)?;
+            datapath.remove_ipcache(prefix)?;
         }
         let (entries, sets) = compiled.map_entries();
         tracing::info!(
@@ -674,11 +728,17 @@ impl PolicyEngine {
 fn write_allows(
     datapath: &mut Datapath,
     compiled: &Compiled,
+    before: &Installed,
     installed: &mut Installed,
 ) -> Result<(), DatapathError> {
     for (identity, set) in &compiled.peer_sets {
-        datapath.upsert_peer_set(*identity, peer_set(set))?;
-        installed.peer_sets.insert(*identity);
+        write_if_changed(
+            &before.peer_sets,
+            &mut installed.peer_sets,
+            *identity,
+            peer_set(set),
+            |identity, set| datapath.upsert_peer_set(identity, set),
+        )?;
     }
     for (endpoint, policy) in &compiled.endpoints {
         for ((direction, protocol), entries) in &policy.entries {
@@ -688,24 +748,26 @@ fn write_allows(
             } as u8;
             let protocol = protocol_number(*protocol);
             for entry in entries {
+                let value = PolicyEntry {
+                    allow: peer_set(&entry.allow),
+                    deny: peer_set(&entry.deny),
+                };
                 for (port, bits) in port_prefixes(entry.first, entry.last) {
-                    let data = PolicyKeyData {
-                        endpoint: *endpoint,
-                        direction,
-                        protocol,
-                        port: port.to_be(),
-                    };
-                    datapath.upsert_policy_entry(
-                        data,
-                        bits,
-                        PolicyEntry {
-                            allow: peer_set(&entry.allow),
-                            deny: peer_set(&entry.deny),
+                    write_if_changed(
+                        &before.entries,
+                        &mut installed.entries,
+                        (*endpoint, direction, protocol, port, bits),
+                        value,
+                        |(endpoint, direction, protocol, port, bits), value| {
+                            let data = PolicyKeyData {
+                                endpoint,
+                                direction,
+                                protocol,
+                                port: port.to_be(),
+                            };
+                            datapath.upsert_policy_entry(data, bits, value)
                         },
                     )?;
-                    installed
-                        .entries
-                        .insert((*endpoint, direction, protocol, port, bits));
                 }
             }
         }
@@ -731,7 +793,7 @@ impl PolicyEngine {
     /// Whether the endpoint behind `ifindex` has its policy state in the maps (written by a
     /// pass, or adopted from an earlier run).
     pub fn has_state(&self, ifindex: u32) -> bool {
-        self.installed.endpoints.contains(&ifindex)
+        self.installed.endpoints.contains_key(&ifindex)
     }
 
     /// Why the last pass did not install the policy as written, if it did not.
@@ -829,10 +891,8 @@ mod tests {
             }
         );
         assert_eq!(
-            engine.installed.entries,
-            [(11, PolicyDirection::Ingress as u8, 6, 29400, 16)]
-                .into_iter()
-                .collect(),
+            engine.installed.entries.keys().copied().collect::<Vec<_>>(),
+            [(11, PolicyDirection::Ingress as u8, 6, 29400, 16)],
             "the port in host order, as write_allows records it"
         );
         let expected: BTreeSet<Ipv4Net> = [
@@ -844,7 +904,15 @@ mod tests {
         .into_iter()
         .map(|prefix| prefix.parse().unwrap())
         .collect();
-        assert_eq!(engine.installed.ipcache, expected);
+        assert_eq!(
+            engine
+                .installed
+                .ipcache
+                .keys()
+                .copied()
+                .collect::<BTreeSet<_>>(),
+            expected
+        );
         assert!(engine.adopted && engine.last_inputs.is_none());
     }
 }
