@@ -63,7 +63,7 @@ test: fmt-check clippy unit-test e2e-test
 # Needs root, like the e2e tests. Prints Weft against a baseline measured in the same run.
 bench: deps
 	$(CARGO) build --release --workspace --bins
-	WEFT_BIN_DIR=$(CURDIR)/target/release $(CARGO) bench --workspace --bench datapath --bench policy_compile --bench policy_wire --bench services
+	WEFT_BIN_DIR=$(CURDIR)/target/release $(CARGO) bench --workspace --bench datapath --bench policy_compile --bench policy_wire --bench services --bench control_plane
 
 demo: deps
 	@scripts/demo.sh

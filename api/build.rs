@@ -2,7 +2,10 @@
 //! is needed on the build machine.
 
 fn main() {
-    let protos = ["proto/weft/observer/v1/observer.proto"];
+    let protos = [
+        "proto/weft/observer/v1/observer.proto",
+        "proto/weft/state/v1/state.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -10,4 +10,5 @@ pub mod files;
 pub mod identity;
 pub mod policy;
 pub mod service;
+pub mod state;
 pub mod telemetry;

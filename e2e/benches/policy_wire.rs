@@ -50,21 +50,31 @@ fn main() {
     }
     let (rr_without, crr_without) = measure(&sandbox);
 
-    // 1,000 more identities in the cluster (endpoints elsewhere), as the directory tells the
+    // 1,000 more identities in the cluster (endpoints elsewhere), as the sandbox tells the
     // agents about them.
-    let directory = sandbox.sandbox.run_dir.join("endpoints.json");
-    let mut entries: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(&directory).expect("directory")).expect("json");
-    for i in 0..IDENTITIES {
-        entries.push(serde_json::json!({
-            "ip": format!("10.250.{}.{}", i / 250, i % 250 + 1), "cluster": "bench", "namespace": "bench",
-            "pod": format!("client-{i}"), "node": "elsewhere", "identity": 70_000 + i,
-            "security_labels": {"app": format!("client-{i}"), "io.kubernetes.pod.namespace": "bench"},
-        }));
-    }
-    let temporary = directory.with_extension("bench.tmp");
-    std::fs::write(&temporary, serde_json::to_vec(&entries).expect("json")).expect("write");
-    std::fs::rename(&temporary, &directory).expect("rename");
+    let endpoints: Vec<weft_core::state::EncodedChange> = (0..IDENTITIES)
+        .map(|i| {
+            weft_core::state::EncodedChange::upsert(&weft_core::state::EndpointMeta {
+                ip: std::net::Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250 + 1) as u8),
+                cluster: "bench".into(),
+                namespace: "bench".into(),
+                pod: format!("client-{i}"),
+                node: "elsewhere".into(),
+                identity: 70_000 + i,
+                security_labels: [
+                    ("app".to_owned(), format!("client-{i}")),
+                    ("io.kubernetes.pod.namespace".to_owned(), "bench".to_owned()),
+                ]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            })
+        })
+        .collect();
+    sandbox
+        .sandbox
+        .send_extra_rows(&endpoints)
+        .expect("send the endpoints");
 
     // 500 rules selecting the server; the client's is the last.
     let mut rules = String::new();

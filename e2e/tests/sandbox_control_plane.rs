@@ -229,3 +229,80 @@ fn one_pod_added_and_deleted_costs_each_node_only_its_own_entries() {
         "deleting a pod rewrites nothing on its node: {deleted_local:?}"
     );
 }
+
+/// The ipcache key of `ip`/32 as the map holds it: prefix length, then the address in network
+/// byte order.
+fn ipcache_key(ip: std::net::Ipv4Addr) -> Vec<u8> {
+    let mut key = 32u32.to_ne_bytes().to_vec();
+    key.extend(ip.octets());
+    key
+}
+
+#[test]
+fn an_entry_changed_behind_the_agents_back_is_found_counted_and_written_again() {
+    let pods = [pod("local", "n1", "web"), pod("remote", "n2", "client")].concat();
+    let sandbox = TestSandbox::up(
+        "- {name: c1, id: 1, podCIDR: 10.1.0.0/16, nodes: [n1, n2], manifests: [pods.yaml], agentArgs: [--drift-check-interval, 1s]}\n",
+        &[("pods.yaml", &pods)],
+    );
+    let remote = sandbox.pod("remote").clone();
+    let pin = sandbox.sandbox.bpffs.join("c1-n1/weft/ipcache");
+    let key = ipcache_key(remote.ip);
+    let entry = || {
+        pinned_map_entries(&pin)
+            .into_iter()
+            .find(|(found, _)| *found == key)
+            .map(|(_, value)| value)
+    };
+    let written = {
+        let mut written = None;
+        until(
+            "n1 has the remote pod's entry",
+            Duration::from_secs(20),
+            || {
+                written = entry();
+                written
+                    .as_ref()
+                    .map(drop)
+                    .ok_or_else(|| "none yet".to_owned())
+            },
+        );
+        written.expect("entry")
+    };
+    let drift = || {
+        weft_e2e::sandbox::agent_metric(
+            &sandbox,
+            "c1",
+            "n1",
+            "weft_agent_map_drift_total{map=\"ipcache\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(drift(), 0.0, "nothing differs while nobody else writes");
+
+    // Someone else rewrites the entry: identity 2 (world), no tunnel endpoint.
+    let hex =
+        |bytes: &[u8]| -> Vec<String> { bytes.iter().map(|b| format!("0x{b:02x}")).collect() };
+    let mut value = 2u32.to_ne_bytes().to_vec();
+    value.extend([0u8; 4]);
+    let status = std::process::Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&pin)
+        .arg("key")
+        .args(hex(&key))
+        .arg("value")
+        .args(hex(&value))
+        .status()
+        .expect("bpftool");
+    assert!(status.success(), "bpftool map update");
+    assert_eq!(entry(), Some(value), "changed behind the agent's back");
+
+    until(
+        "the agent finds the entry, counts it and writes it again",
+        Duration::from_secs(30),
+        || match (drift(), entry()) {
+            (counted, Some(now)) if counted >= 1.0 && now == written => Ok(()),
+            (counted, now) => Err(format!("drift {counted}, entry {now:?}")),
+        },
+    );
+}

@@ -1,6 +1,6 @@
-//! Peer nodes follow the peers file while agents run: a node taken out of another node's file
-//! is unwired there (its route and ipcache entry go, and pods can no longer reach its pods), and
-//! put back it is wired again — no agent restarts, as for a node that leaves or joins a cluster.
+//! Peer nodes follow the nodes an agent is told of while it runs: a node taken out of another
+//! node's peers is unwired there (its route and ipcache entry go, and pods can no longer reach
+//! its pods), and put back it is wired again — no agent restarts, as for a node that leaves or joins a cluster.
 //! A node that left while the agent was down is unwired when the agent starts again.
 
 use std::collections::BTreeMap;
@@ -115,12 +115,12 @@ fn assert_unwired(sandbox: &TestSandbox, node: &NodePlan, peer: &NodePlan, remot
 }
 
 #[test]
-fn nodes_leave_and_join_through_the_peers_file_in_tunnel_mode() {
+fn nodes_leave_and_join_in_tunnel_mode() {
     nodes_leave_and_join("tunnel");
 }
 
 #[test]
-fn nodes_leave_and_join_through_the_peers_file_with_native_routing() {
+fn nodes_leave_and_join_with_native_routing() {
     nodes_leave_and_join("native");
 }
 
@@ -139,8 +139,8 @@ fn nodes_leave_and_join(routing_mode: &str) {
     // n2 leaves n1's peers: the route, the CIDR entry and b1's entry go, and so does the way.
     sandbox
         .sandbox
-        .write_peers_file(&n1, &[])
-        .expect("write n1's peers");
+        .set_peers(&n1, &[])
+        .expect("tell n1 its peers");
     assert_unwired(&sandbox, &n1, &n2, b1.ip);
     assert!(
         !echo_reachable(&a1.netns, b1_echo, 1),
@@ -150,8 +150,8 @@ fn nodes_leave_and_join(routing_mode: &str) {
     // n2 joins again.
     sandbox
         .sandbox
-        .write_peers_file(&n1, &[&n2])
-        .expect("write n1's peers");
+        .set_peers(&n1, &[&n2])
+        .expect("tell n1 its peers");
     assert_wired(&sandbox, &n1, &n2, b1.ip);
     assert!(
         echo_reachable(&a1.netns, b1_echo, 5),
@@ -164,8 +164,8 @@ fn nodes_leave_and_join(routing_mode: &str) {
     sandbox.stop_agent("c1", "n1");
     sandbox
         .sandbox
-        .write_peers_file(&n1, &[])
-        .expect("write n1's peers");
+        .set_peers(&n1, &[])
+        .expect("tell n1 its peers");
     let (route_meanwhile, cidr_meanwhile, _) = wiring(&sandbox, &n1, &n2, b1.ip);
     assert!(
         !route_meanwhile.is_empty() && cidr_meanwhile.is_some(),
@@ -176,11 +176,11 @@ fn nodes_leave_and_join(routing_mode: &str) {
         .restart_agent("c1", "n1")
         .expect("restart n1's agent");
     assert_unwired(&sandbox, &n1, &n2, b1.ip);
-    // And the restarted agent follows the file as well.
+    // And the restarted agent follows its peers as well.
     sandbox
         .sandbox
-        .write_peers_file(&n1, &[&n2])
-        .expect("write n1's peers");
+        .set_peers(&n1, &[&n2])
+        .expect("tell n1 its peers");
     assert_wired(&sandbox, &n1, &n2, b1.ip);
     assert!(
         echo_reachable(&a1.netns, b1_echo, 5),

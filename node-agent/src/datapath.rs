@@ -468,6 +468,18 @@ impl Datapath {
         removed(name, result)
     }
 
+    /// Counts entries of `map` a check found other than the agent wrote them.
+    pub fn drift_found(&self, map: &str, count: usize) {
+        if count > 0 {
+            tracing::warn!(
+                map,
+                entries = count,
+                "datapath entries differ from what the agent wrote; writing them again"
+            );
+        }
+        self.pressure.drifted(map, count);
+    }
+
     /// The maps that refused a write for want of room and have had none since.
     pub fn full_maps(&self) -> Vec<FullMap> {
         self.pressure.full_maps()

@@ -23,6 +23,7 @@ use weft_agent::node::{NodeAgent, NodeSettings};
 use weft_agent::node_addresses;
 use weft_agent::peers::{self, LocalNode, PeerNode, PeerRouting, PeerSync};
 use weft_agent::services::ServiceEngine;
+use weft_agent::state::{ClusterState, KUBERNETES_SOURCE, LOCAL_SOURCE};
 use weft_agent::{kernel, netlink};
 use weft_core::admin::Readiness;
 use weft_core::cluster::ClusterArgs;
@@ -51,8 +52,12 @@ enum Enforcement {
 const TUNNEL_DEVICE: &str = "weft_vxlan";
 /// VXLAN's UDP port (Linux's default, as Cilium and Flannel use).
 const TUNNEL_PORT: u16 = 8472;
-/// How often assigned identities are applied to local endpoints.
-const IDENTITY_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How soon the engines try again after a pass that could not write everything.
+const RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often the engines pass when nothing changed: a safety net (every pass writes only what
+/// differs, so a quiet pass writes nothing).
+const SAFETY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How often the node's addresses are read for NodePorts: a new address serves within this.
 const NODE_ADDRESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// VXLAN adds 50 bytes of headers.
@@ -73,9 +78,9 @@ struct Args {
     log: LogArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
-    /// Where the cluster's state comes from: `kubernetes` (the API server), `local` (the files
-    /// below), or `auto`: Kubernetes when a kubeconfig is given or the agent runs in a pod and
-    /// none of --endpoint-directory, --policy-file, --service-file, --peers-file is given.
+    /// Where the cluster's state comes from: `kubernetes` (the API server), `local` (whoever
+    /// sends it to --state-socket: the sandbox), or `auto`: Kubernetes when a kubeconfig is
+    /// given or the agent runs in a pod and --state-socket is not given.
     #[arg(long, value_enum, default_value_t = RequestedMode::Auto)]
     mode: RequestedMode,
     /// A kubeconfig to run against a cluster from outside it; in a pod, the in-cluster
@@ -106,16 +111,16 @@ struct Args {
     #[arg(long = "device")]
     devices: Vec<String>,
     /// Another node, as NODE_IP=POD_CIDR (repeatable): a static peer, wired for as long as the
-    /// agent runs, in addition to those of --peers-file (and of the Node objects in Kubernetes
-    /// mode). A pod CIDR claimed by a flag and by the file goes to the flag's node.
+    /// agent runs, in addition to the nodes the cluster lists (the sandbox, or the Node objects
+    /// in Kubernetes mode). A pod CIDR claimed by a flag and by a listed node goes to the
+    /// flag's node.
     #[arg(long = "peer", value_parser = peers::parse_peer_flag)]
     peers: Vec<PeerNode>,
-    /// A JSON list of the other nodes (`[{"name", "nodeIP", "podCIDR"}]`; an entry with this
-    /// node's address is skipped), re-read whenever it is replaced: nodes that join, leave or
-    /// change are wired and unwired as it changes. Kept current by the sandbox in local mode;
-    /// Kubernetes mode writes it from the Node objects.
+    /// Local mode: the Unix socket on which the cluster's state is sent to this agent, as
+    /// changes to its tables (`weft.state.v1.AgentState`; the sandbox sends them). The engines
+    /// wait until the sender has listed everything once.
     #[arg(long)]
-    peers_file: Option<PathBuf>,
+    state_socket: Option<PathBuf>,
     /// Where bpffs is mounted; maps and links are pinned below it in `weft/`.
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
@@ -146,31 +151,15 @@ struct Args {
     /// The Unix socket of the Observe API (flows).
     #[arg(long, default_value = "/run/weft/observe.sock")]
     observe_socket: PathBuf,
-    /// A JSON list of the cluster's endpoints (IP, cluster, namespace, pod, node, labels,
-    /// identity) that names the far end of flows; kept current by the sandbox in local mode.
-    #[arg(long)]
-    endpoint_directory: Option<PathBuf>,
-    /// A JSON list of this node's pods by namespace and name, with their identities and
-    /// security labels: what CNI ADD waits for. Kept current by the sandbox in local mode.
-    #[arg(long)]
-    local_pods_file: Option<PathBuf>,
     /// How long CNI ADD waits for a new pod's identity and policy to be in place before it
     /// fails (the runtime then retries); until then the pod may only reach its node and DNS.
     /// Below 30 s, the plugin's wait for the agent's answer.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
     endpoint_ready_timeout: std::time::Duration,
-    /// A JSON list of the cluster's policy objects (WeftNetworkPolicy,
-    /// WeftClusterwideNetworkPolicy, NetworkPolicy); kept current by the sandbox in local mode.
-    #[arg(long)]
-    policy_file: Option<PathBuf>,
     /// How policy applies: `default` (an endpoint selected by a policy that isolates a
     /// direction is default-deny there), `always` (every endpoint is default-deny), `never`.
     #[arg(long, value_enum, default_value_t = Enforcement::Default)]
     enforcement: Enforcement,
-    /// A JSON list of the cluster's Services, EndpointSlices and GlobalServices; kept current by
-    /// the sandbox in local mode.
-    #[arg(long)]
-    service_file: Option<PathBuf>,
     /// Slots of every Maglev table: a prime; more slots spread load more evenly and cost 4
     /// bytes each per distinct backend set. Must be the same on every node.
     #[arg(long, default_value_t = weft_core::service::maglev::DEFAULT_TABLE_SIZE)]
@@ -211,6 +200,11 @@ struct Args {
     /// fragments, flow_last_reported, node_addresses. Applies when the map is created.
     #[arg(long = "map-entries")]
     map_entries: Vec<MapEntries>,
+    /// How often the ipcache entries the agent remembers writing are compared with the map
+    /// (a safety net: passes write only what differs from what the agent remembers); what
+    /// differs counts in weft_agent_map_drift_total and is written again.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    drift_check_interval: std::time::Duration,
     /// How often dead connections (and ended translations) are swept out of their tables.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     ct_gc_interval: std::time::Duration,
@@ -234,17 +228,11 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = Args::parse();
-    let file_flags: Vec<&str> = [
-        ("--endpoint-directory", args.endpoint_directory.is_some()),
-        ("--policy-file", args.policy_file.is_some()),
-        ("--service-file", args.service_file.is_some()),
-        ("--peers-file", args.peers_file.is_some()),
-        ("--local-pods-file", args.local_pods_file.is_some()),
-    ]
-    .into_iter()
-    .filter_map(|(flag, given)| given.then_some(flag))
-    .collect();
+    let args = Args::parse();
+    let file_flags: Vec<&str> = [("--state-socket", args.state_socket.is_some())]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect();
     let mode = kubernetes::resolve_mode(
         args.mode,
         args.kubeconfig.is_some() || kubernetes::in_cluster(),
@@ -283,6 +271,15 @@ async fn main() -> anyhow::Result<()> {
     for (what, consequence) in report.missing() {
         tracing::error!(missing = what, "{consequence}");
     }
+    // The cluster as the sources list it; the engines wait for the sources expected here.
+    let state = ClusterState::new(match mode {
+        Mode::Kubernetes => vec![KUBERNETES_SOURCE.to_owned()],
+        Mode::Local if args.state_socket.is_some() => vec![LOCAL_SOURCE.to_owned()],
+        Mode::Local => {
+            tracing::warn!("no --state-socket: this agent knows no policies, services, endpoints or nodes but its own and its --peer flags");
+            Vec::new()
+        }
+    });
     let mut cluster = None;
     let (pod_cidr, node_ip, detected) = match mode {
         Mode::Local => {
@@ -302,38 +299,18 @@ async fn main() -> anyhow::Result<()> {
                 NODE_READ_INTERVAL,
             )
             .await?;
-            // The Node watch keeps the peers file current, but the first peer pass runs before
-            // it has listed: that pass also removes what the pinned ipcache holds for peers
-            // not in the file, so with the file of an earlier run (nodes gone or added while
-            // the agent was down) or none (first start, state directory lost) it would unwire
-            // live nodes or miss new ones until the watch catches up. One LIST, written to the
-            // file before the watches start, closes that gap; the watch then rewrites it.
-            let listed = kubernetes::node::list_peers(&client, &args.node_name).await?;
-            let paths = kubernetes::FilePaths::under(&args.state_dir);
-            if let Err(error) = weft_core::files::write_atomically(
-                &paths.peers_file,
-                &peers::to_file_bytes(&listed),
-            ) {
-                tracing::warn!(%error, path = %paths.peers_file.display(), "cannot write the peers file; the first pass uses what it held");
-            }
             tracing::info!(
                 pod_cidr = %addressing.pod_cidr,
                 node_ip = %addressing.node_ip,
-                peers = listed.len(),
-                "read this node and its peers from the cluster"
+                "read this node from the cluster"
             );
-            // The watches keep the engines' files current (see the kubernetes module).
-            args.endpoint_directory = Some(paths.endpoint_directory.clone());
-            args.policy_file = Some(paths.policy_file.clone());
-            args.service_file = Some(paths.service_file.clone());
-            args.peers_file = Some(paths.peers_file.clone());
-            args.local_pods_file = Some(paths.local_pods_file.clone());
+            // The watches publish the cluster into the state (see the kubernetes module).
             let watches = kubernetes::watch::start(
                 client.clone(),
                 kubernetes::watch::WatchSettings {
                     cluster: args.cluster.cluster_name.to_string(),
                     node: args.node_name.clone(),
-                    paths,
+                    state: state.clone(),
                 },
             );
             match cni_install::plugin_binary(args.cni_binary.as_deref()) {
@@ -482,7 +459,7 @@ async fn main() -> anyhow::Result<()> {
     let peer_sync = PeerSync::new(
         LocalNode { node_ip, pod_cidr },
         args.peers.clone(),
-        args.peers_file.clone(),
+        Some(state.clone()),
     );
     let peer_routing = match args.routing_mode {
         RoutingMode::Native => PeerRouting::Native,
@@ -500,7 +477,7 @@ async fn main() -> anyhow::Result<()> {
         node: args.node_name.clone(),
         cluster: args.cluster.cluster_name.to_string(),
     };
-    let directory = Arc::new(Mutex::new(Directory::new(args.endpoint_directory.clone())));
+    let directory = Arc::new(Mutex::new(Directory::new(Some(state.clone()))));
     let flow_events = datapath.take_flow_events()?;
     let store = Arc::new(FlowStore::new(args.flow_buffer));
     let policy_in_force = Arc::new(Mutex::new(None));
@@ -534,7 +511,7 @@ async fn main() -> anyhow::Result<()> {
             mtu: pod_mtu,
             origin,
             directory,
-            policy_file: args.policy_file.clone(),
+            state: state.clone(),
             policy_in_force,
             enforcement: match args.enforcement {
                 Enforcement::Default => EnforcementMode::Default,
@@ -543,7 +520,7 @@ async fn main() -> anyhow::Result<()> {
             },
             node_ip,
             services: ServiceEngine::new(
-                args.service_file.clone(),
+                state.clone(),
                 args.cluster.cluster_id.get(),
                 args.node_name.clone(),
                 table_size,
@@ -552,7 +529,6 @@ async fn main() -> anyhow::Result<()> {
             ),
             peers: peer_sync,
             peer_routing,
-            local_pods: args.local_pods_file.clone(),
             allow_from_node: args.allow_from_node,
             kube_apiserver: args.kube_apiserver_addresses.clone(),
         },
@@ -562,35 +538,65 @@ async fn main() -> anyhow::Result<()> {
     // Peers are wired before the first pod is: a pod that starts now reaches every known node.
     agent.sync_peers().await;
     let agent = Arc::new(tokio::sync::Mutex::new(agent));
-    // Identities come from the cluster (the sandbox's directory in local mode); apply them to
-    // this node's endpoints as they are assigned or change.
-    let identities = {
+    if let Some(socket) = &args.state_socket {
+        let listener = weft_agent::unix_socket::bind(socket)?;
+        tracing::info!(socket = %socket.display(), "serving the local state source");
+        tokio::spawn(weft_agent::local_source::serve(listener, state.clone()));
+    }
+    // The engines act when the state changes (and again soon after a pass that could not write
+    // everything; a slow safety pass catches what changed beside the state, such as the room
+    // in a full map).
+    let engines = {
         let agent = Arc::clone(&agent);
+        let drift_check_interval = args.drift_check_interval;
+        let mut changes = state.subscribe();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(IDENTITY_SYNC_INTERVAL);
+            let mut failed = false;
+            let mut drift_checked = tokio::time::Instant::now();
             loop {
-                tick.tick().await;
+                let wait = if failed {
+                    RETRY_INTERVAL
+                } else {
+                    SAFETY_INTERVAL
+                }
+                .min(drift_check_interval.saturating_sub(drift_checked.elapsed()));
+                let _ = tokio::time::timeout(wait, changes.changed()).await;
+                changes.mark_unchanged();
                 let mut agent = agent.lock().await;
+                failed = false;
+                if drift_checked.elapsed() >= drift_check_interval {
+                    drift_checked = tokio::time::Instant::now();
+                    if let Err(error) = tokio::task::block_in_place(|| agent.check_drift()) {
+                        tracing::warn!(%error, "cannot compare the ipcache with what was written");
+                    }
+                }
                 // Peers first: the policy pass then sees the peer set they left.
-                agent.sync_peers().await;
+                failed |= !agent.sync_peers().await;
                 // A full map is logged once where it is found, not on every retry.
-                let failed = |what: &str, error: weft_agent::node::NodeError| {
-                    if error.is_map_full() {
-                        tracing::debug!(%error, "cannot apply {what}");
-                    } else {
-                        tracing::warn!(%error, "cannot apply {what}");
+                let mut check = |what: &str, result: Result<(), weft_agent::node::NodeError>| {
+                    if let Err(error) = result {
+                        failed = true;
+                        if error.is_map_full() {
+                            tracing::debug!(%error, "cannot apply {what}");
+                        } else {
+                            tracing::warn!(%error, "cannot apply {what}");
+                        }
                     }
                 };
-                if let Err(error) = tokio::task::block_in_place(|| agent.sync_identities()) {
-                    failed("endpoint identities", error);
-                }
-                if let Err(error) = tokio::task::block_in_place(|| agent.sync_policy()) {
-                    failed("policy", error);
-                }
-                if let Err(error) = tokio::task::block_in_place(|| agent.sync_services()) {
-                    failed("services", error);
-                }
+                check(
+                    "endpoint identities",
+                    tokio::task::block_in_place(|| agent.sync_identities().map(drop)),
+                );
+                check(
+                    "policy",
+                    tokio::task::block_in_place(|| agent.sync_policy()),
+                );
+                check(
+                    "services",
+                    tokio::task::block_in_place(|| agent.sync_services()),
+                );
                 tokio::task::block_in_place(|| agent.replace_outdated_programs());
+                failed |= agent.has_outdated_programs();
                 agent.report_map_pressure();
             }
         })
@@ -648,7 +654,7 @@ async fn main() -> anyhow::Result<()> {
     for task in &cluster_tasks {
         task.abort();
     }
-    identities.abort();
+    engines.abort();
     observer.abort();
     reader.abort();
     admin.abort();

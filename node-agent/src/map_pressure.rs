@@ -73,6 +73,7 @@ pub struct MapPressureMetrics {
     full_writes: Family<MapLabels, Counter>,
     updates: Family<MapLabels, Counter>,
     deletes: Family<MapLabels, Counter>,
+    drift: Family<MapLabels, Counter>,
 }
 
 impl MapPressureMetrics {
@@ -96,6 +97,11 @@ impl MapPressureMetrics {
             "map_deletes",
             "Entries the agent removed from a datapath map",
             self.deletes.clone(),
+        );
+        registry.register(
+            "map_drift",
+            "Entries the periodic check found different in a datapath map from what the agent last wrote there (expected: none); they are written again",
+            self.drift.clone(),
         );
     }
 }
@@ -160,6 +166,16 @@ impl MapPressure {
                 map: map.to_owned(),
             })
             .inc();
+    }
+
+    /// The periodic check found `count` entries of `map` other than the agent wrote them.
+    pub fn drifted(&self, map: &str, count: usize) {
+        self.metrics
+            .drift
+            .get_or_create(&MapLabels {
+                map: map.to_owned(),
+            })
+            .inc_by(count as u64);
     }
 
     /// An entry of `map` was removed.

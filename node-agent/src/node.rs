@@ -16,11 +16,12 @@ use crate::datapath::{Datapath, DatapathError, InstalledPolicy};
 use crate::flows::directory::{Directory, EndpointMeta};
 use crate::flows::enrich::Origin;
 use crate::ipam::{Ipam, IpamError};
-use crate::local_pods::LocalPods;
 use crate::peers::{KernelPeers, PeerRouting, PeerSync};
 use crate::policy::{LocalEndpoint, PolicyEngine, PolicyInputs};
 use crate::services::{HostPortBinding, ServiceEngine};
+use crate::state::ClusterState;
 use std::sync::{Arc, Mutex};
+use weft_core::state::LocalPod;
 
 /// CNI error code for "try again later" (spec 1.0, well-known code 11).
 pub const CNI_TRY_AGAIN_LATER: u32 = 11;
@@ -74,7 +75,9 @@ pub struct NodeAgent {
     peers: Vec<(Ipv4Addr, Ipv4Net)>,
     peer_sync: PeerSync,
     peer_routing: PeerRouting,
-    local_pods: LocalPods,
+    /// The cluster as the agent's sources list it: this node's pods by name (with their
+    /// identities) and the cluster's endpoints.
+    state: ClusterState,
     kube_apiserver: Vec<Ipv4Addr>,
     /// Endpoints adopted from an earlier run that still run its programs: (host veth,
     /// ifindex, whether a failure to replace them was already logged).
@@ -100,21 +103,19 @@ pub struct NodeSettings {
     pub origin: Origin,
     /// Where local endpoints are named for flows.
     pub directory: Arc<Mutex<Directory>>,
-    /// The cluster's policies (local mode: a file the sandbox keeps current).
-    pub policy_file: Option<PathBuf>,
+    /// The cluster as the agent's sources list it (see [`crate::state`]).
+    pub state: ClusterState,
     /// How policy applies: `Default` (selected endpoints are isolated), `Always`, `Never`.
     pub enforcement: weft_core::policy::model::EnforcementMode,
     /// Where the compiled policy in force is published (for naming rules in flows).
     pub policy_in_force: Arc<Mutex<Option<weft_core::policy::compile::Compiled>>>,
     pub node_ip: Ipv4Addr,
-    /// Wires the other nodes (static peers and the peers file); see [`NodeAgent::sync_peers`].
+    /// Wires the other nodes (static peers and the nodes table); see [`NodeAgent::sync_peers`].
     pub peers: PeerSync,
     /// How routes to the other nodes' pods go.
     pub peer_routing: PeerRouting,
-    /// Balances the cluster's services (local mode: from a file the sandbox keeps current).
+    /// Balances the cluster's services.
     pub services: ServiceEngine,
-    /// This node's pods by name, with their identities (see [`crate::local_pods`]).
-    pub local_pods: Option<PathBuf>,
     /// Whether the node's own traffic to its pods passes whatever isolates them.
     pub allow_from_node: bool,
     /// The API server's addresses given on the command line (the `kube-apiserver` entity);
@@ -166,7 +167,7 @@ impl NodeAgent {
             }
         }
         let mut policy = PolicyEngine::new(
-            settings.policy_file,
+            settings.state.clone(),
             settings.enforcement,
             settings.policy_in_force,
             Some(settings.state_dir.join(crate::policy::ENFORCEMENT_REPORT)),
@@ -207,7 +208,7 @@ impl NodeAgent {
             peer_sync,
             peer_routing: settings.peer_routing,
             services: settings.services,
-            local_pods: LocalPods::new(settings.local_pods),
+            state: settings.state,
             kube_apiserver: settings.kube_apiserver,
             outdated_programs: Vec::new(),
         };
@@ -293,10 +294,8 @@ impl NodeAgent {
         }
         // The identity the cluster assigned the pod by name, when it is known already: the
         // endpoint is then written once, not as `init` first.
-        self.local_pods.refresh();
         let identity = self
-            .local_pods
-            .get(&registration.pod.namespace, &registration.pod.name)
+            .local_pod(&registration.pod.namespace, &registration.pod.name)
             .filter(|pod| pod.resolved())
             .map_or(ReservedIdentity::Init.id(), |pod| pod.identity);
         let record = EndpointRecord {
@@ -337,19 +336,21 @@ impl NodeAgent {
     /// endpoint map and the ipcache get the new number, and the record keeps it across restarts.
     /// Returns how many endpoints changed.
     pub fn sync_identities(&mut self) -> Result<usize, NodeError> {
-        self.local_pods.refresh();
+        if !self.state.synced() {
+            return Ok(0);
+        }
         let assigned: Vec<(String, u32)> = {
-            let mut directory = self.directory();
-            let local_pods = &self.local_pods;
+            let tables = self.state.read();
             self.endpoints
                 .values()
                 .filter_map(|record| {
-                    // By name first: a new pod's address is not in the directory before ADD
-                    // has returned, and ADD waits for this identity.
-                    let identity = match local_pods.get(&record.pod.namespace, &record.pod.name) {
+                    // By name first: a new pod's address is not among the cluster's endpoints
+                    // before ADD has returned, and ADD waits for this identity.
+                    let key = (record.pod.namespace.clone(), record.pod.name.clone());
+                    let identity = match tables.local_pods.get(&key) {
                         Some(pod) if pod.resolved() => pod.identity,
                         _ => {
-                            let meta = directory.lookup(record.ip)?;
+                            let meta = tables.endpoints.get(&record.ip)?;
                             let same_pod = meta.namespace == record.pod.namespace
                                 && meta.pod == record.pod.name;
                             if !same_pod {
@@ -376,10 +377,11 @@ impl NodeAgent {
     }
 
     /// Brings the other nodes' ipcache entries and routes in line with the static peers and
-    /// the peers file (see [`crate::peers`]); failures are logged and tried again on the next
+    /// the nodes table (see [`crate::peers`]); failures are logged and tried again on the next
     /// call. When the peer set changed, the next [`Self::sync_policy`] recomputes the
-    /// remote-node identities and remote pods' tunnel endpoints.
-    pub async fn sync_peers(&mut self) {
+    /// remote-node identities and remote pods' tunnel endpoints. Returns whether every peer
+    /// is wired as wanted.
+    pub async fn sync_peers(&mut self) -> bool {
         let mut dataplane = KernelPeers {
             datapath: &mut self.datapath,
             routing: self.peer_routing,
@@ -388,13 +390,15 @@ impl NodeAgent {
             tracing::info!(peers = peers.len(), "peer nodes in force");
             self.peers = peers;
         }
+        !self.peer_sync.has_failures()
     }
 
     /// Brings policy enforcement in line with the cluster's policies, identities and this
     /// node's endpoints.
     pub fn sync_policy(&mut self) -> Result<(), NodeError> {
-        // The local pods file was re-read by `sync_identities`, which every pass runs first.
-        let (generation, directory) = self.directory().all();
+        if !self.state.synced() {
+            return Ok(());
+        }
         let local: Vec<LocalEndpoint> = self
             .endpoints
             .values()
@@ -404,10 +408,8 @@ impl NodeAgent {
                 namespace: record.pod.namespace.clone(),
                 identity: record.identity,
                 by_name: self
-                    .local_pods
-                    .get(&record.pod.namespace, &record.pod.name)
-                    .filter(|pod| pod.resolved() && pod.identity == record.identity)
-                    .cloned(),
+                    .local_pod(&record.pod.namespace, &record.pod.name)
+                    .filter(|pod| pod.resolved() && pod.identity == record.identity),
             })
             .collect();
         // As Cilium: the API server is whatever backs `default/kubernetes`, plus what the
@@ -426,13 +428,17 @@ impl NodeAgent {
         let inputs = PolicyInputs {
             local,
             kube_apiserver,
-            directory: &directory,
-            directory_generation: generation,
             node_ip: self.node_ip,
             peers: &self.peers,
         };
         self.policy.sync(&mut self.datapath, &inputs)?;
         Ok(())
+    }
+
+    /// Checks the policy engine's ipcache entries against the map (see
+    /// [`PolicyEngine::check_drift`]); returns how many differed.
+    pub fn check_drift(&mut self) -> Result<usize, NodeError> {
+        Ok(self.policy.check_drift(&mut self.datapath)?)
     }
 
     /// Puts the datapath's full maps in the node's enforcement report.
@@ -443,6 +449,12 @@ impl NodeAgent {
     /// Brings a newly registered endpoint as far as its sources allow (its identity, then the
     /// policy for it) and says whether it may run. CNI ADD asks until it may, or gives up.
     pub fn endpoint_readiness(&mut self, container_id: &str) -> Result<Readiness, NodeError> {
+        if !self.state.synced() {
+            return Ok(Readiness::Waiting(format!(
+                "the agent has not heard the whole cluster state from {} yet",
+                self.state.waiting_for().join(", ")
+            )));
+        }
         self.sync_identities()?;
         let Some(record) = self.endpoints.get(container_id) else {
             return Ok(Readiness::Waiting(format!(
@@ -509,6 +521,11 @@ impl NodeAgent {
         }
     }
 
+    /// Whether adopted endpoints still wait for this agent's programs.
+    pub fn has_outdated_programs(&self) -> bool {
+        !self.outdated_programs.is_empty()
+    }
+
     /// Brings the service load-balancing maps in line with the cluster's services and the
     /// host ports of this node's pods.
     pub fn sync_services(&mut self) -> Result<(), NodeError> {
@@ -516,10 +533,10 @@ impl NodeAgent {
             .endpoints
             .values()
             .flat_map(|record| {
-                let pod = self.local_pods.get(&record.pod.namespace, &record.pod.name);
+                let pod = self.local_pod(&record.pod.namespace, &record.pod.name);
                 pod.into_iter()
-                    .flat_map(|pod| pod.host_ports.iter())
-                    .filter_map(|port| HostPortBinding::of(record, port))
+                    .flat_map(|pod| pod.host_ports)
+                    .filter_map(|port| HostPortBinding::of(record, &port))
             })
             .collect();
         self.services.sync(&mut self.datapath, host_ports)?;
@@ -537,6 +554,12 @@ impl NodeAgent {
             });
         }
         Ok(())
+    }
+
+    /// This node's pod `namespace/name` as the cluster lists it.
+    fn local_pod(&self, namespace: &str, name: &str) -> Option<LocalPod> {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.state.read().local_pods.get(&key).cloned()
     }
 
     fn directory(&self) -> std::sync::MutexGuard<'_, Directory> {

@@ -1,9 +1,9 @@
 //! Peer nodes: where the other nodes' pods live and how this node reaches them.
 //!
-//! The peers the agent wants are the static ones (`--peer NODE_IP=POD_CIDR`) and those of the
-//! peers file (`--peers-file`): a JSON list of `{"name", "nodeIP", "podCIDR"}` that another
-//! party keeps current and replaces atomically — the sandbox in local mode, the Node watch in
-//! Kubernetes mode ([`crate::kubernetes::node`]). This node (by its address) is never a peer.
+//! The peers the agent wants are the static ones (`--peer NODE_IP=POD_CIDR`) and the nodes table
+//! of the agent's state ([`crate::state`]), which its source keeps current — the sandbox in
+//! local mode, the Node watch in Kubernetes mode ([`crate::kubernetes::node`]). This node (by
+//! its address) is never a peer.
 //!
 //! For every peer the agent keeps
 //! - an ipcache entry: the peer's pod CIDR → identity `unknown`, tunnel endpoint the peer's node
@@ -16,8 +16,8 @@
 //! [`PeerSync`] brings both in line with the wanted set on every pass of the agent's sync loop:
 //! new and changed peers are written before peers that are gone are removed, so a change never
 //! opens a gap, and this node's own pod CIDR is never touched. What fails is logged and tried
-//! again on the next pass; a peers file that cannot be read or holds an invalid entry keeps the
-//! last good set in force.
+//! again on the next pass; a nodes table that holds an invalid entry keeps the last good set in
+//! force, and nothing is removed before the source has listed every node.
 //!
 //! The ipcache is pinned, so it outlives the agent: peers that left while the agent was down are
 //! still in it when the agent starts. [`PeerSync::adopt`] takes over the entries only this
@@ -27,50 +27,33 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use weft_core::identity::ReservedIdentity;
 use weft_node_bpf::maps::IpcacheEntry;
 
 use crate::datapath::{Datapath, DatapathError};
 use crate::netlink::{self, NetlinkError, RouteNextHop};
-use crate::watched_file::WatchedFile;
+use crate::state::{ClusterState, TableView};
 
-/// One entry of the peers file: another node.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct PeerNode {
-    /// The node's name (for logs; Kubernetes mode writes the Node's name).
-    #[serde(default)]
-    pub name: String,
-    /// Where the node is reached on the node network (route gateway, tunnel endpoint).
-    #[serde(rename = "nodeIP")]
-    pub node_ip: Ipv4Addr,
-    /// Where the node's pods live.
-    #[serde(rename = "podCIDR")]
-    pub pod_cidr: Ipv4Net,
-}
+pub use weft_core::state::PeerNode;
 
-impl PeerNode {
-    /// Why the datapath cannot use this peer, if it cannot.
-    fn problem(&self) -> Option<String> {
-        let ip = self.node_ip;
-        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
-            // A zero tunnel endpoint would even mark the CIDR as this node's.
-            return Some(format!(
-                "nodeIP {ip} is not a node address (unspecified, loopback, multicast or broadcast)"
-            ));
-        }
-        if self.pod_cidr.prefix_len() == 0 {
-            return Some(format!(
-                "podCIDR {} would send every address to this node",
-                self.pod_cidr
-            ));
-        }
-        None
+/// Why the datapath cannot use `peer`, if it cannot.
+fn peer_problem(peer: &PeerNode) -> Option<String> {
+    let ip = peer.node_ip;
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+        // A zero tunnel endpoint would even mark the CIDR as this node's.
+        return Some(format!(
+            "nodeIP {ip} is not a node address (unspecified, loopback, multicast or broadcast)"
+        ));
     }
+    if peer.pod_cidr.prefix_len() == 0 {
+        return Some(format!(
+            "podCIDR {} would send every address to this node",
+            peer.pod_cidr
+        ));
+    }
+    None
 }
 
 /// Parses `--peer NODE_IP=POD_CIDR`.
@@ -87,37 +70,25 @@ pub fn parse_peer_flag(value: &str) -> Result<PeerNode, String> {
             .map_err(|e| format!("{cidr:?}: {e}"))?
             .trunc(),
     };
-    match peer.problem() {
+    match peer_problem(&peer) {
         Some(problem) => Err(format!("{value:?}: {problem}")),
         None => Ok(peer),
     }
 }
 
-/// The peers file's entries (pod CIDRs truncated to their network), or what is wrong with the
+/// The nodes table's entries (pod CIDRs truncated to their network), or what is wrong with the
 /// first bad one: then none is used, so one broken entry never tears down the others.
-pub fn parse_peers(objects: &[Value]) -> Result<Vec<PeerNode>, String> {
-    objects
-        .iter()
-        .enumerate()
-        .map(|(index, object)| {
-            let what = || match object.get("name").and_then(Value::as_str) {
-                Some(name) => format!("entry {index} ({name:?})"),
-                None => format!("entry {index}"),
-            };
-            let mut peer: PeerNode = serde_json::from_value(object.clone())
-                .map_err(|error| format!("{}: {error}", what()))?;
+pub fn validate_peers(nodes: Vec<PeerNode>) -> Result<Vec<PeerNode>, String> {
+    nodes
+        .into_iter()
+        .map(|mut peer| {
             peer.pod_cidr = peer.pod_cidr.trunc();
-            match peer.problem() {
-                Some(problem) => Err(format!("{}: {problem}", what())),
+            match peer_problem(&peer) {
+                Some(problem) => Err(format!("node {:?}: {problem}", peer.name)),
                 None => Ok(peer),
             }
         })
         .collect()
-}
-
-/// The peers file's content for `peers`.
-pub fn to_file_bytes(peers: &[PeerNode]) -> Vec<u8> {
-    serde_json::to_vec(peers).unwrap_or_else(|_| b"[]".to_vec())
 }
 
 /// This node, which is never its own peer.
@@ -293,9 +264,10 @@ pub fn owned_entry(entry: &IpcacheEntry) -> Option<Ipv4Addr> {
 pub struct PeerSync {
     me: LocalNode,
     static_peers: Vec<PeerNode>,
-    file: WatchedFile,
-    /// The peers file's last good content.
-    from_file: Vec<PeerNode>,
+    /// The nodes table; `None`: static peers only.
+    nodes: Option<TableView<PeerNode>>,
+    /// The nodes table's last good content.
+    from_table: Vec<PeerNode>,
     /// Pod CIDR → (node address, name) of every peer wanted.
     wanted: BTreeMap<Ipv4Net, (Ipv4Addr, String)>,
     /// Pod CIDR → node address of every peer whose ipcache entry and route are in place (or,
@@ -315,14 +287,15 @@ pub struct PeerSync {
 }
 
 impl PeerSync {
-    /// `file`: the peers file, if any; it is read on the first [`Self::sync`].
-    pub fn new(me: LocalNode, static_peers: Vec<PeerNode>, file: Option<PathBuf>) -> Self {
+    /// `state`: where the other nodes are listed, if anywhere; read on the first
+    /// [`Self::sync`] after its sources have listed everything.
+    pub fn new(me: LocalNode, static_peers: Vec<PeerNode>, state: Option<ClusterState>) -> Self {
         let wanted = wanted_peers(me, &static_peers);
         Self {
             me,
             static_peers,
-            file: WatchedFile::new(file),
-            from_file: Vec::new(),
+            nodes: state.map(TableView::new),
+            from_table: Vec::new(),
             wanted,
             wired: BTreeMap::new(),
             wired_names: BTreeMap::new(),
@@ -355,6 +328,11 @@ impl PeerSync {
         adopted
     }
 
+    /// Whether some change could not be applied yet (the next pass tries again).
+    pub fn has_failures(&self) -> bool {
+        !self.failures.is_empty()
+    }
+
     /// Every peer wanted, as (node address, pod CIDR).
     pub fn peers(&self) -> Vec<(Ipv4Addr, Ipv4Net)> {
         self.wanted
@@ -363,23 +341,22 @@ impl PeerSync {
             .collect()
     }
 
-    /// Re-reads the peers file if it changed; returns whether the wanted set was recomputed.
+    /// Takes the nodes table if it changed; returns whether the wanted set was recomputed.
     fn reload(&mut self) -> bool {
-        let Some(objects) = self.file.changed_objects("peers") else {
+        let Some(nodes) = self.nodes.as_mut().and_then(TableView::changed_rows) else {
             return false;
         };
-        match parse_peers(&objects) {
-            Ok(peers) => self.from_file = peers,
+        match validate_peers(nodes) {
+            Ok(peers) => self.from_table = peers,
             Err(problem) => {
                 tracing::error!(
-                    path = %self.file.path().map(|p| p.display().to_string()).unwrap_or_default(),
                     %problem,
-                    "the peers file has an invalid entry; keeping the peers in force until it is fixed"
+                    "the cluster's nodes include an invalid entry; keeping the peers in force until it is fixed"
                 );
                 return false;
             }
         }
-        let wanted = wanted_peers(self.me, self.static_peers.iter().chain(&self.from_file));
+        let wanted = wanted_peers(self.me, self.static_peers.iter().chain(&self.from_table));
         if wanted == self.wanted {
             return false;
         }
@@ -387,13 +364,22 @@ impl PeerSync {
         true
     }
 
-    /// One pass: re-reads the peers file, wires new and changed peers, then unwires those gone.
+    /// One pass: takes the nodes table if it changed, wires new and changed peers, then
+    /// unwires those gone. Nothing is done before the table's source listed every node (a
+    /// restarted agent would otherwise unwire the peers an earlier run wired).
     /// Returns the peer list when it differs from the one returned before (always on the first
     /// call), for the policy engine (remote-node identities, remote pods' tunnel endpoints).
     pub async fn sync<D: PeerDataplane>(
         &mut self,
         dataplane: &mut D,
     ) -> Option<Vec<(Ipv4Addr, Ipv4Net)>> {
+        if self
+            .nodes
+            .as_ref()
+            .is_some_and(|nodes| !nodes.state().synced())
+        {
+            return None;
+        }
         if self.reload() {
             self.pending = true;
         }
@@ -519,7 +505,6 @@ impl PeerSync {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn net(text: &str) -> Ipv4Net {
         text.parse().expect("CIDR")
@@ -543,50 +528,26 @@ mod tests {
     };
 
     #[test]
-    fn the_file_format_is_a_list_of_name_node_ip_and_pod_cidr() {
-        let objects = vec![
-            json!({"name": "gpu-7", "nodeIP": "192.168.0.7", "podCIDR": "10.1.7.0/24"}),
-            // Not truncated: the network is what counts. Unknown fields are ignored.
-            json!({"name": "gpu-8", "nodeIP": "192.168.0.8", "podCIDR": "10.1.8.9/24", "zone": "a"}),
-        ];
+    fn node_rows_are_truncated_and_one_bad_row_rejects_them_naming_it() {
         assert_eq!(
-            parse_peers(&objects),
+            validate_peers(vec![
+                peer("gpu-7", "192.168.0.7", "10.1.7.0/24"),
+                // Not truncated: the network is what counts.
+                peer("gpu-8", "192.168.0.8", "10.1.8.9/24"),
+            ]),
             Ok(vec![
                 peer("gpu-7", "192.168.0.7", "10.1.7.0/24"),
                 peer("gpu-8", "192.168.0.8", "10.1.8.0/24")
             ])
         );
-        let written = to_file_bytes(&[peer("gpu-7", "192.168.0.7", "10.1.7.0/24")]);
-        assert_eq!(
-            serde_json::from_slice::<Value>(&written).expect("JSON"),
-            json!([{"name": "gpu-7", "nodeIP": "192.168.0.7", "podCIDR": "10.1.7.0/24"}])
-        );
-    }
-
-    #[test]
-    fn one_bad_entry_rejects_the_file_naming_the_entry() {
         for (bad, expected) in [
-            (
-                json!({"name": "b", "nodeIP": "192.168.0.300", "podCIDR": "10.1.2.0/24"}),
-                "entry 1 (\"b\")",
-            ),
-            (json!({"name": "b", "nodeIP": "192.168.0.2"}), "podCIDR"),
-            (
-                json!({"name": "b", "nodeIP": "0.0.0.0", "podCIDR": "10.1.2.0/24"}),
-                "nodeIP 0.0.0.0",
-            ),
-            (
-                json!({"name": "b", "nodeIP": "192.168.0.2", "podCIDR": "0.0.0.0/0"}),
-                "every address",
-            ),
-            (json!("192.168.0.2=10.1.2.0/24"), "entry 1"),
+            (peer("b", "0.0.0.0", "10.1.2.0/24"), "nodeIP 0.0.0.0"),
+            (peer("b", "192.168.0.2", "0.0.0.0/0"), "every address"),
         ] {
-            let objects = vec![
-                json!({"name": "a", "nodeIP": "192.168.0.3", "podCIDR": "10.1.3.0/24"}),
-                bad,
-            ];
-            let error = parse_peers(&objects).expect_err("invalid");
+            let error = validate_peers(vec![peer("a", "192.168.0.3", "10.1.3.0/24"), bad])
+                .expect_err("invalid");
             assert!(error.contains(expected), "{error} should say {expected}");
+            assert!(error.contains("\"b\""), "{error} names the node");
         }
     }
 
@@ -702,20 +663,28 @@ mod tests {
         }
     }
 
-    fn write_file(path: &std::path::Path, peers: &[PeerNode]) {
-        weft_core::files::write_atomically(path, &to_file_bytes(peers)).expect("write");
+    /// A synced state whose nodes are `peers`.
+    fn listed(peers: &[PeerNode]) -> ClusterState {
+        let state = ClusterState::new(vec![crate::state::LOCAL_SOURCE.into()]);
+        list(&state, peers);
+        state
+    }
+
+    fn list(state: &ClusterState, peers: &[PeerNode]) {
+        state.change(|tables| {
+            tables.replace(crate::state::LOCAL_SOURCE, peers.iter().cloned());
+            tables.mark_synced(crate::state::LOCAL_SOURCE);
+        });
     }
 
     #[tokio::test]
-    async fn peers_follow_the_file_new_before_gone_and_never_this_node() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("peers.json");
+    async fn peers_follow_the_table_new_before_gone_and_never_this_node() {
         let b = peer("b", "192.168.0.2", "10.1.2.0/24");
         let c = peer("c", "192.168.0.3", "10.1.3.0/24");
         let me = peer("a", "192.168.0.1", "10.1.1.0/24");
-        write_file(&path, &[me.clone(), b.clone()]);
+        let state = listed(&[me.clone(), b.clone()]);
         let static_peer = parse_peer_flag("192.168.0.9=10.1.9.0/24").expect("flag");
-        let mut sync = PeerSync::new(ME, vec![static_peer], Some(path.clone()));
+        let mut sync = PeerSync::new(ME, vec![static_peer], Some(state.clone()));
         let mut fake = Fake::default();
 
         let first = sync
@@ -743,7 +712,7 @@ mod tests {
         assert!(fake.ops.is_empty());
 
         // b leaves, c joins: c is wired before b is removed.
-        write_file(&path, &[me.clone(), c.clone()]);
+        list(&state, &[me.clone(), c.clone()]);
         let peers = sync.sync(&mut fake).await.expect("changed");
         assert_eq!(
             peers,
@@ -765,7 +734,7 @@ mod tests {
 
         // c changes its address: replaced in place, nothing removed.
         let c_moved = peer("c", "192.168.0.33", "10.1.3.0/24");
-        write_file(&path, &[c_moved]);
+        list(&state, &[c_moved]);
         sync.sync(&mut fake).await.expect("changed");
         assert_eq!(
             fake.ops,
@@ -777,7 +746,7 @@ mod tests {
         // This node's own pod CIDR was never touched.
         assert!(!fake.ipcache.contains_key(&ME.pod_cidr));
         assert!(!fake.routes.contains_key(&ME.pod_cidr));
-        // The static peer stays whatever the file says.
+        // The static peer stays whatever the table says.
         assert_eq!(
             fake.routes.get(&net("10.1.9.0/24")),
             Some(&ip("192.168.0.9"))
@@ -785,26 +754,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_broken_file_keeps_the_last_good_peers() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("peers.json");
+    async fn a_bad_row_keeps_the_last_good_peers_and_nothing_moves_before_the_listing() {
         let b = peer("b", "192.168.0.2", "10.1.2.0/24");
-        write_file(&path, std::slice::from_ref(&b));
-        let mut sync = PeerSync::new(ME, Vec::new(), Some(path.clone()));
+        let state = ClusterState::new(vec![crate::state::LOCAL_SOURCE.into()]);
+        let mut sync = PeerSync::new(ME, Vec::new(), Some(state.clone()));
+        sync.adopt([(
+            net("10.1.2.0/24"),
+            IpcacheEntry {
+                identity: 0,
+                tunnel_endpoint: u32::from(ip("192.168.0.2")).to_be(),
+            },
+        )]);
         let mut fake = Fake::default();
+        assert_eq!(sync.sync(&mut fake).await, None, "not listed yet");
+        assert!(fake.ops.is_empty(), "what an earlier run wired stays");
+        list(&state, std::slice::from_ref(&b));
         sync.sync(&mut fake).await.expect("first pass");
         fake.ops.clear();
 
-        for broken in [
-            &b"[{\"name\": \"b\", \"nodeIP\": "[..],
-            &br#"[{"name": "b", "nodeIP": "192.168.0.2", "podCIDR": "ten"}]"#[..],
-        ] {
-            weft_core::files::write_atomically(&path, broken).expect("write");
-            assert_eq!(sync.sync(&mut fake).await, None, "the peers stay");
-            assert!(fake.ops.is_empty(), "{:?}", fake.ops);
-        }
-        // Fixed: back to following the file.
-        write_file(&path, &[]);
+        list(&state, &[peer("b", "0.0.0.0", "10.1.2.0/24")]);
+        assert_eq!(sync.sync(&mut fake).await, None, "the peers stay");
+        assert!(fake.ops.is_empty(), "{:?}", fake.ops);
+        // Fixed: back to following the table.
+        list(&state, &[]);
         assert_eq!(sync.sync(&mut fake).await, Some(vec![]));
         assert_eq!(
             fake.ops,
@@ -814,16 +786,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_failure_is_tried_again_on_the_next_pass() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("peers.json");
-        write_file(
-            &path,
-            &[
-                peer("b", "192.168.0.2", "10.1.2.0/24"),
-                peer("far", "192.168.9.9", "10.1.9.0/24"),
-            ],
-        );
-        let mut sync = PeerSync::new(ME, Vec::new(), Some(path));
+        let state = listed(&[
+            peer("b", "192.168.0.2", "10.1.2.0/24"),
+            peer("far", "192.168.9.9", "10.1.9.0/24"),
+        ]);
+        let mut sync = PeerSync::new(ME, Vec::new(), Some(state));
         let mut fake = Fake {
             fail_routes_to: Some(ip("192.168.9.9")),
             ..Fake::default()
@@ -852,10 +819,8 @@ mod tests {
 
     #[tokio::test]
     async fn entries_left_by_an_earlier_run_are_adopted_and_the_gone_ones_removed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("peers.json");
-        write_file(&path, &[peer("b", "192.168.0.2", "10.1.2.0/24")]);
-        let mut sync = PeerSync::new(ME, Vec::new(), Some(path));
+        let state = listed(&[peer("b", "192.168.0.2", "10.1.2.0/24")]);
+        let mut sync = PeerSync::new(ME, Vec::new(), Some(state));
         let entry = |identity: u32, endpoint: &str| IpcacheEntry {
             identity,
             tunnel_endpoint: u32::from(ip(endpoint)).to_be(),

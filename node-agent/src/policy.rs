@@ -9,7 +9,7 @@
 //! what an earlier run wrote, and the first install removes whatever the policy in force then
 //! does not want (a rule removed, a policy deleted, a remote pod gone while the agent was down).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use ipnet::Ipv4Net;
 use weft_core::identity::ReservedIdentity;
 use weft_core::policy::compile::{
-    compile_with_members, policy_prefixes, port_prefixes, Compiled, EndpointInput, IdentityKind,
-    Member, Members,
+    compile_with_members, policy_prefixes, port_prefixes, uses_members, Compiled, EndpointInput,
+    IdentityKind, Member, Members,
 };
 use weft_core::policy::evaluate::{NamedPorts, PeerKind};
 use weft_core::policy::model::{allow_from_node, Direction, EnforcementMode, Policy, Protocol};
@@ -30,9 +30,10 @@ use weft_node_bpf::maps::{
 
 use crate::datapath::{Datapath, DatapathError, InstalledPolicy};
 use crate::flows::directory::EndpointMeta;
-use crate::local_pods::LocalPod;
 use crate::map_pressure::FullMap;
-use crate::watched_file::WatchedFile;
+use crate::state::{ClusterState, TableView};
+use weft_core::state::LocalPod;
+use weft_core::state::PolicyObject;
 
 /// First identity number for CIDR prefixes named by policies (node-local, as Cilium's): above
 /// every cluster-scoped identity (cluster IDs up to 511 in bits 16-24), so a prefix's number
@@ -42,7 +43,8 @@ pub const CIDR_IDENTITY_BASE: u32 = 1 << 25;
 /// The policies in force on the node and what was written for them.
 pub struct PolicyEngine {
     mode: EnforcementMode,
-    file: WatchedFile,
+    /// The cluster's policy objects.
+    policies: TableView<PolicyObject>,
     /// Key `Kind namespace/name` → the last valid version.
     last_good: BTreeMap<String, Policy>,
     /// Policies whose current version is invalid, and why.
@@ -67,6 +69,115 @@ pub struct PolicyEngine {
     adopted: bool,
     /// Whether the built-in [`allow_from_node`] policy applies.
     allow_from_node: bool,
+    /// The cluster's endpoints as far as the compiled policy depends on them.
+    index: EndpointIndex,
+    /// Whether the policy in force reads the pods behind identities ([`uses_members`]).
+    uses_members: bool,
+    /// Host addresses the ipcache holds for something else than a pod (nodes, the API
+    /// server, policies' /32 prefixes): a pod address among them takes a full pass.
+    shared_addresses: BTreeSet<Ipv4Net>,
+}
+
+/// The cluster's endpoints as far as the compiled policy depends on them: each address's
+/// identity, and each identity's labels and how many endpoints carry it. Kept from the
+/// endpoints table's changes, so that a pod elsewhere costs no recompilation unless it brings
+/// or takes an identity (or the policy reads pods by address or port).
+#[derive(Default)]
+struct EndpointIndex {
+    /// The endpoints table's revision last taken.
+    seen: Option<u64>,
+    identity_of: HashMap<Ipv4Addr, u32>,
+    identities: HashMap<u32, (BTreeMap<String, String>, usize)>,
+}
+
+/// What [`EndpointIndex::catch_up`] found.
+struct IndexChange {
+    /// The whole table was read (first pass, or too far behind its change log).
+    rebuilt: bool,
+    /// An identity came, went, or changed its labels.
+    identities: bool,
+    /// The addresses whose endpoint changed (not filled when rebuilt).
+    addresses: Vec<Ipv4Addr>,
+}
+
+impl EndpointIndex {
+    fn catch_up(&mut self, state: &ClusterState) -> IndexChange {
+        let tables = state.read();
+        let table = &tables.endpoints;
+        let keys = self.seen.and_then(|seen| table.changed_since(seen));
+        self.seen = Some(table.revision());
+        let Some(addresses) = keys else {
+            self.identity_of.clear();
+            self.identities.clear();
+            for meta in table.rows() {
+                self.add(meta);
+            }
+            return IndexChange {
+                rebuilt: true,
+                identities: true,
+                addresses: Vec::new(),
+            };
+        };
+        let mut identities = false;
+        for ip in &addresses {
+            if let Some(old) = self.identity_of.remove(ip) {
+                identities |= self.release(old);
+            }
+            if let Some(meta) = table.get(ip) {
+                identities |= self.add(meta);
+            }
+        }
+        IndexChange {
+            rebuilt: false,
+            identities,
+            addresses,
+        }
+    }
+
+    /// Counts `meta`; returns whether its identity is new or its labels changed.
+    fn add(&mut self, meta: &EndpointMeta) -> bool {
+        self.identity_of.insert(meta.ip, meta.identity);
+        match self.identities.entry(meta.identity) {
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                vacant.insert((meta.security_labels.clone(), 1));
+                true
+            }
+            std::collections::hash_map::Entry::Occupied(mut occupied) => {
+                let (labels, count) = occupied.get_mut();
+                *count += 1;
+                if *labels == meta.security_labels {
+                    return false;
+                }
+                labels.clone_from(&meta.security_labels);
+                true
+            }
+        }
+    }
+
+    /// Uncounts an endpoint of `identity`; returns whether the identity is gone.
+    fn release(&mut self, identity: u32) -> bool {
+        let std::collections::hash_map::Entry::Occupied(mut occupied) =
+            self.identities.entry(identity)
+        else {
+            return false;
+        };
+        occupied.get_mut().1 -= 1;
+        if occupied.get().1 == 0 {
+            occupied.remove();
+            return true;
+        }
+        false
+    }
+}
+
+/// A remote pod's ipcache entry: its identity behind the peer whose pod CIDR holds it (none
+/// when no known node holds it).
+fn remote_pod_entry(meta: &EndpointMeta, peers: &[(Ipv4Addr, Ipv4Net)]) -> Option<IpcacheEntry> {
+    let (node_ip, _) = peers.iter().find(|(_, cidr)| cidr.contains(&meta.ip))?;
+    Some(IpcacheEntry {
+        identity: meta.identity,
+        tunnel_endpoint: u32::from(*node_ip).to_be(),
+    })
 }
 
 /// How many keys of each kind [`PolicyEngine::adopt`] took over.
@@ -211,8 +322,6 @@ pub struct PolicyInputs<'a> {
     pub local: Vec<LocalEndpoint>,
     /// The Kubernetes API server's addresses: the `kube-apiserver` entity.
     pub kube_apiserver: Vec<Ipv4Addr>,
-    pub directory: &'a [EndpointMeta],
-    pub directory_generation: u64,
     pub node_ip: Ipv4Addr,
     /// (node IP, pod CIDR) of every other node.
     pub peers: &'a [(Ipv4Addr, Ipv4Net)],
@@ -234,7 +343,7 @@ fn peer_set(set: &weft_core::policy::compile::PeerSet) -> PeerSet {
 
 impl PolicyEngine {
     pub fn new(
-        file: Option<PathBuf>,
+        state: ClusterState,
         mode: EnforcementMode,
         compiled: Arc<Mutex<Option<Compiled>>>,
         report: Option<PathBuf>,
@@ -246,7 +355,7 @@ impl PolicyEngine {
             full_maps: Vec::new(),
             problem: None,
             mode,
-            file: WatchedFile::new(file),
+            policies: TableView::new(state),
             last_good: BTreeMap::new(),
             problems: BTreeMap::new(),
             installed: Installed::default(),
@@ -254,6 +363,9 @@ impl PolicyEngine {
             compiled,
             adopted: false,
             allow_from_node: true,
+            index: EndpointIndex::default(),
+            uses_members: false,
+            shared_addresses: BTreeSet::new(),
         }
     }
 
@@ -268,7 +380,8 @@ impl PolicyEngine {
     /// of `ipcache`: not those of the local endpoints at `local`), as if this run had installed
     /// it, so that the next install removes whatever the policies then in force do not want.
     /// Call it before the first [`Self::sync`], which then installs even if nothing changed —
-    /// unless the policy file cannot be read: until it can, what the earlier run left stays.
+    /// once the state's sources have listed everything: until then, what the earlier run
+    /// left stays.
     pub fn adopt(
         &mut self,
         found: InstalledPolicy,
@@ -322,13 +435,13 @@ impl PolicyEngine {
         adopted
     }
 
-    /// Re-reads the policy file if it changed. Returns whether the policy set changed.
+    /// Takes the policies table if it changed. Returns whether the policy set changed.
     fn reload(&mut self) -> bool {
-        let Some(objects) = self.file.changed_objects("policy") else {
+        let Some(objects) = self.policies.changed_rows() else {
             return false;
         };
         let mut seen = BTreeSet::new();
-        for object in objects {
+        for PolicyObject(object) in objects {
             let kind = object["kind"].as_str().unwrap_or_default().to_owned();
             let name = format!(
                 "{kind} {}/{}",
@@ -400,33 +513,48 @@ impl PolicyEngine {
         datapath: &mut Datapath,
         inputs: &PolicyInputs<'_>,
     ) -> Result<(), DatapathError> {
-        let reloaded = self.reload();
-        if self.adopted && self.file.unreadable() {
-            // Nothing is known of the policies yet: what the earlier run left stays in force
-            // rather than being taken for stale (the file's problem is logged by `reload`).
+        if !self.policies.state().synced() {
+            // Nothing is known of the policies yet: what an earlier run left stays in force
+            // rather than being taken for stale.
             return Ok(());
         }
+        let reloaded = self.reload();
+        let state = self.policies.state().clone();
+        let changed = self.index.catch_up(&state);
         let fingerprint = {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            inputs.directory_generation.hash(&mut hasher);
             inputs.local.hash(&mut hasher);
             inputs.kube_apiserver.hash(&mut hasher);
             inputs.peers.hash(&mut hasher);
-            self.file.inode().hash(&mut hasher);
+            self.policies.seen().hash(&mut hasher);
             hasher.finish()
         };
-        if !reloaded && self.last_inputs == Some(fingerprint) {
-            return Ok(());
+        let local_ips: BTreeSet<Ipv4Addr> = inputs.local.iter().map(|e| e.ip).collect();
+        // Only other nodes' pods came or went, and nothing the compiled policy depends on
+        // moved: their ipcache entries are all that changes.
+        let addresses_only = !reloaded
+            && self.last_inputs == Some(fingerprint)
+            && !changed.rebuilt
+            && !changed.identities
+            && (!self.uses_members || changed.addresses.is_empty())
+            && changed.addresses.iter().all(|ip| {
+                !local_ips.contains(ip) && !self.shared_addresses.contains(&Ipv4Net::from(*ip))
+            });
+        if addresses_only {
+            return self.update_remote_pods(datapath, inputs, &state, &changed.addresses);
         }
         self.last_inputs = Some(fingerprint);
+        let directory: Vec<EndpointMeta> = state.read().endpoints.rows().cloned().collect();
+        let directory = directory.as_slice();
 
         let mut policies: Vec<Policy> = self.last_good.values().cloned().collect();
         if self.allow_from_node {
             policies.push(allow_from_node());
         }
+        self.uses_members = policies.iter().any(uses_members);
         let by_ip: BTreeMap<Ipv4Addr, &EndpointMeta> =
-            inputs.directory.iter().map(|m| (m.ip, m)).collect();
+            directory.iter().map(|m| (m.ip, m)).collect();
         // An endpoint whose identity is not resolved is left out: policy selects by the labels
         // its identity stands for, and until then the datapath holds it to what `init` may do.
         let endpoints: Vec<EndpointInput> = inputs
@@ -457,8 +585,7 @@ impl PolicyEngine {
                 }
             })
             .collect();
-        let mut identities: BTreeMap<u32, IdentityKind> = inputs
-            .directory
+        let mut identities: BTreeMap<u32, IdentityKind> = directory
             .iter()
             .map(|meta| {
                 (
@@ -487,7 +614,7 @@ impl PolicyEngine {
         // The pods carrying each identity: ipBlock peers select pods by address, and egress
         // rules naming a port resolve it on the destination pods.
         let mut members = Members::new();
-        for meta in inputs.directory {
+        for meta in directory {
             members.entry(meta.identity).or_default().push(Member {
                 ip: meta.ip,
                 named_ports: named_ports(meta),
@@ -507,24 +634,9 @@ impl PolicyEngine {
 
         // The ipcache names every address policy may ask about.
         let mut ipcache: BTreeMap<Ipv4Net, IpcacheEntry> = BTreeMap::new();
-        let local_ips: BTreeSet<Ipv4Addr> = inputs.local.iter().map(|e| e.ip).collect();
-        for meta in inputs
-            .directory
-            .iter()
-            .filter(|m| !local_ips.contains(&m.ip))
-        {
-            if let Some((node_ip, _)) = inputs
-                .peers
-                .iter()
-                .find(|(_, cidr)| cidr.contains(&meta.ip))
-            {
-                ipcache.insert(
-                    Ipv4Net::from(meta.ip),
-                    IpcacheEntry {
-                        identity: meta.identity,
-                        tunnel_endpoint: u32::from(*node_ip).to_be(),
-                    },
-                );
+        for meta in directory.iter().filter(|m| !local_ips.contains(&m.ip)) {
+            if let Some(entry) = remote_pod_entry(meta, inputs.peers) {
+                ipcache.insert(Ipv4Net::from(meta.ip), entry);
             }
         }
         for (node_ip, _) in inputs.peers {
@@ -576,6 +688,20 @@ impl PolicyEngine {
             });
         }
 
+        self.shared_addresses = inputs
+            .peers
+            .iter()
+            .map(|(node_ip, _)| *node_ip)
+            .chain(inputs.kube_apiserver.iter().copied())
+            .chain([inputs.node_ip])
+            .map(Ipv4Net::from)
+            .chain(
+                prefixes
+                    .iter()
+                    .filter(|prefix| prefix.prefix_len() == 32)
+                    .copied(),
+            )
+            .collect();
         let mut installed = Installed::default();
         for (prefix, entry) in &ipcache {
             write_if_changed(
@@ -683,6 +809,75 @@ impl PolicyEngine {
         *self.compiled.lock().unwrap_or_else(|p| p.into_inner()) = Some(compiled);
         self.report(None);
         Ok(())
+    }
+
+    /// Brings the ipcache entries of the remote pods at `addresses` in line with the
+    /// endpoints table, when nothing else changed (see `sync_once`): the policy in force
+    /// stays, only those entries are written or removed.
+    fn update_remote_pods(
+        &mut self,
+        datapath: &mut Datapath,
+        inputs: &PolicyInputs<'_>,
+        state: &ClusterState,
+        addresses: &[Ipv4Addr],
+    ) -> Result<(), DatapathError> {
+        let wanted: Vec<(Ipv4Net, Option<IpcacheEntry>)> = {
+            let tables = state.read();
+            addresses
+                .iter()
+                .map(|ip| {
+                    let entry = tables
+                        .endpoints
+                        .get(ip)
+                        .and_then(|meta| remote_pod_entry(meta, inputs.peers));
+                    (Ipv4Net::from(*ip), entry)
+                })
+                .collect()
+        };
+        let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        for (prefix, entry) in wanted {
+            match entry {
+                Some(entry) => {
+                    if self.installed.ipcache.get(&prefix) != Some(&Some(entry)) {
+                        datapath.upsert_ipcache(prefix, entry)?;
+                        self.installed.ipcache.insert(prefix, Some(entry));
+                    }
+                    if let Some(compiled) = compiled.as_mut() {
+                        compiled.address_identities.insert(prefix, entry.identity);
+                    }
+                }
+                None => {
+                    if self.installed.ipcache.contains_key(&prefix) {
+                        datapath.remove_ipcache(prefix)?;
+                        self.installed.ipcache.remove(&prefix);
+                    }
+                    if let Some(compiled) = compiled.as_mut() {
+                        compiled.address_identities.remove(&prefix);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The safety net under writing only what differs: compares the ipcache entries this
+    /// engine wrote with the map, counts those found otherwise (`weft_agent_map_drift_total`)
+    /// and forgets their values, so the next pass (a full one) writes them again.
+    pub fn check_drift(&mut self, datapath: &mut Datapath) -> Result<usize, DatapathError> {
+        let actual: BTreeMap<Ipv4Net, IpcacheEntry> =
+            datapath.ipcache_entries()?.into_iter().collect();
+        let mut drifted = 0;
+        for (prefix, written) in self.installed.ipcache.iter_mut() {
+            if written.is_some() && actual.get(prefix) != written.as_ref() {
+                *written = None;
+                drifted += 1;
+            }
+        }
+        datapath.drift_found(weft_node_bpf::maps::IPCACHE, drifted);
+        if drifted > 0 {
+            self.last_inputs = None;
+        }
+        Ok(drifted)
     }
 
     /// Records the datapath's full maps in the report.
@@ -828,7 +1023,7 @@ mod tests {
     #[test]
     fn adopts_the_policy_maps_and_only_its_own_ipcache_entries() {
         let mut engine = PolicyEngine::new(
-            None,
+            ClusterState::new(Vec::new()),
             EnforcementMode::Default,
             Arc::new(Mutex::new(None)),
             None,

@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 
 use tokio::sync::watch;
 
@@ -21,9 +20,10 @@ use weft_node_bpf::maps::{
 
 use crate::datapath::{Datapath, DatapathError};
 use crate::health_check::{HealthCheck, HealthChecks};
-use crate::local_pods::HostPort;
 use crate::node::EndpointRecord;
-use crate::watched_file::WatchedFile;
+use crate::state::{ClusterState, TableView};
+use weft_core::state::HostPort;
+use weft_core::state::ServiceObject;
 
 /// A backend as the datapath knows it: one address and port in one cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -293,7 +293,8 @@ fn prune_affinity(
 
 /// The services in force on the node and what was written for them.
 pub struct ServiceEngine {
-    file: WatchedFile,
+    /// The cluster's Services, EndpointSlices and GlobalServices.
+    objects: TableView<ServiceObject>,
     local_cluster: u16,
     node: String,
     health_checks: watch::Sender<HealthChecks>,
@@ -314,7 +315,7 @@ pub struct ServiceEngine {
 impl ServiceEngine {
     /// `health_checks` gets what the node's health-check ports answer after every change.
     pub fn new(
-        file: Option<PathBuf>,
+        state: ClusterState,
         local_cluster: u16,
         node: String,
         table_size: TableSize,
@@ -322,7 +323,7 @@ impl ServiceEngine {
         health_checks: watch::Sender<HealthChecks>,
     ) -> Self {
         Self {
-            file: WatchedFile::new(file),
+            objects: TableView::new(state),
             local_cluster,
             node,
             health_checks,
@@ -342,11 +343,15 @@ impl ServiceEngine {
         }
     }
 
-    /// Re-reads the service file if it changed. Returns whether anything changed.
+    /// Takes the service objects if they changed. Returns whether anything changed.
     fn reload(&mut self) -> bool {
-        let Some(objects) = self.file.changed_objects("service") else {
+        let Some(objects) = self.objects.changed_rows() else {
             return false;
         };
+        let objects: Vec<serde_json::Value> = objects
+            .into_iter()
+            .map(|ServiceObject(object)| object)
+            .collect();
         let (services, problems) =
             service_model::services_from_objects(&objects, self.local_cluster);
         let present: BTreeSet<String> = objects
@@ -399,13 +404,17 @@ impl ServiceEngine {
         self.last_good.values()
     }
 
-    /// Brings the datapath in line with the service file and the node's pods' `host_ports`;
-    /// does nothing when neither changed.
+    /// Brings the datapath in line with the cluster's services and the node's pods'
+    /// `host_ports`; does nothing when neither changed, nor before the state's sources have
+    /// listed everything (what an earlier run wrote stays until then).
     pub fn sync(
         &mut self,
         datapath: &mut Datapath,
         mut host_ports: Vec<HostPortBinding>,
     ) -> Result<(), DatapathError> {
+        if !self.objects.state().synced() {
+            return Ok(());
+        }
         if !self.adopted {
             self.adopt(datapath)?;
         }

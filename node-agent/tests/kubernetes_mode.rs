@@ -19,10 +19,10 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use weft_agent::cni::api::PodRef;
 use weft_agent::flows::directory::EndpointMeta;
-use weft_agent::kubernetes::files::{self, DirectoryInputs};
-use weft_agent::kubernetes::{cni_install, endpoints, node, watch, FilePaths};
+use weft_agent::kubernetes::rows::{self, DirectoryInputs};
+use weft_agent::kubernetes::{cni_install, endpoints, node, watch};
 use weft_agent::node::EndpointRecord;
-use weft_agent::peers::PeerNode;
+use weft_agent::state::{ClusterState, KUBERNETES_SOURCE};
 use weft_crds::{
     GlobalService, WeftClusterwideNetworkPolicy, WeftEndpoint, WeftIdentity, WeftNetworkPolicy,
 };
@@ -185,34 +185,6 @@ async fn a_missing_node_is_an_error_naming_the_flag() {
     assert!(error.to_string().contains("--node-name"), "{error}");
 }
 
-#[tokio::test]
-async fn other_nodes_become_peers_from_a_list() {
-    let (client, mut server) = mock_client();
-    let api = tokio::spawn(async move {
-        let (request, send) = server.next_request().await.expect("LIST nodes");
-        assert_eq!(request.method(), Method::GET);
-        assert!(request.uri().path() == "/api/v1/nodes", "{}", request.uri());
-        send.send_response(ok(&json!({
-            "apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "9"},
-            "items": [
-                node_object("node-a", &["10.244.0.0/24"], Some("192.168.7.1")),
-                node_object("node-b", &["10.244.1.0/24"], Some("192.168.7.2")),
-                node_object("node-c", &[], Some("192.168.7.3")),
-            ],
-        })));
-    });
-    let peers = node::list_peers(&client, "node-a").await.expect("peers");
-    api.await.expect("api server");
-    assert_eq!(
-        peers,
-        vec![PeerNode {
-            name: "node-b".into(),
-            node_ip: "192.168.7.2".parse().unwrap(),
-            pod_cidr: "10.244.1.0/24".parse().unwrap(),
-        }]
-    );
-}
-
 /// Answers a held WATCH with `events` (the body ends after them: the watcher watches again from
 /// the last version, as after a server-side timeout).
 fn watch_events(events: &[Value]) -> Response<Body> {
@@ -226,47 +198,44 @@ fn watch_events(events: &[Value]) -> Response<Body> {
         .expect("response")
 }
 
-/// The peers file's (name, node IP, pod CIDR) once it reads as `expected` (within 5 s).
-async fn peers_file_becomes(path: &std::path::Path, expected: &[(&str, &str, &str)]) {
+/// The state's nodes as (name, node IP, pod CIDR) once they read as `expected` (within 5 s).
+async fn nodes_become(state: &ClusterState, expected: &[(&str, &str, &str)]) {
     let expected: Vec<(String, String, String)> = expected
         .iter()
         .map(|(name, ip, cidr)| (name.to_string(), ip.to_string(), cidr.to_string()))
         .collect();
     let read = || -> Vec<(String, String, String)> {
-        let objects: Vec<Value> = std::fs::read(path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
-        // The agent's own parser reads it.
-        weft_agent::peers::parse_peers(&objects)
-            .expect("a valid peers file")
-            .into_iter()
+        state
+            .read()
+            .nodes
+            .rows()
             .map(|peer| {
                 (
-                    peer.name,
+                    peer.name.clone(),
                     peer.node_ip.to_string(),
                     peer.pod_cidr.to_string(),
                 )
             })
             .collect()
     };
+    let mut changes = state.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while read() != expected {
         assert!(
-            tokio::time::Instant::now() < deadline,
-            "the peers file is {:?}, expected {expected:?}",
+            tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_ok(),
+            "the nodes are {:?}, expected {expected:?}",
             read()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 #[tokio::test]
-async fn the_node_watch_keeps_the_peers_file_current_as_nodes_join_change_and_leave() {
+async fn the_node_watch_keeps_the_nodes_current_as_they_join_change_and_leave() {
     let (client, mut server) = mock_client();
-    let state = tempfile::tempdir().expect("tempdir");
-    let path = FilePaths::under(state.path()).peers_file;
-    let (tasks, synced) = watch::peers_file(client, "node-a", path.clone());
+    let state = ClusterState::new(vec![KUBERNETES_SOURCE.into()]);
+    let (tasks, synced) = watch::peer_nodes(client, "node-a", state.clone());
 
     let (list, send) = server.next_request().await.expect("LIST nodes");
     assert_eq!(list.uri().path(), "/api/v1/nodes");
@@ -286,9 +255,9 @@ async fn the_node_watch_keeps_the_peers_file_current_as_nodes_join_change_and_le
     })));
     tokio::time::timeout(Duration::from_secs(5), synced)
         .await
-        .expect("the file is written once the nodes are listed")
-        .expect("writer alive");
-    peers_file_becomes(&path, &[("node-b", "192.168.7.2", "10.244.1.0/24")]).await;
+        .expect("the nodes are published once listed")
+        .expect("publisher alive");
+    nodes_become(&state, &[("node-b", "192.168.7.2", "10.244.1.0/24")]).await;
 
     // An autoscaled node joins, and node-c gets its pod CIDR.
     let (watch_request, send) = server.next_request().await.expect("WATCH nodes");
@@ -299,8 +268,8 @@ async fn the_node_watch_keeps_the_peers_file_current_as_nodes_join_change_and_le
         json!({"type": "ADDED", "object": node_object("gpu-7", &["10.244.7.0/24"], Some("192.168.7.7"))}),
         json!({"type": "MODIFIED", "object": node_object("node-c", &["10.244.3.0/24"], Some("192.168.7.3"))}),
     ]));
-    peers_file_becomes(
-        &path,
+    nodes_become(
+        &state,
         &[
             ("gpu-7", "192.168.7.7", "10.244.7.0/24"),
             ("node-b", "192.168.7.2", "10.244.1.0/24"),
@@ -320,8 +289,8 @@ async fn the_node_watch_keeps_the_peers_file_current_as_nodes_join_change_and_le
         json!({"type": "DELETED", "object": node_object("node-b", &["10.244.1.0/24"], Some("192.168.7.2"))}),
         json!({"type": "MODIFIED", "object": node_object("gpu-7", &["10.244.7.0/24"], Some("192.168.7.77"))}),
     ]));
-    peers_file_becomes(
-        &path,
+    nodes_become(
+        &state,
         &[
             ("gpu-7", "192.168.7.77", "10.244.7.0/24"),
             ("node-c", "192.168.7.3", "10.244.3.0/24"),
@@ -436,7 +405,7 @@ fn the_endpoint_directory_names_local_pods_from_their_pods_and_others_from_weft_
         // This node's own endpoint for a local pod: the pod's entry wins.
         parse(endpoint_object("ml", "trainer", "node-a", "10.244.0.5", 5)),
     ];
-    let directory = files::endpoint_directory(&DirectoryInputs {
+    let directory = rows::endpoint_directory(&DirectoryInputs {
         cluster: "alpha",
         node: "node-a",
         local_pods: &local_pods,
@@ -521,9 +490,10 @@ fn policies() -> Policies {
 }
 
 #[test]
-fn the_policy_file_holds_exactly_the_three_policy_kinds_without_volatile_fields() {
+fn the_policies_are_exactly_the_three_policy_kinds_without_volatile_fields() {
     let (weft, clusterwide, kubernetes) = policies();
-    let objects = files::policy_objects(&weft, &clusterwide, &kubernetes);
+    let mut objects = rows::policy_objects(&weft, &clusterwide, &kubernetes);
+    objects.sort_by_key(|object| object["kind"].as_str().unwrap_or_default().to_owned());
     let kinds: Vec<&str> = objects
         .iter()
         .map(|object| object["kind"].as_str().unwrap_or_default())
@@ -553,7 +523,7 @@ fn the_policy_file_holds_exactly_the_three_policy_kinds_without_volatile_fields(
 }
 
 #[test]
-fn the_service_file_holds_services_slices_and_global_services() {
+fn the_services_are_services_slices_and_global_services() {
     let services: Vec<Arc<Service>> = vec![parse(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "web", "namespace": "ml", "resourceVersion": "5"},
@@ -572,7 +542,8 @@ fn the_service_file_holds_services_slices_and_global_services() {
         "metadata": {"name": "web", "namespace": "ml"},
         "spec": {"serviceName": "web"},
     }))];
-    let objects = files::service_objects(&services, &slices, &globals);
+    let mut objects = rows::service_objects(&services, &slices, &globals);
+    objects.sort_by_key(|object| object["kind"].as_str().unwrap_or_default().to_owned());
     let kinds: Vec<&str> = objects
         .iter()
         .map(|object| object["kind"].as_str().unwrap_or_default())
@@ -582,7 +553,7 @@ fn the_service_file_holds_services_slices_and_global_services() {
         objects[2]["status"]["loadBalancer"]["ingress"][0]["ip"], "203.0.113.10",
         "load-balancer addresses are in the status"
     );
-    // The agent's service model reads this file as it reads the sandbox's.
+    // The agent's service model reads these rows as it reads the sandbox's.
     let (model, problems) = weft_crds::service_model::services_from_objects(&objects, 1);
     assert!(problems.is_empty(), "{problems:?}");
     assert_eq!(model.len(), 1);
@@ -617,7 +588,7 @@ fn serve_lists(
 }
 
 #[tokio::test]
-async fn the_watches_write_the_engines_files_once_everything_is_listed() {
+async fn the_watches_publish_the_engines_tables_once_everything_is_listed() {
     let (client, server) = mock_client();
     let (weft, clusterwide, kubernetes) = policies();
     let lists = BTreeMap::from([
@@ -672,46 +643,44 @@ async fn the_watches_write_the_engines_files_once_everything_is_listed() {
         ),
     ]);
     let api = serve_lists(server, lists);
-    let state = tempfile::tempdir().expect("tempdir");
-    let paths = FilePaths::under(state.path());
+    let state = ClusterState::new(vec![KUBERNETES_SOURCE.into()]);
     let mut watches = watch::start(
         client,
         watch::WatchSettings {
             cluster: "alpha".into(),
             node: "node-a".into(),
-            paths: paths.clone(),
+            state: state.clone(),
         },
     );
     tokio::time::timeout(Duration::from_secs(10), watches.synced())
         .await
-        .expect("every file written");
+        .expect("every table published");
+    assert!(state.synced(), "the engines may act");
 
-    let directory: Vec<EndpointMeta> =
-        serde_json::from_slice(&std::fs::read(&paths.endpoint_directory).expect("directory"))
-            .expect("directory JSON");
-    let pods: Vec<(&str, u32)> = directory
-        .iter()
-        .map(|meta| (meta.pod.as_str(), meta.identity))
-        .collect();
-    assert_eq!(pods, vec![("trainer", 65_792), ("db-0", 65_793)]);
-
-    let policy_file: Vec<Value> =
-        serde_json::from_slice(&std::fs::read(&paths.policy_file).expect("policies"))
-            .expect("policy JSON");
-    assert_eq!(policy_file.len(), 3);
-
-    let service_file: Vec<Value> =
-        serde_json::from_slice(&std::fs::read(&paths.service_file).expect("services"))
-            .expect("service JSON");
-    assert_eq!(service_file.len(), 1);
-    assert_eq!(service_file[0]["kind"], "Service");
-
-    let peers_file: Value =
-        serde_json::from_slice(&std::fs::read(&paths.peers_file).expect("peers")).expect("JSON");
-    assert_eq!(
-        peers_file,
-        json!([{"name": "node-b", "nodeIP": "192.168.7.2", "podCIDR": "10.244.1.0/24"}])
-    );
+    {
+        let tables = state.read();
+        let mut pods: Vec<(&str, u32)> = tables
+            .endpoints
+            .rows()
+            .map(|meta| (meta.pod.as_str(), meta.identity))
+            .collect();
+        pods.sort();
+        assert_eq!(pods, vec![("db-0", 65_793), ("trainer", 65_792)]);
+        assert_eq!(tables.local_pods.len(), 1, "this node's pod by name");
+        assert_eq!(tables.policies.len(), 3);
+        let services: Vec<&Value> = tables.services.rows().map(|row| &row.0).collect();
+        assert_eq!(services.len(), 1);
+        assert_eq!(services[0]["kind"], "Service");
+        let nodes: Vec<Value> = tables
+            .nodes
+            .rows()
+            .map(|node| serde_json::to_value(node).expect("JSON"))
+            .collect();
+        assert_eq!(
+            nodes,
+            [json!({"name": "node-b", "nodeIP": "192.168.7.2", "podCIDR": "10.244.1.0/24"})]
+        );
+    }
 
     for task in &watches.tasks {
         task.abort();
@@ -1159,7 +1128,7 @@ fn the_local_pods_file_names_this_nodes_pods_with_their_identities_before_they_h
     let identities: Vec<Arc<WeftIdentity>> =
         vec![parse(identity_object(65_792, sample_security_labels()))];
 
-    let local = files::local_pods("node-a", &pods, &namespaces, &identities);
+    let local = rows::local_pods("node-a", &pods, &namespaces, &identities);
     let names: Vec<&str> = local.iter().map(|pod| pod.pod.as_str()).collect();
     assert_eq!(
         names,

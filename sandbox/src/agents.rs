@@ -45,35 +45,15 @@ impl Sandbox {
             "127.0.0.1:9962".into(),
             "--observe-socket".into(),
             dir.join("observe.sock").display().to_string(),
-            "--endpoint-directory".into(),
-            self.run_dir.join("endpoints.json").display().to_string(),
-            "--policy-file".into(),
-            self.policy_file(&node.cluster).display().to_string(),
-            "--service-file".into(),
-            self.service_file(&node.cluster).display().to_string(),
+            "--state-socket".into(),
+            self.state_socket(node).display().to_string(),
         ];
         if let Some(cgroup) = &cgroup {
             args.extend(["--cgroup-root".into(), cgroup.display().to_string()]);
         }
-        // Every other node of the sandbox, once: a restarted agent reads the file as it was
-        // left (tests change it to take nodes away and bring them back).
-        let peers_file = self.peers_file(&node.cluster, &node.name);
-        if !peers_file.exists() {
-            let others: Vec<&NodePlan> = self
-                .plan
-                .nodes
-                .iter()
-                .filter(|peer| peer.netns != node.netns)
-                .collect();
-            self.write_peers_file(node, &others)?;
-        }
-        args.extend(["--peers-file".into(), peers_file.display().to_string()]);
-        args.extend([
-            "--local-pods-file".into(),
-            self.local_pods_file(&node.cluster, &node.name)
-                .display()
-                .to_string(),
-        ]);
+        // A new agent knows nothing: the next save sends it everything (see `agent_state`).
+        self.forget_sent(node);
+        let _ = std::fs::remove_file(self.state_socket(node));
         args.extend(node.agent_args.iter().cloned());
         let pid = host::spawn_daemon(
             &self.bin_dir.join("weft-agent"),
@@ -90,7 +70,7 @@ impl Sandbox {
             log: log.clone(),
         });
         let deadline = Instant::now() + AGENT_START_TIMEOUT;
-        while !socket.exists() {
+        while !socket.exists() || !self.state_socket(node).exists() {
             if Instant::now() > deadline || !process_alive(pid) {
                 return Err(SandboxError::AgentDidNotStart {
                     node: node.name.clone(),

@@ -11,7 +11,7 @@ pub mod manifests;
 pub mod plan;
 pub mod services;
 
-mod agent_files;
+mod agent_state;
 mod agents;
 mod identities;
 mod objects;
@@ -22,7 +22,7 @@ mod topology;
 pub use store::running_sandboxes;
 
 // Shared between the modules (each reaches its siblings' helpers through `use super::*`).
-use agent_files::{local_pod_entry, PendingPod};
+use agent_state::{local_pod, PendingPod};
 use agents::process_alive;
 use objects::record_all;
 use store::write_atomically;
@@ -149,6 +149,10 @@ pub struct Sandbox {
     /// Namespaces and their labels, per cluster.
     #[serde(default)]
     pub namespaces: BTreeMap<String, BTreeMap<String, BTreeMap<String, String>>>,
+    /// Nodes (`cluster-node`) told a peer set of their own by [`Sandbox::set_peers`]: the
+    /// peers' `cluster-node` names. The others have every other node as a peer.
+    #[serde(default)]
+    pub peers: BTreeMap<String, Vec<String>>,
 }
 
 impl Sandbox {
@@ -217,6 +221,7 @@ impl Sandbox {
                 .iter()
                 .map(|(cluster, read)| (cluster.clone(), read.namespaces.clone()))
                 .collect(),
+            peers: BTreeMap::new(),
         };
         // From here on, a failure leaves state that `down` can clean up.
         sandbox.save()?;
@@ -365,11 +370,12 @@ mod tests {
             ],
             objects: BTreeMap::new(),
             namespaces: BTreeMap::new(),
+            peers: BTreeMap::new(),
         }
     }
 
     #[test]
-    fn save_writes_each_clusters_service_file_with_allocations_and_shared_slices() {
+    fn each_cluster_gets_its_services_with_allocations_and_shared_slices() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut sandbox = sandbox(dir.path());
         let model = json!({
@@ -393,10 +399,7 @@ mod tests {
         );
         sandbox.save().expect("save");
 
-        let file: Vec<serde_json::Value> = serde_json::from_slice(
-            &std::fs::read(dir.path().join("services/west.json")).expect("the service file"),
-        )
-        .expect("JSON");
+        let file = sandbox.services()["west"].agent_objects();
         let summary: Vec<String> = file
             .iter()
             .map(|o| {
@@ -423,7 +426,6 @@ mod tests {
             sandbox.services()["east"].services[0].object["spec"]["clusterIP"],
             "10.96.0.1"
         );
-        assert!(!dir.path().join("services/west.json.tmp").exists());
 
         // Deleting by a manifest that names no namespace finds what was stored as `default`.
         let unnamespaced =

@@ -26,7 +26,7 @@ impl Sandbox {
             self.acquire_identity(cluster, node.cluster_id, &pod.namespace, &pod.labels)?;
         // As the Pod watch and the operator would tell the node's agent: ADD waits for it.
         let security_labels = self.pod_security_labels(cluster, &pod.namespace, &pod.labels);
-        let entry = local_pod_entry(
+        let entry = local_pod(
             &pod.namespace,
             &pod.name,
             identity,
@@ -35,7 +35,7 @@ impl Sandbox {
         );
         {
             let _lock = self.lock_state()?;
-            self.write_local_pods(cluster, &pod.node, PendingPod::Add(entry.clone()))?;
+            self.publish(Some((cluster, &pod.node, PendingPod::Add(entry.clone()))))?;
         }
         let netns = self.plan.pod_netns(cluster, &pod.namespace, &pod.name);
         host::add_netns(&netns)?;
@@ -64,7 +64,7 @@ impl Sandbox {
         if !succeeded {
             host::del_netns(&netns);
             if let Ok(_lock) = self.lock_state() {
-                let _ = self.write_local_pods(cluster, &pod.node, PendingPod::Withdraw(entry));
+                let _ = self.publish(Some((cluster, &pod.node, PendingPod::Withdraw(entry))));
             }
             return Err(SandboxError::Cni {
                 pod: format!("{}/{}", pod.namespace, pod.name),

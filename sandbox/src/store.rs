@@ -1,16 +1,12 @@
-//! The sandbox's persisted state: loading it, saving it (and the agents' files derived from it),
-//! and changing it under a lock so concurrent `weftctl` runs do not lose each other's changes.
+//! The sandbox's persisted state: loading it, saving it (and sending the agents what changed for
+//! them), and changing it under a lock so concurrent `weftctl` runs do not lose each other's
+//! changes.
 
 use super::*;
 
 impl Sandbox {
     pub fn save(&self) -> Result<(), SandboxError> {
-        self.write_endpoint_directory()?;
-        for node in &self.plan.nodes {
-            self.write_local_pods(&node.cluster, &node.name, PendingPod::Keep)?;
-        }
-        self.write_policy_files()?;
-        self.write_service_files()?;
+        self.publish(None)?;
         let path = Self::state_path(&self.run_dir);
         let json = serde_json::to_vec_pretty(self).map_err(|e| SandboxError::State {
             what: "write",
@@ -93,7 +89,7 @@ impl Sandbox {
     }
 }
 
-/// Writes a file others poll so that they never see half of it: a temporary file, then a
+/// Writes a file others read so that they never see half of it: a temporary file, then a
 /// rename over the old one.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SandboxError> {
     let write_error = |reason: String| SandboxError::State {

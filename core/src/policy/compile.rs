@@ -351,6 +351,23 @@ pub fn compile(
     compile_with_members(policies, mode, endpoints, identities, &Members::new())
 }
 
+/// Whether compiling `policy` reads the pods behind identities (`members`): an `ipBlock` peer
+/// (which selects pods by address) or an egress rule naming a port (resolved on the
+/// destinations' pods). A change of pods elsewhere can change such a policy's outcome without
+/// changing any identity.
+pub fn uses_members(policy: &Policy) -> bool {
+    policy.rules.iter().any(|rule| {
+        rule.peers
+            .iter()
+            .any(|peer| matches!(peer, Peer::IpBlock { .. } | Peer::ServingPort { .. }))
+            || (rule.section.direction() == Direction::Egress
+                && rule
+                    .ports
+                    .iter()
+                    .any(|port| matches!(port, PortMatch::Named { .. })))
+    })
+}
+
 /// Compiles `policies` for the node's `endpoints`, against every known identity; `members`
 /// are the pods carrying each endpoint identity, for `ipBlock` peers (which select pods by
 /// address) and egress rules naming a port (which resolve on the destination pods).

@@ -3,36 +3,32 @@
 //! the same as in local mode and never see a Kubernetes client.
 //!
 //! - [`node`]: this node's pod CIDR and InternalIP from its Node object, and the other nodes as
-//!   peers (the peers file's content).
+//!   peers (the state's nodes).
 //! - [`watch`]: kube-runtime reflectors over this node's Pods (field selector
 //!   `spec.nodeName=<node>`), and cluster-wide Namespaces, WeftIdentities, WeftEndpoints, the
 //!   three policy kinds, Services, EndpointSlices, GlobalServices and Nodes.
-//! - [`files`]: what the engines read, built from those objects (pure functions).
+//! - [`rows`]: what the engines read, built from those objects (pure functions).
 //! - [`endpoints`]: publishes a WeftEndpoint (server-side apply, field manager `weft-agent`) for
 //!   every pod this agent wired, and deletes it when the pod is released.
 //! - [`cni_install`]: the plugin binary and conflist the container runtime runs.
 //! - [`uplink`]: the device holding the node's address, and its MTU.
 //!
-//! ## The files are the agent's internal event transport
+//! ## The watches are one source of the agent's state
 //!
-//! In local mode the sandbox writes four JSON files the engines poll: the endpoint directory,
-//! the policy file, the service file and the peers file (the other nodes, see
-//! [`crate::peers`]). In Kubernetes mode the watches write the *same* files
-//! (into `<state dir>/kubernetes/`, a temporary file renamed over the old one, rewritten ~200 ms
-//! after the last change and only when their content changed), and the engines are given their
-//! paths. So both modes feed the engines exactly the same inputs, and the engines are tested
-//! once. The files also survive a restart: until the watches have listed everything again, a
-//! restarted agent enforces what it last knew instead of nothing. A later change can replace the
-//! files with channels without touching the watches' side.
+//! The watches publish rows into the agent's typed state ([`crate::state`]) under the source
+//! `kubernetes`, as the sandbox does over its socket in local mode ([`crate::local_source`]):
+//! both modes feed the engines exactly the same tables, and the engines are tested once. The
+//! state keeps only rows that changed, and the engines wait until every watch has listed its
+//! kind: a restarted agent leaves what its pinned maps hold in force until then.
 
 pub mod cni_install;
 pub mod endpoints;
-pub mod files;
 pub mod node;
+pub mod rows;
 pub mod uplink;
 pub mod watch;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -43,10 +39,9 @@ pub const FIELD_MANAGER: &str = "weft-agent";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum RequestedMode {
     /// Kubernetes when a configuration is available (`--kubeconfig`, `KUBECONFIG`, or running
-    /// in a pod) and no local-mode file (`--endpoint-directory`, `--policy-file`,
-    /// `--service-file`, `--peers-file`) is given; local otherwise.
+    /// in a pod) and no local-mode flag (`--state-socket`) is given; local otherwise.
     Auto,
-    /// Files kept current by someone else (the sandbox); no Kubernetes.
+    /// The cluster's state comes from the local source (the sandbox); no Kubernetes.
     Local,
     /// Watches the API server.
     Kubernetes,
@@ -60,7 +55,7 @@ pub enum Mode {
 }
 
 /// Decides the mode. `config_available`: a kubeconfig was given or the agent runs in a pod
-/// (`KUBERNETES_SERVICE_HOST` is set); `file_flags`: the local-mode files given.
+/// (`KUBERNETES_SERVICE_HOST` is set); `file_flags`: the local-mode flags given.
 pub fn resolve_mode(
     requested: RequestedMode,
     config_available: bool,
@@ -69,7 +64,7 @@ pub fn resolve_mode(
     match requested {
         RequestedMode::Local => Ok(Mode::Local),
         RequestedMode::Kubernetes if !file_flags.is_empty() => Err(format!(
-            "--mode kubernetes reads the cluster from the API server and takes no local-mode files ({}): drop them or use --mode local",
+            "--mode kubernetes reads the cluster from the API server and takes no local-mode flags ({}): drop them or use --mode local",
             file_flags.join(", ")
         )),
         RequestedMode::Kubernetes => Ok(Mode::Kubernetes),
@@ -103,31 +98,6 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(config).context("creating the Kubernetes client")
 }
 
-/// Where the watches write the engines' inputs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FilePaths {
-    pub endpoint_directory: PathBuf,
-    pub policy_file: PathBuf,
-    pub service_file: PathBuf,
-    /// The other nodes (see [`crate::peers`]).
-    pub peers_file: PathBuf,
-    /// This node's pods by name, with their identities (see [`crate::local_pods`]).
-    pub local_pods_file: PathBuf,
-}
-
-impl FilePaths {
-    pub fn under(state_dir: &Path) -> Self {
-        let dir = state_dir.join("kubernetes");
-        Self {
-            endpoint_directory: dir.join("endpoints.json"),
-            policy_file: dir.join("policies.json"),
-            service_file: dir.join("services.json"),
-            peers_file: dir.join("peers.json"),
-            local_pods_file: dir.join("local-pods.json"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,9 +112,9 @@ mod tests {
             resolve_mode(RequestedMode::Auto, false, &[]),
             Ok(Mode::Local)
         );
-        // The sandbox passes its files: local mode even when KUBECONFIG happens to be set.
+        // The sandbox passes its socket: local mode even when KUBECONFIG happens to be set.
         assert_eq!(
-            resolve_mode(RequestedMode::Auto, true, &["--policy-file"]),
+            resolve_mode(RequestedMode::Auto, true, &["--state-socket"]),
             Ok(Mode::Local)
         );
         assert_eq!(
@@ -155,8 +125,8 @@ mod tests {
             resolve_mode(RequestedMode::Kubernetes, false, &[]),
             Ok(Mode::Kubernetes)
         );
-        let error = resolve_mode(RequestedMode::Kubernetes, true, &["--service-file"])
-            .expect_err("files and kubernetes mode conflict");
-        assert!(error.contains("--service-file"), "{error}");
+        let error = resolve_mode(RequestedMode::Kubernetes, true, &["--state-socket"])
+            .expect_err("the local source and kubernetes mode conflict");
+        assert!(error.contains("--state-socket"), "{error}");
     }
 }

@@ -4,16 +4,15 @@
 //! which kube-controller-manager assigns with `--allocate-node-cidrs`. The node's address is the
 //! first IPv4 `InternalIP` in `status.addresses`. Flags (`--pod-cidr`, `--node-ip`) win.
 //!
-//! The other nodes become the peers file (`<state dir>/kubernetes/peers.json`, see
-//! [`crate::peers`]): listed once at start, then kept current by a Node watch ([`super::watch`]),
-//! so nodes that join, leave or change their address or pod CIDR are wired without a restart.
+//! The other nodes become the nodes table of the agent's state (see [`crate::peers`]), kept
+//! current by a Node watch ([`super::watch`]), so nodes that join, leave or change their address
+//! or pod CIDR are wired without a restart.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus};
-use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
 use crate::peers::PeerNode;
@@ -122,7 +121,7 @@ pub async fn wait_for_addressing(
     }
 }
 
-/// The other nodes with a pod CIDR and an address, sorted by name: the peers file's content.
+/// The other nodes with a pod CIDR and an address, sorted by name: the nodes table's rows.
 /// Nodes missing either are left out (see [`incomplete_nodes`]).
 pub fn peers_of<'a>(nodes: impl IntoIterator<Item = &'a Node>, me: &str) -> Vec<PeerNode> {
     let mut peers: Vec<PeerNode> = nodes
@@ -151,21 +150,6 @@ pub fn incomplete_nodes<'a>(nodes: impl IntoIterator<Item = &'a Node>, me: &str)
         .collect();
     names.sort();
     names
-}
-
-/// The other nodes now (LIST).
-pub async fn list_peers(client: &Client, me: &str) -> Result<Vec<PeerNode>, NodeError> {
-    let nodes = Api::<Node>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| NodeError::Api {
-            node: "(all)".into(),
-            source,
-        })?;
-    for name in incomplete_nodes(&nodes.items, me) {
-        tracing::warn!(node = %name, "node has no IPv4 InternalIP or pod CIDR yet; its pods are unreachable from here until it has both");
-    }
-    Ok(peers_of(&nodes.items, me))
 }
 
 /// Keeps of a watched Node only what [`peers_of`] reads (its name, pod CIDRs and addresses):

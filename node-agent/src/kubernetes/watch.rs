@@ -1,11 +1,13 @@
-//! The watches: one kube-runtime reflector per kind, and one writer per file that rebuilds the
-//! file ~200 ms after the last change to any kind it is built from (see [`super::files`]).
+//! The watches: one kube-runtime reflector per kind, and one publisher per table of the agent's
+//! state that rebuilds the table's rows ~200 ms after the last change to any kind they are built
+//! from (see [`super::rows`]) and hands them to the state, which keeps only the rows that
+//! changed (an object whose status alone changed alters no row, and wakes no engine).
 //!
 //! Watchers relist by themselves after `410 Gone`; errors are logged and retried with
-//! kube-runtime's default backoff. A file is first written once every store it is built from
-//! has listed its kind, so the engines never see a half-listed cluster.
+//! kube-runtime's default backoff. A table is first published once every store it is built
+//! from has listed its kind, and the source is marked synced once every table was: the
+//! engines never act on a half-listed cluster.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,15 +26,13 @@ use weft_crds::{
     GlobalService, WeftClusterwideNetworkPolicy, WeftEndpoint, WeftIdentity, WeftNetworkPolicy,
 };
 
-use super::files::{self, DirectoryInputs};
-use super::{node, FilePaths};
-use crate::peers;
-use weft_core::files::write_atomically;
+use super::node;
+use super::rows::{self, DirectoryInputs};
+use crate::state::{ClusterState, KUBERNETES_SOURCE};
+use weft_core::state::{PolicyObject, Row, ServiceObject};
 
-/// How long a file waits after a change for more changes before it is rewritten.
+/// How long a table waits after a change for more changes before it is rebuilt.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
-/// How soon a file that could not be written is tried again.
-const RETRY_WRITE: Duration = Duration::from_secs(1);
 
 /// A kind's store and the task that keeps it current.
 pub struct Reflected<K: Resource + Clone + 'static>
@@ -115,7 +115,8 @@ pub fn local_pods(client: Client, node: &str, changed: Arc<Notify>) -> Reflected
 pub struct WatchSettings {
     pub cluster: String,
     pub node: String,
-    pub paths: FilePaths,
+    /// Where the rows go.
+    pub state: ClusterState,
 }
 
 /// The running watches.
@@ -129,7 +130,8 @@ pub struct Watches {
 }
 
 impl Watches {
-    /// Resolves once every file was written from a complete listing.
+    /// Resolves once every table was published from a complete listing (and the source is
+    /// marked synced in the state).
     pub fn synced(&mut self) -> BoxFuture<'static, ()> {
         futures::future::join_all(std::mem::take(&mut self.synced))
             .map(|_| ())
@@ -150,10 +152,10 @@ where
     .boxed()
 }
 
-/// Starts every watch and the five file writers.
+/// Starts every watch and the five table publishers.
 pub fn start(client: Client, settings: WatchSettings) -> Watches {
-    // What the directory and the local pods file are built from changed; `fan_out` wakes each
-    // writer (one Notify wakes one waiter).
+    // What the endpoints and the local pods are built from changed; `fan_out` wakes each
+    // publisher (one Notify wakes one waiter).
     let directory_sources_changed = Arc::new(Notify::new());
     let directory_changed = Arc::new(Notify::new());
     let policies_changed = Arc::new(Notify::new());
@@ -240,17 +242,17 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
         let WatchSettings { cluster, node, .. } = &settings;
         let (cluster, node) = (cluster.clone(), node.clone());
         let build = move || {
-            files::to_bytes(&files::endpoint_directory(&DirectoryInputs {
+            rows::endpoint_directory(&DirectoryInputs {
                 cluster: &cluster,
                 node: &node,
                 local_pods: &pods.state(),
                 namespaces: &namespaces.state(),
                 identities: &identities.state(),
                 endpoints: &endpoints.state(),
-            }))
+            })
         };
-        let (task, written) = spawn_writer(
-            settings.paths.endpoint_directory.clone(),
+        let (task, written) = spawn_publisher(
+            settings.state.clone(),
             Arc::clone(&directory_changed),
             all_ready,
             build,
@@ -258,8 +260,8 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
         tasks.push(task);
         synced.push(written);
     }
-    // The local pods file: what CNI ADD waits for. Its writer is woken by the same changes as
-    // the directory's (pods, namespaces, identities), through its own notifier.
+    // This node's pods by name: what CNI ADD waits for. Its publisher is woken by the same
+    // changes as the directory's (pods, namespaces, identities), through its own notifier.
     {
         let local_pods_changed = Arc::new(Notify::new());
         tasks.push(fan_out(
@@ -280,23 +282,19 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
                 .boxed();
         let node = settings.node.clone();
         let build = move || {
-            files::to_bytes(&files::local_pods(
+            rows::local_pods(
                 &node,
                 &pods.state(),
                 &namespaces.state(),
                 &identities.state(),
-            ))
+            )
         };
-        let (task, written) = spawn_writer(
-            settings.paths.local_pods_file.clone(),
-            local_pods_changed,
-            all_ready,
-            build,
-        );
+        let (task, written) =
+            spawn_publisher(settings.state.clone(), local_pods_changed, all_ready, build);
         tasks.push(task);
         synced.push(written);
     }
-    // The policy file.
+    // The policies.
     {
         let (weft, clusterwide, kubernetes) = (
             weft_policies.store.clone(),
@@ -308,14 +306,13 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
                 .map(|_| ())
                 .boxed();
         let build = move || {
-            files::to_bytes(&files::policy_objects(
-                &weft.state(),
-                &clusterwide.state(),
-                &kubernetes.state(),
-            ))
+            rows::policy_objects(&weft.state(), &clusterwide.state(), &kubernetes.state())
+                .into_iter()
+                .map(PolicyObject)
+                .collect()
         };
-        let (task, written) = spawn_writer(
-            settings.paths.policy_file.clone(),
+        let (task, written) = spawn_publisher(
+            settings.state.clone(),
             Arc::clone(&policies_changed),
             all_ready,
             build,
@@ -323,7 +320,7 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
         tasks.push(task);
         synced.push(written);
     }
-    // The service file.
+    // The services.
     {
         let (services, slices, globals) = (
             services.store.clone(),
@@ -335,14 +332,13 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
                 .map(|_| ())
                 .boxed();
         let build = move || {
-            files::to_bytes(&files::service_objects(
-                &services.state(),
-                &slices.state(),
-                &globals.state(),
-            ))
+            rows::service_objects(&services.state(), &slices.state(), &globals.state())
+                .into_iter()
+                .map(ServiceObject)
+                .collect()
         };
-        let (task, written) = spawn_writer(
-            settings.paths.service_file.clone(),
+        let (task, written) = spawn_publisher(
+            settings.state.clone(),
             Arc::clone(&services_changed),
             all_ready,
             build,
@@ -351,13 +347,22 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
         synced.push(written);
     }
 
-    // The peers file.
+    // The other nodes.
     {
-        let (peer_tasks, peers_synced) =
-            peers_file(client, &settings.node, settings.paths.peers_file.clone());
+        let (peer_tasks, peers_synced) = peer_nodes(client, &settings.node, settings.state.clone());
         tasks.extend(peer_tasks);
         synced.push(peers_synced);
     }
+    // Once every table is listed, the engines may act.
+    let all_published = futures::future::join_all(std::mem::take(&mut synced));
+    let (source_synced, synced_now) = oneshot::channel();
+    let state = settings.state.clone();
+    tasks.push(tokio::spawn(async move {
+        all_published.await;
+        state.change(|tables| tables.mark_synced(KUBERNETES_SOURCE));
+        let _ = source_synced.send(());
+    }));
+    synced.push(synced_now);
 
     let local_pods = pods.store.clone();
     let endpoint_store = endpoints.store.clone();
@@ -383,14 +388,14 @@ pub fn start(client: Client, settings: WatchSettings) -> Watches {
     }
 }
 
-/// Watches Nodes (trimmed to what makes a peer) and keeps the peers file at `path` equal to
-/// every other node with an address and a pod CIDR (see [`crate::peers`]): nodes that join,
-/// leave or change reach the agent's peer pass within a debounce. Returns the tasks, and a
-/// receiver that resolves once the file was written from a complete listing.
-pub fn peers_file(
+/// Watches Nodes (trimmed to what makes a peer) and keeps the state's nodes equal to every
+/// other node with an address and a pod CIDR (see [`crate::peers`]): nodes that join, leave
+/// or change reach the agent's peer pass within a debounce. Returns the tasks, and a receiver
+/// that resolves once the nodes were published from a complete listing.
+pub fn peer_nodes(
     client: Client,
     me: &str,
-    path: PathBuf,
+    state: ClusterState,
 ) -> (Vec<JoinHandle<()>>, oneshot::Receiver<()>) {
     let changed = Arc::new(Notify::new());
     let nodes = reflect_trimmed::<Node>(
@@ -407,8 +412,8 @@ pub fn peers_file(
     // changes, not on every rewrite.
     let incomplete = std::sync::Mutex::new(Vec::<String>::new());
     let build = move || {
-        let state = store.state();
-        let now = node::incomplete_nodes(state.iter().map(AsRef::as_ref), &me);
+        let nodes = store.state();
+        let now = node::incomplete_nodes(nodes.iter().map(AsRef::as_ref), &me);
         let mut warned = incomplete.lock().unwrap_or_else(|p| p.into_inner());
         if *warned != now {
             for name in now.iter().filter(|name| !warned.contains(name)) {
@@ -416,10 +421,10 @@ pub fn peers_file(
             }
             *warned = now;
         }
-        peers::to_file_bytes(&node::peers_of(state.iter().map(AsRef::as_ref), &me))
+        node::peers_of(nodes.iter().map(AsRef::as_ref), &me)
     };
-    let (writer, written) = spawn_writer(path, changed, all_ready, build);
-    (vec![tokio::spawn(nodes.task), writer], written)
+    let (publisher, published) = spawn_publisher(state, changed, all_ready, build);
+    (vec![tokio::spawn(nodes.task), publisher], published)
 }
 
 /// Spawns [`keep_written`] for `path`; the receiver resolves once the file was first written.
@@ -435,46 +440,48 @@ fn fan_out(source: Arc<Notify>, targets: Vec<Arc<Notify>>) -> JoinHandle<()> {
     })
 }
 
-fn spawn_writer(
-    path: PathBuf,
+/// Spawns [`keep_published`]; the receiver resolves once the rows were first published.
+fn spawn_publisher<R: Row + Send + Sync + 'static>(
+    state: ClusterState,
     changed: Arc<Notify>,
     ready: BoxFuture<'static, ()>,
-    build: impl Fn() -> Vec<u8> + Send + 'static,
-) -> (JoinHandle<()>, oneshot::Receiver<()>) {
-    let (done, written) = oneshot::channel();
-    let task = tokio::spawn(keep_written(path, changed, ready, build, done));
-    (task, written)
+    build: impl Fn() -> Vec<R> + Send + 'static,
+) -> (JoinHandle<()>, oneshot::Receiver<()>)
+where
+    R::Key: Send + Sync,
+{
+    let (done, published) = oneshot::channel();
+    let task = tokio::spawn(keep_published(state, changed, ready, build, done));
+    (task, published)
 }
 
-/// Keeps `path` equal to `build()`: first once `ready`, then `DEBOUNCE` after each change,
-/// writing only when the content differs from what was last written.
-async fn keep_written(
-    path: PathBuf,
+/// Keeps the source's rows of `R`'s table equal to `build()`: first once `ready`, then
+/// `DEBOUNCE` after each change. The state stores only the rows that changed.
+async fn keep_published<R: Row + Send + Sync + 'static>(
+    state: ClusterState,
     changed: Arc<Notify>,
     ready: BoxFuture<'static, ()>,
-    build: impl Fn() -> Vec<u8> + Send + 'static,
+    build: impl Fn() -> Vec<R> + Send + 'static,
     done: oneshot::Sender<()>,
-) {
+) where
+    R::Key: Send + Sync,
+{
     ready.await;
     let mut done = Some(done);
-    let mut written: Option<Vec<u8>> = None;
     loop {
-        let bytes = build();
-        if written.as_ref() != Some(&bytes) {
-            match write_atomically(&path, &bytes) {
-                Ok(()) => {
-                    tracing::debug!(path = %path.display(), bytes = bytes.len(), "rewritten from the cluster");
-                    written = Some(bytes);
-                    if let Some(done) = done.take() {
-                        let _ = done.send(());
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, path = %path.display(), "cannot write; retrying");
-                    tokio::time::sleep(RETRY_WRITE).await;
-                    continue;
-                }
-            }
+        let rows = build();
+        let count = rows.len();
+        let changed_rows = state.change(|tables| tables.replace(KUBERNETES_SOURCE, rows));
+        if changed_rows > 0 {
+            tracing::debug!(
+                table = R::TABLE.as_str(),
+                rows = count,
+                changed = changed_rows,
+                "published from the cluster"
+            );
+        }
+        if let Some(done) = done.take() {
+            let _ = done.send(());
         }
         changed.notified().await;
         tokio::time::sleep(DEBOUNCE).await;

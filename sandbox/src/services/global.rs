@@ -1,6 +1,6 @@
 //! Global services: a Service of the same namespace and name in several clusters, whose
 //! backends each cluster shares with the others (what the mesh will carry; the sandbox copies
-//! them between clusters' service files for now).
+//! them between clusters' agents' services for now).
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;

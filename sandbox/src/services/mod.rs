@@ -138,9 +138,9 @@ pub fn compute(clusters: &[ClusterInput<'_>]) -> BTreeMap<String, ClusterService
 }
 
 impl ClusterServices {
-    /// The service file's content: Services, GlobalServices, this cluster's slices, then the
-    /// remote ones.
-    pub fn file_objects(&self) -> Vec<Value> {
+    /// What the cluster's agents are told: Services, GlobalServices, this cluster's slices,
+    /// then the remote ones.
+    pub fn agent_objects(&self) -> Vec<Value> {
         let slices = self
             .slices
             .iter()
@@ -436,7 +436,7 @@ mod tests {
 
         // The file: Services, then the GlobalService, then local and remote slices.
         let kinds: Vec<String> = east
-            .file_objects()
+            .agent_objects()
             .iter()
             .map(|o| {
                 format!(

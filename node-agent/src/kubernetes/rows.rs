@@ -1,17 +1,18 @@
-//! The engines' inputs built from watched objects: pure functions, objects in, the files'
-//! content out (the same formats the sandbox writes in local mode).
+//! The rows of the agent's state built from watched objects: pure functions, objects in, rows
+//! out (the same rows the sandbox sends in local mode).
 //!
-//! - The endpoint directory ([`EndpointMeta`] per address): this node's pods from the Pod
+//! - The endpoints ([`EndpointMeta`] per address): this node's pods from the Pod
 //!   watch (labels, namespace labels, named ports; the identity is the `WeftIdentity` whose
 //!   labels are the pod's security labels, `init` until the operator has allocated one) and
 //!   every other pod of the cluster from its `WeftEndpoint` (identity, node, named ports; labels
 //!   from that identity's `WeftIdentity`).
-//! - The policy file: `WeftNetworkPolicy`, `WeftClusterwideNetworkPolicy` and `NetworkPolicy`.
-//! - The service file: `Service`, `EndpointSlice` and `GlobalService`.
+//! - This node's pods by name ([`LocalPod`]), with their identities and host ports.
+//! - The policies: `WeftNetworkPolicy`, `WeftClusterwideNetworkPolicy` and `NetworkPolicy`.
+//! - The services: `Service`, `EndpointSlice` and `GlobalService`.
 //!
 //! Fields that change without changing what the engines do (`resourceVersion`,
 //! `managedFields`, policy statuses the operator writes) are left out, so such changes leave
-//! the files as they are and cost no recompilation.
+//! the rows as they are and cost no recompilation.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -31,7 +32,7 @@ use weft_crds::{
 };
 
 use crate::flows::directory::EndpointMeta;
-use crate::local_pods::{HostPort, LocalPod};
+use weft_core::state::{HostPort, LocalPod};
 
 /// What the endpoint directory is built from.
 pub struct DirectoryInputs<'a> {
@@ -271,7 +272,7 @@ pub fn endpoint_directory(inputs: &DirectoryInputs<'_>) -> Vec<EndpointMeta> {
     entries.into_values().collect()
 }
 
-/// The local pods file ([`crate::local_pods`]): every pod of this node by name, with the
+/// The local pods table: every pod of this node by name, with the
 /// identity allocated for its security labels (`init` until the operator has allocated one),
 /// whether or not it has an address yet. Host-network pods are left out: no endpoint is wired
 /// for them.
@@ -322,74 +323,46 @@ fn trimmed(object: impl serde::Serialize, drop_status: bool) -> Option<Value> {
     Some(value)
 }
 
-/// Sorts by kind, namespace and name, so the file's bytes change only with its content.
-fn sorted(mut objects: Vec<Value>) -> Vec<Value> {
-    let key = |object: &Value| {
-        (
-            object["kind"].as_str().unwrap_or_default().to_owned(),
-            object["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            object["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-        )
-    };
-    objects.sort_by_key(key);
-    objects
-}
-
-/// The policy file: every policy of the three kinds the policy engine reads.
+/// The policies table: every policy of the three kinds the policy engine reads.
 pub fn policy_objects(
     weft: &[Arc<WeftNetworkPolicy>],
     clusterwide: &[Arc<WeftClusterwideNetworkPolicy>],
     kubernetes: &[Arc<NetworkPolicy>],
 ) -> Vec<Value> {
-    sorted(
-        weft.iter()
-            .filter_map(|policy| trimmed(policy.as_ref(), true))
-            .chain(
-                clusterwide
-                    .iter()
-                    .filter_map(|policy| trimmed(policy.as_ref(), true)),
-            )
-            .chain(
-                kubernetes
-                    .iter()
-                    .filter_map(|policy| trimmed(policy.as_ref(), true)),
-            )
-            .collect(),
-    )
+    weft.iter()
+        .filter_map(|policy| trimmed(policy.as_ref(), true))
+        .chain(
+            clusterwide
+                .iter()
+                .filter_map(|policy| trimmed(policy.as_ref(), true)),
+        )
+        .chain(
+            kubernetes
+                .iter()
+                .filter_map(|policy| trimmed(policy.as_ref(), true)),
+        )
+        .collect()
 }
 
-/// The service file: Services (with their status: load-balancer addresses), EndpointSlices and
-/// GlobalServices.
+/// The services table: Services (with their status: load-balancer addresses), EndpointSlices
+/// and GlobalServices.
 pub fn service_objects(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
     globals: &[Arc<GlobalService>],
 ) -> Vec<Value> {
-    sorted(
-        services
-            .iter()
-            .filter_map(|service| trimmed(service.as_ref(), false))
-            .chain(
-                slices
-                    .iter()
-                    .filter_map(|slice| trimmed(slice.as_ref(), false)),
-            )
-            .chain(
-                globals
-                    .iter()
-                    .filter_map(|global| trimmed(global.as_ref(), true)),
-            )
-            .collect(),
-    )
-}
-
-/// A file's bytes: a JSON list.
-pub fn to_bytes<T: serde::Serialize>(entries: &[T]) -> Vec<u8> {
-    serde_json::to_vec(entries).unwrap_or_else(|_| b"[]".to_vec())
+    services
+        .iter()
+        .filter_map(|service| trimmed(service.as_ref(), false))
+        .chain(
+            slices
+                .iter()
+                .filter_map(|slice| trimmed(slice.as_ref(), false)),
+        )
+        .chain(
+            globals
+                .iter()
+                .filter_map(|global| trimmed(global.as_ref(), true)),
+        )
+        .collect()
 }
