@@ -545,16 +545,15 @@ impl PolicyEngine {
             return self.update_remote_pods(datapath, inputs, &state, &changed.addresses);
         }
         self.last_inputs = Some(fingerprint);
-        let directory: Vec<EndpointMeta> = state.read().endpoints.rows().cloned().collect();
-        let directory = directory.as_slice();
+        // Read in place: a full pass costs no copy of the cluster's endpoints.
+        let tables = state.read();
+        let directory = &tables.endpoints;
 
         let mut policies: Vec<Policy> = self.last_good.values().cloned().collect();
         if self.allow_from_node {
             policies.push(allow_from_node());
         }
         self.uses_members = policies.iter().any(uses_members);
-        let by_ip: BTreeMap<Ipv4Addr, &EndpointMeta> =
-            directory.iter().map(|m| (m.ip, m)).collect();
         // An endpoint whose identity is not resolved is left out: policy selects by the labels
         // its identity stands for, and until then the datapath holds it to what `init` may do.
         let endpoints: Vec<EndpointInput> = inputs
@@ -568,10 +567,10 @@ impl PolicyEngine {
                         named_ports_from(&pod.named_ports),
                     ),
                     None => {
-                        let meta = by_ip.get(&endpoint.ip);
+                        let meta = directory.get(&endpoint.ip);
                         (
                             meta.map(|m| m.security_labels.clone()).unwrap_or_default(),
-                            meta.map(|m| named_ports(m)).unwrap_or_default(),
+                            meta.map(named_ports).unwrap_or_default(),
                         )
                     }
                 };
@@ -585,14 +584,12 @@ impl PolicyEngine {
                 }
             })
             .collect();
-        let mut identities: BTreeMap<u32, IdentityKind> = directory
+        // Each identity once, with its labels, from the index (not from every endpoint).
+        let mut identities: BTreeMap<u32, IdentityKind> = self
+            .index
+            .identities
             .iter()
-            .map(|meta| {
-                (
-                    meta.identity,
-                    IdentityKind::Endpoint(meta.security_labels.clone()),
-                )
-            })
+            .map(|(identity, (labels, _))| (*identity, IdentityKind::Endpoint(labels.clone())))
             .collect();
         for (reserved, kind) in [
             (ReservedIdentity::Host, PeerKind::Host),
@@ -612,13 +609,15 @@ impl PolicyEngine {
             );
         }
         // The pods carrying each identity: ipBlock peers select pods by address, and egress
-        // rules naming a port resolve it on the destination pods.
+        // rules naming a port resolve it on the destination pods. Only such policies read them.
         let mut members = Members::new();
-        for meta in directory {
-            members.entry(meta.identity).or_default().push(Member {
-                ip: meta.ip,
-                named_ports: named_ports(meta),
-            });
+        if self.uses_members {
+            for meta in directory.rows() {
+                members.entry(meta.identity).or_default().push(Member {
+                    ip: meta.ip,
+                    named_ports: named_ports(meta),
+                });
+            }
         }
         let mut compiled =
             match compile_with_members(&policies, self.mode, &endpoints, &identities, &members) {
@@ -634,7 +633,7 @@ impl PolicyEngine {
 
         // The ipcache names every address policy may ask about.
         let mut ipcache: BTreeMap<Ipv4Net, IpcacheEntry> = BTreeMap::new();
-        for meta in directory.iter().filter(|m| !local_ips.contains(&m.ip)) {
+        for meta in directory.rows().filter(|m| !local_ips.contains(&m.ip)) {
             if let Some(entry) = remote_pod_entry(meta, inputs.peers) {
                 ipcache.insert(Ipv4Net::from(meta.ip), entry);
             }
@@ -688,6 +687,8 @@ impl PolicyEngine {
             });
         }
 
+        // The sources may change the state again while the maps are written.
+        drop(tables);
         self.shared_addresses = inputs
             .peers
             .iter()
