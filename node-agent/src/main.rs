@@ -562,16 +562,18 @@ async fn main() -> anyhow::Result<()> {
                 .min(drift_check_interval.saturating_sub(drift_checked.elapsed()));
                 let _ = tokio::time::timeout(wait, changes.changed()).await;
                 changes.mark_unchanged();
-                let mut agent = agent.lock().await;
                 failed = false;
+                // The lock is taken per engine, not for the whole pass: a CNI request waits
+                // behind one engine's work at most, never behind the sequence.
                 if drift_checked.elapsed() >= drift_check_interval {
                     drift_checked = tokio::time::Instant::now();
+                    let mut agent = agent.lock().await;
                     if let Err(error) = tokio::task::block_in_place(|| agent.check_drift()) {
                         tracing::warn!(%error, "cannot compare the ipcache with what was written");
                     }
                 }
                 // Peers first: the policy pass then sees the peer set they left.
-                failed |= !agent.sync_peers().await;
+                failed |= !agent.lock().await.sync_peers().await;
                 // A full map is logged once where it is found, not on every retry.
                 let mut check = |what: &str, result: Result<(), weft_agent::node::NodeError>| {
                     if let Err(error) = result {
@@ -583,18 +585,28 @@ async fn main() -> anyhow::Result<()> {
                         }
                     }
                 };
-                check(
-                    "endpoint identities",
-                    tokio::task::block_in_place(|| agent.sync_identities().map(drop)),
-                );
-                check(
-                    "policy",
-                    tokio::task::block_in_place(|| agent.sync_policy()),
-                );
-                check(
-                    "services",
-                    tokio::task::block_in_place(|| agent.sync_services()),
-                );
+                {
+                    let mut agent = agent.lock().await;
+                    check(
+                        "endpoint identities",
+                        tokio::task::block_in_place(|| agent.sync_identities().map(drop)),
+                    );
+                }
+                {
+                    let mut agent = agent.lock().await;
+                    check(
+                        "policy",
+                        tokio::task::block_in_place(|| agent.sync_policy()),
+                    );
+                }
+                {
+                    let mut agent = agent.lock().await;
+                    check(
+                        "services",
+                        tokio::task::block_in_place(|| agent.sync_services()),
+                    );
+                }
+                let mut agent = agent.lock().await;
                 tokio::task::block_in_place(|| agent.replace_outdated_programs());
                 failed |= agent.has_outdated_programs();
                 agent.report_map_pressure();

@@ -76,6 +76,10 @@ impl PeerSet {
         self.0.iter().all(|word| *word == 0)
     }
 
+    pub fn contains(&self, slot: usize) -> bool {
+        self.0[slot / 64] & (1 << (slot % 64)) != 0
+    }
+
     pub fn slots(&self) -> impl Iterator<Item = usize> + '_ {
         (0..SELECTOR_CAPACITY).filter(|slot| self.0[slot / 64] & (1 << (slot % 64)) != 0)
     }
@@ -104,7 +108,7 @@ pub struct EndpointInput {
 /// A pod of the cluster as rules that look past its labels see it: its address (for
 /// `ipBlock` peers, which select pods too) and its named ports (an egress rule naming a port
 /// resolves it on the destination).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Member {
     pub ip: Ipv4Addr,
     pub named_ports: NamedPorts,
@@ -378,6 +382,73 @@ pub fn compile_with_members(
     identities: &BTreeMap<u32, IdentityKind>,
     members: &Members,
 ) -> Result<Compiled, CompileError> {
+    compile_reusing(
+        policies,
+        mode,
+        endpoints,
+        identities,
+        members,
+        &mut MatchCache::default(),
+    )
+}
+
+/// Which selectors each identity matched in the last compilation, so that the next one
+/// matches only what changed: identities that are new or stand for other labels, and selectors
+/// that are new. Matching every identity against every selector is most of a compilation's
+/// cost (20,000 identities × hundreds of selectors), and a pod starting or a policy edited
+/// changes few of either.
+#[derive(Debug, Default)]
+pub struct MatchCache {
+    selectors: Vec<Peer>,
+    /// Hash of the members the sets were matched with: when they change, the selectors that
+    /// read them ([`reads_members`]) are matched again.
+    members: u64,
+    sets: BTreeMap<u32, (IdentityKind, PeerSet)>,
+}
+
+impl MatchCache {
+    /// For each of `selectors`, its slot in the cached sets when those answer for it.
+    fn slots_for(&self, selectors: &[Peer], members: u64) -> Vec<Option<usize>> {
+        let cached: std::collections::HashMap<&Peer, usize> = self
+            .selectors
+            .iter()
+            .enumerate()
+            .map(|(slot, peer)| (peer, slot))
+            .collect();
+        selectors
+            .iter()
+            .map(|peer| {
+                if self.members != members && reads_members(peer) {
+                    return None;
+                }
+                cached.get(peer).copied()
+            })
+            .collect()
+    }
+}
+
+/// Whether matching `peer` reads the pods behind identities.
+fn reads_members(peer: &Peer) -> bool {
+    matches!(peer, Peer::IpBlock { .. } | Peer::ServingPort { .. })
+}
+
+fn members_hash(members: &Members) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    members.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// [`compile_with_members`], taking from `cache` what the previous compilation matched and
+/// leaving in it what this one did (a failed compilation leaves it as it was).
+pub fn compile_reusing(
+    policies: &[Policy],
+    mode: EnforcementMode,
+    endpoints: &[EndpointInput],
+    identities: &BTreeMap<u32, IdentityKind>,
+    members: &Members,
+    cache: &mut MatchCache,
+) -> Result<Compiled, CompileError> {
     let mut compiled = Compiled::default();
     let all_peers = Peer::Entity(crate::policy::model::Entity::All);
     // Slots are handed out on first use; past the bitmap's width compilation stops at once.
@@ -532,15 +603,33 @@ pub fn compile_with_members(
         }
         compiled.endpoints.insert(endpoint.id, result);
     }
+    let members = (members, members_hash(members));
+    let cached_slots = cache.slots_for(&compiled.selectors, members.1);
+    let mut sets = BTreeMap::new();
     for (identity, kind) in identities {
+        let cached = match cache.sets.remove(identity) {
+            Some((cached_kind, cached)) if cached_kind == *kind => Some((cached_kind, cached)),
+            _ => None,
+        };
         let mut set = PeerSet::default();
         for (slot, peer) in compiled.selectors.iter().enumerate() {
-            if identity_matches(*identity, kind, peer, members) {
+            let matches = match (&cached, cached_slots[slot]) {
+                (Some((_, cached)), Some(cached_slot)) => cached.contains(cached_slot),
+                _ => identity_matches(*identity, kind, peer, members.0),
+            };
+            if matches {
                 set.insert(slot);
             }
         }
         compiled.peer_sets.insert(*identity, set);
+        let kind = cached.map_or_else(|| kind.clone(), |(kind, _)| kind);
+        sets.insert(*identity, (kind, set));
     }
+    *cache = MatchCache {
+        selectors: compiled.selectors.clone(),
+        members: members.1,
+        sets,
+    };
     Ok(compiled)
 }
 
@@ -794,6 +883,91 @@ mod tests {
                 .map(|(name, protocol, port)| (name.to_string(), (*protocol, *port)))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_compilation_reusing_the_last_ones_matches_gives_what_one_from_scratch_does() {
+        let (mut policies, mut endpoints, mut identities) = scenario();
+        let mut members = Members::new();
+        let mut cache = MatchCache::default();
+        let mut step = |what: &str,
+                        policies: &[Policy],
+                        endpoints: &[EndpointInput],
+                        identities: &BTreeMap<u32, IdentityKind>,
+                        members: &Members| {
+            let mode = EnforcementMode::Default;
+            let reused =
+                compile_reusing(policies, mode, endpoints, identities, members, &mut cache)
+                    .expect("compiles");
+            let scratch = compile_with_members(policies, mode, endpoints, identities, members)
+                .expect("compiles");
+            assert_eq!(reused.selectors, scratch.selectors, "{what}");
+            assert_eq!(reused.peer_sets, scratch.peer_sets, "{what}");
+            reused.peer_sets
+        };
+        let first = step("first", &policies, &endpoints, &identities, &members);
+
+        // A pod starts with an identity of its own.
+        identities.insert(303, IdentityKind::Endpoint(labels(&[("app", "trainer")])));
+        endpoints.push(EndpointInput {
+            id: 4,
+            labels: labels(&[("app", "trainer"), ("rank", "1")]),
+            named_ports: NamedPorts::new(),
+        });
+        step("pod added", &policies, &endpoints, &identities, &members);
+
+        // An identity number released and taken again by other labels.
+        identities.insert(301, IdentityKind::Endpoint(labels(&[("app", "trainer")])));
+        let relabelled = step(
+            "identity relabelled",
+            &policies,
+            &endpoints,
+            &identities,
+            &members,
+        );
+        assert_ne!(
+            first[&301], relabelled[&301],
+            "the reused number matches what it now stands for"
+        );
+
+        // The first policy goes: every slot moves.
+        let trainers = policies.remove(0);
+        step(
+            "policy removed",
+            &policies,
+            &endpoints,
+            &identities,
+            &members,
+        );
+        policies.push(trainers);
+
+        // Pods selected by address: the sets follow where the identity's pods are.
+        let block = |s: &str| s.parse::<Ipv4Net>().expect("cidr");
+        policies.push(policy(
+            "from-the-rack",
+            app("gateway"),
+            vec![rule(
+                Section::Ingress,
+                0,
+                vec![Peer::IpBlock {
+                    cidr: block("10.8.0.0/16"),
+                    except: vec![],
+                }],
+                vec![],
+            )],
+            (true, false),
+        ));
+        members.insert(300, vec![member([10, 8, 0, 5], &[])]);
+        let inside = step(
+            "ipBlock added",
+            &policies,
+            &endpoints,
+            &identities,
+            &members,
+        );
+        members.insert(300, vec![member([10, 9, 0, 5], &[])]);
+        let outside = step("member moved", &policies, &endpoints, &identities, &members);
+        assert_ne!(inside[&300], outside[&300], "the pod left the block");
     }
 
     #[test]
