@@ -29,17 +29,50 @@ use weft_node_bpf::maps::{
     POLICY_KEY_FIXED_BITS,
 };
 
-const NODES: u32 = 1_000;
 const PODS_PER_NODE: u32 = 100;
-const IDENTITIES: u32 = 20_000;
-const SERVICES: u32 = 10_000;
 const BACKENDS: u32 = 5;
-const POLICIES: u32 = 200;
 const CHANGES: usize = 1_000;
 const BATCH: usize = 2_000;
+/// The kinds of change, in the order the measurement cycles through them.
+const KINDS: [&str; 5] = [
+    "remote pod added",
+    "remote pod deleted",
+    "remote pod relabelled",
+    "service backend added or removed",
+    "policy edited",
+];
 const IDENTITY_BASE: u32 = 100_000;
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 const PRELOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `WEFT_BENCH_DIVISOR=N` shrinks the cluster to 1/N (nodes, identities, services, policies)
+/// for a quick look while developing; `make bench` measures the full size.
+fn divisor() -> u32 {
+    static DIVISOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *DIVISOR.get_or_init(|| {
+        std::env::var("WEFT_BENCH_DIVISOR")
+            .ok()
+            .and_then(|value| value.parse().ok())
+            .filter(|divisor| (1..=100).contains(divisor))
+            .unwrap_or(1)
+    })
+}
+
+fn nodes() -> u32 {
+    1_000 / divisor()
+}
+
+fn identities() -> u32 {
+    20_000 / divisor()
+}
+
+fn services() -> u32 {
+    10_000 / divisor()
+}
+
+fn policies() -> u32 {
+    200 / divisor()
+}
 
 fn pod_ip(node: u32, pod: u32) -> Ipv4Addr {
     Ipv4Addr::new(
@@ -96,7 +129,7 @@ fn slice(service: u32, backends: u32) -> ServiceObject {
     let endpoints: Vec<serde_json::Value> = (0..backends)
         .map(|backend| {
             let index = service * BACKENDS + backend;
-            let ip = pod_ip(index % NODES, index / NODES % PODS_PER_NODE);
+            let ip = pod_ip(index % nodes(), index / nodes() % PODS_PER_NODE);
             json!({"addresses": [ip.to_string()], "conditions": {"ready": true}})
         })
         .collect();
@@ -117,7 +150,7 @@ fn policy(index: u32, port: u16) -> PolicyObject {
         "spec": {
             "endpointSelector": {"matchLabels": {"app": "server"}},
             "ingress": [{
-                "fromEndpoints": [{"matchLabels": {"app": format!("app-{}", index * 97 % IDENTITIES)}}],
+                "fromEndpoints": [{"matchLabels": {"app": format!("app-{}", index * 97 % identities())}}],
                 "toPorts": [{"ports": [{"port": port.to_string(), "protocol": "TCP"}]}],
             }],
         },
@@ -327,7 +360,7 @@ fn main() {
 
     // Preload: nodes, endpoints, services, policies, in batches as a source would send them.
     let preload = Instant::now();
-    let mut rows: Vec<EncodedChange> = (0..NODES)
+    let mut rows: Vec<EncodedChange> = (0..nodes())
         .map(|node| {
             EncodedChange::upsert(&PeerNode {
                 name: format!("bench-node-{node}"),
@@ -338,30 +371,30 @@ fn main() {
             })
         })
         .collect();
-    for node in 0..NODES {
+    for node in 0..nodes() {
         for pod in 0..PODS_PER_NODE {
-            let identity = IDENTITY_BASE + (node * PODS_PER_NODE + pod) % IDENTITIES;
+            let identity = IDENTITY_BASE + (node * PODS_PER_NODE + pod) % identities();
             rows.push(EncodedChange::upsert(&endpoint(node, pod, identity)));
         }
     }
-    for index in 0..SERVICES {
+    for index in 0..services() {
         rows.push(EncodedChange::upsert(&service(index)));
         rows.push(EncodedChange::upsert(&slice(index, BACKENDS)));
     }
-    for index in 0..POLICIES {
+    for index in 0..policies() {
         rows.push(EncodedChange::upsert(&policy(index, policy_port(index, 0))));
     }
     for batch in rows.chunks(BATCH) {
         source.send(batch.to_vec());
     }
-    let last_service = SERVICES - 1;
-    let last_pod = pod_ip(NODES - 1, PODS_PER_NODE - 1);
+    let last_service = services() - 1;
+    let last_pod = pod_ip(nodes() - 1, PODS_PER_NODE - 1);
     let sent_s = preload.elapsed().as_secs_f64();
     let loaded = |maps: &Maps| {
         (
             maps.active_backends(last_service) == Some(BACKENDS as u16),
             maps.identity_of(last_pod).is_some(),
-            maps.allows_port(server_ifindex, policy_port(POLICIES - 1, 0)),
+            maps.allows_port(server_ifindex, policy_port(policies() - 1, 0)),
         )
     };
     while loaded(&maps) != (true, true, true) {
@@ -425,6 +458,8 @@ fn main() {
     let writes_before = map_writes(&sandbox);
     let mut latencies = Vec::with_capacity(CHANGES);
     let mut timeouts = 0;
+    // Per kind of change (the order of the match below): latencies and timeouts.
+    let mut by_kind: [(Vec<f64>, usize); 5] = Default::default();
     let mut added: Option<Ipv4Addr> = None;
     let mut backends_added = std::collections::BTreeSet::new();
     for change in 0..CHANGES {
@@ -433,9 +468,9 @@ fn main() {
         let took = match change % 5 {
             // A pod added on another node (an identity that exists).
             0 => {
-                let node = round % NODES;
+                let node = round % nodes();
                 let ip = Ipv4Addr::new(10, 64 + (node / 256) as u8, (node % 256) as u8, 200);
-                let identity = IDENTITY_BASE + round % IDENTITIES;
+                let identity = IDENTITY_BASE + round % identities();
                 let mut row = endpoint(node, 0, identity);
                 row.ip = ip;
                 row.pod = format!("new-{round}");
@@ -451,8 +486,8 @@ fn main() {
             }
             // A pod's labels changed: another (existing) identity.
             2 => {
-                let (node, pod) = (round * 7 % NODES, round % PODS_PER_NODE);
-                let identity = IDENTITY_BASE + (round * 13 + 1) % IDENTITIES;
+                let (node, pod) = (round * 7 % nodes(), round % PODS_PER_NODE);
+                let identity = IDENTITY_BASE + (round * 13 + 1) % identities();
                 source.send(vec![EncodedChange::upsert(&endpoint(node, pod, identity))]);
                 until(start, || {
                     maps.identity_of(pod_ip(node, pod)) == Some(identity)
@@ -460,7 +495,7 @@ fn main() {
             }
             // A backend added to a service, or the one added before removed.
             3 => {
-                let service = round * 31 % SERVICES;
+                let service = round * 31 % services();
                 let backends = if backends_added.remove(&service) {
                     BACKENDS
                 } else {
@@ -474,15 +509,27 @@ fn main() {
             }
             // A policy edited: its port moves.
             _ => {
-                let index = round % POLICIES;
-                let port = policy_port(index, round / POLICIES + 1);
+                let index = round % policies();
+                let port = policy_port(index, round / policies() + 1);
                 source.send(vec![EncodedChange::upsert(&policy(index, port))]);
                 until(start, || maps.allows_port(server_ifindex, port))
             }
         };
+        let kind = &mut by_kind[change % 5];
         match took {
-            Some(took) => latencies.push(took.as_secs_f64() * 1000.0),
-            None => timeouts += 1,
+            Some(took) => {
+                latencies.push(took.as_secs_f64() * 1000.0);
+                kind.0.push(took.as_secs_f64() * 1000.0);
+            }
+            None => {
+                timeouts += 1;
+                kind.1 += 1;
+                eprintln!(
+                    "  change {change} ({}) not in the map within {} s",
+                    KINDS[change % 5],
+                    CHANGE_TIMEOUT.as_secs()
+                );
+            }
         }
         if (change + 1) % 100 == 0 {
             eprintln!(
@@ -505,8 +552,12 @@ fn main() {
     let rss = rss_after.max(rss_loaded);
     let add_p99 = percentile(&pod_starts, 99.0);
     println!(
-        "\ncontrol plane: {} endpoints on {NODES} nodes, {IDENTITIES} identities, {SERVICES} services x {BACKENDS} backends, {POLICIES} policies (sent through the state socket in {sent_s:.1} s, in the maps after {preload_s:.1} s)",
-        NODES * PODS_PER_NODE
+        "\ncontrol plane: {} endpoints on {} nodes, {} identities, {} services x {BACKENDS} backends, {} policies (sent through the state socket in {sent_s:.1} s, in the maps after {preload_s:.1} s)",
+        nodes() * PODS_PER_NODE,
+        nodes(),
+        identities(),
+        services(),
+        policies()
     );
     println!(
         "  {CHANGES} single changes: change to map p50 {p50:.1} ms, p99 {p99:.1} ms (target <= 50), {timeouts} not in the map within {} s",
@@ -517,6 +568,13 @@ fn main() {
         "  {} pods started on the node meanwhile: p99 {add_p99:.0} ms (whole runtime ADD as the sandbox runs it)",
         pod_starts.len()
     );
+    for (name, (times, timeouts)) in KINDS.iter().zip(&by_kind) {
+        println!(
+            "    {name}: p50 {:.1} ms, p99 {:.1} ms, {timeouts} timeouts",
+            percentile(times, 50.0),
+            percentile(times, 99.0)
+        );
+    }
     println!("  baseline: an unchanged row through the same socket p50 {noop_p50:.2} ms");
     println!(
         "RESULT control-plane change_to_map_p50_ms={p50:.2} change_to_map_p99_ms={p99:.2} cpu_per_change_ms={cpu_per_change:.3} entries_written_per_change={writes_per_change:.2} rss_mib={rss:.0} cni_add_p99_ms={add_p99:.0} timeouts={timeouts} preload_s={preload_s:.1} noop_apply_p50_ms={noop_p50:.2} p50_vs_noop={:.1}",

@@ -78,6 +78,8 @@ pub struct PolicyEngine {
     shared_addresses: BTreeSet<Ipv4Net>,
     /// What each identity matched in the last compilation.
     matches: MatchCache,
+    /// The ipcache entries the engine wants, and which may differ from what is written.
+    ipcache: DesiredIpcache,
 }
 
 /// The cluster's endpoints as far as the compiled policy depends on them: each address's
@@ -170,6 +172,96 @@ impl EndpointIndex {
         }
         false
     }
+}
+
+/// The ipcache entries the engine wants, kept across passes so that a pass reconciles only the
+/// prefixes that may have changed (`dirty`) instead of rebuilding and comparing an entry for
+/// every pod of the cluster: remote pods' entries follow the endpoints table address by
+/// address, and are computed again in full only when the peers change.
+#[derive(Default)]
+struct DesiredIpcache {
+    /// Remote pods' /32 entries, by address.
+    pods: HashMap<Ipv4Addr, IpcacheEntry>,
+    /// Every other entry (nodes, the API server, this node, policies' prefixes), with whether
+    /// it takes precedence over a pod's entry at the same address.
+    others: BTreeMap<Ipv4Net, (IpcacheEntry, Precedence)>,
+    /// The peers (by hash) that `pods` was computed with: other peers move pods' tunnels.
+    peers: Option<u64>,
+    /// The local endpoints' addresses when `pods` was computed: theirs are `crate::node`'s.
+    local: BTreeSet<Ipv4Addr>,
+    /// Prefixes whose wanted entry may differ from what is written.
+    dirty: BTreeSet<Ipv4Net>,
+}
+
+/// Whether an ipcache entry that is not a pod's wins over a pod's entry at the same address:
+/// a node's address is the node's (`host`, `remote-node`), while the API server and a
+/// policy's prefix yield to a pod (an address has one identity).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Precedence {
+    OverPods,
+    UnderPods,
+}
+
+impl DesiredIpcache {
+    /// The entry the engine wants under `prefix`, if any.
+    fn wanted(&self, prefix: &Ipv4Net) -> Option<IpcacheEntry> {
+        let other = self.others.get(prefix);
+        if let Some((entry, Precedence::OverPods)) = other {
+            return Some(*entry);
+        }
+        if prefix.prefix_len() == 32 {
+            if let Some(entry) = self.pods.get(&prefix.network()) {
+                return Some(*entry);
+            }
+        }
+        other.map(|(entry, _)| *entry)
+    }
+
+    fn set_pod(&mut self, ip: Ipv4Addr, entry: Option<IpcacheEntry>) {
+        let changed = match entry {
+            Some(entry) => self.pods.insert(ip, entry) != Some(entry),
+            None => self.pods.remove(&ip).is_some(),
+        };
+        if changed {
+            self.dirty.insert(Ipv4Net::from(ip));
+        }
+    }
+
+    fn replace_pods(&mut self, pods: HashMap<Ipv4Addr, IpcacheEntry>) {
+        for (ip, entry) in &self.pods {
+            if pods.get(ip) != Some(entry) {
+                self.dirty.insert(Ipv4Net::from(*ip));
+            }
+        }
+        for (ip, entry) in &pods {
+            if self.pods.get(ip) != Some(entry) {
+                self.dirty.insert(Ipv4Net::from(*ip));
+            }
+        }
+        self.pods = pods;
+    }
+
+    fn replace_others(&mut self, others: BTreeMap<Ipv4Net, (IpcacheEntry, Precedence)>) {
+        for (prefix, entry) in &self.others {
+            if others.get(prefix) != Some(entry) {
+                self.dirty.insert(*prefix);
+            }
+        }
+        for (prefix, entry) in &others {
+            if self.others.get(prefix) != Some(entry) {
+                self.dirty.insert(*prefix);
+            }
+        }
+        self.others = others;
+    }
+}
+
+/// A prefix another owner writes: a peer's pod CIDR (`crate::peers`) or a local pod's address
+/// (`crate::node`). The engine neither overwrites nor removes it: that would break forwarding
+/// to those pods, and CIDR rules select only addresses outside the cluster.
+fn owned_elsewhere(prefix: &Ipv4Net, inputs: &PolicyInputs<'_>) -> bool {
+    inputs.peers.iter().any(|(_, cidr)| cidr == prefix)
+        || (prefix.prefix_len() == 32 && inputs.local.iter().any(|e| e.ip == prefix.network()))
 }
 
 /// A remote pod's ipcache entry: its identity behind the peer whose pod CIDR holds it (none
@@ -403,6 +495,7 @@ impl PolicyEngine {
             uses_members: false,
             shared_addresses: BTreeSet::new(),
             matches: MatchCache::default(),
+            ipcache: DesiredIpcache::default(),
         }
     }
 
@@ -466,6 +559,10 @@ impl PolicyEngine {
         };
         if !adopted.is_empty() {
             self.adopted = true;
+            // Each adopted ipcache entry is compared with what the first pass wants.
+            self.ipcache
+                .dirty
+                .extend(self.installed.ipcache.keys().copied());
             // The next sync installs even if neither the policies nor the inputs change.
             self.last_inputs = None;
         }
@@ -645,6 +742,41 @@ impl PolicyEngine {
                 IdentityKind::Cidr(*prefix),
             );
         }
+        // The ipcache names every address policy may ask about. Remote pods' entries follow
+        // the endpoints table's changed addresses; all of them are computed again only when
+        // the peers (the pods' tunnels) changed or the index was read whole.
+        let peers_hash = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            inputs.peers.hash(&mut hasher);
+            hasher.finish()
+        };
+        let nodes = PodCidrIndex::new(inputs.peers);
+        if changed.rebuilt || self.ipcache.peers != Some(peers_hash) {
+            let pods = directory
+                .rows()
+                .filter(|meta| !local_ips.contains(&meta.ip))
+                .filter_map(|meta| Some((meta.ip, remote_pod_entry(meta, &nodes)?)))
+                .collect();
+            self.ipcache.replace_pods(pods);
+            self.ipcache.peers = Some(peers_hash);
+        } else {
+            // The changed addresses, and those that became or ceased to be this node's.
+            let moved: BTreeSet<Ipv4Addr> = changed
+                .addresses
+                .iter()
+                .chain(local_ips.symmetric_difference(&self.ipcache.local))
+                .copied()
+                .collect();
+            for ip in moved {
+                let entry = directory
+                    .get(&ip)
+                    .filter(|_| !local_ips.contains(&ip))
+                    .and_then(|meta| remote_pod_entry(meta, &nodes));
+                self.ipcache.set_pod(ip, entry);
+            }
+        }
+        self.ipcache.local.clone_from(&local_ips);
         // The pods carrying each identity: ipBlock peers select pods by address, and egress
         // rules naming a port resolve it on the destination pods. Only such policies read them.
         let mut members = Members::new();
@@ -675,22 +807,17 @@ impl PolicyEngine {
                 return Ok(());
             }
         };
-
-        // The ipcache names every address policy may ask about.
-        let mut ipcache: BTreeMap<Ipv4Net, IpcacheEntry> = BTreeMap::new();
-        let nodes = PodCidrIndex::new(inputs.peers);
-        for meta in directory.rows().filter(|m| !local_ips.contains(&m.ip)) {
-            if let Some(entry) = remote_pod_entry(meta, &nodes) {
-                ipcache.insert(Ipv4Net::from(meta.ip), entry);
-            }
-        }
+        // The entries that are no pod's, numbered as this compilation numbers the prefixes
+        // (a compilation that failed leaves those of the policy in force).
+        let mut others: BTreeMap<Ipv4Net, (IpcacheEntry, Precedence)> = BTreeMap::new();
+        let entry = |identity: ReservedIdentity| IpcacheEntry {
+            identity: identity.id(),
+            tunnel_endpoint: 0,
+        };
         for (node_ip, _) in inputs.peers {
-            ipcache.insert(
+            others.insert(
                 Ipv4Net::from(*node_ip),
-                IpcacheEntry {
-                    identity: ReservedIdentity::RemoteNode.id(),
-                    tunnel_endpoint: 0,
-                },
+                (entry(ReservedIdentity::RemoteNode), Precedence::OverPods),
             );
         }
         // The API server, unless it shares a node's address (which keeps `host` or
@@ -700,38 +827,28 @@ impl PolicyEngine {
             .iter()
             .filter(|address| !local_ips.contains(address))
         {
-            ipcache
-                .entry(Ipv4Net::from(*address))
-                .or_insert(IpcacheEntry {
-                    identity: ReservedIdentity::KubeApiserver.id(),
-                    tunnel_endpoint: 0,
-                });
+            others.entry(Ipv4Net::from(*address)).or_insert((
+                entry(ReservedIdentity::KubeApiserver),
+                Precedence::UnderPods,
+            ));
         }
-        ipcache.insert(
+        others.insert(
             Ipv4Net::from(inputs.node_ip),
-            IpcacheEntry {
-                identity: ReservedIdentity::Host.id(),
-                tunnel_endpoint: 0,
-            },
+            (entry(ReservedIdentity::Host), Precedence::OverPods),
         );
-        // A prefix that is another owner's entry — a peer's pod CIDR (`crate::peers`), a local
-        // pod's address (`crate::node`) — keeps that entry: overwriting it would break
-        // forwarding to those pods, and CIDR rules select only addresses outside the cluster.
-        let owned_elsewhere: BTreeSet<Ipv4Net> = inputs
-            .peers
-            .iter()
-            .map(|(_, cidr)| *cidr)
-            .chain(local_ips.iter().map(|ip| Ipv4Net::from(*ip)))
-            .collect();
         for (index, prefix) in prefixes.iter().enumerate() {
-            if owned_elsewhere.contains(prefix) {
+            if owned_elsewhere(prefix, inputs) {
                 continue;
             }
-            ipcache.entry(*prefix).or_insert(IpcacheEntry {
+            let cidr = IpcacheEntry {
                 identity: CIDR_IDENTITY_BASE + index as u32,
                 tunnel_endpoint: 0,
-            });
+            };
+            others
+                .entry(*prefix)
+                .or_insert((cidr, Precedence::UnderPods));
         }
+        self.ipcache.replace_others(others);
 
         // The sources may change the state again while the maps are written.
         drop(tables);
@@ -750,15 +867,7 @@ impl PolicyEngine {
             )
             .collect();
         let mut installed = Installed::default();
-        for (prefix, entry) in &ipcache {
-            write_if_changed(
-                &self.installed.ipcache,
-                &mut installed.ipcache,
-                *prefix,
-                *entry,
-                |prefix, entry| datapath.upsert_ipcache(prefix, entry),
-            )?;
-        }
+        self.write_wanted_ipcache(datapath)?;
         let written = write_allows(datapath, &compiled, &self.installed, &mut installed);
         if let Err(error) = &written {
             // Fail closed: isolate what the policy isolates even though some allow entries are
@@ -821,12 +930,29 @@ impl PolicyEngine {
         for identity in stale(&self.installed.peer_sets, &installed.peer_sets) {
             datapath.remove_peer_set(identity)?;
         }
-        for prefix in stale(&self.installed.ipcache, &installed.ipcache) {
-            // Taken over by a peer or a local pod since (see above): theirs now.
-            if owned_elsewhere.contains(&prefix) {
-                continue;
+        // The flows' view of the ipcache moves to the new compilation, updated with the rest.
+        let compiled_slot = Arc::clone(&self.compiled);
+        let mut slot = compiled_slot.lock().unwrap_or_else(|p| p.into_inner());
+        let first = slot.is_none();
+        let mut addresses = slot
+            .as_mut()
+            .map(|old| std::mem::take(&mut old.address_identities))
+            .unwrap_or_default();
+        let removed = self.remove_unwanted_ipcache(datapath, inputs, &mut addresses);
+        if let Err(error) = removed {
+            if let Some(old) = slot.as_mut() {
+                old.address_identities = addresses;
             }
-            datapath.remove_ipcache(prefix)?;
+            return Err(error);
+        }
+        if first {
+            // Nothing was there to update: take every entry in force.
+            addresses = self
+                .installed
+                .ipcache
+                .iter()
+                .filter_map(|(prefix, entry)| Some((*prefix, entry.as_ref()?.identity)))
+                .collect();
         }
         let (entries, sets) = compiled.map_entries();
         tracing::info!(
@@ -835,6 +961,7 @@ impl PolicyEngine {
             peer_sets = sets,
             "policy in force"
         );
+        installed.ipcache = std::mem::take(&mut self.installed.ipcache);
         self.installed = installed;
         self.adopted = false;
         self.isolation = inputs
@@ -849,11 +976,9 @@ impl PolicyEngine {
                 (endpoint.ip, isolation)
             })
             .collect();
-        compiled.address_identities = ipcache
-            .iter()
-            .map(|(prefix, entry)| (*prefix, entry.identity))
-            .collect();
-        *self.compiled.lock().unwrap_or_else(|p| p.into_inner()) = Some(compiled);
+        compiled.address_identities = addresses;
+        *slot = Some(compiled);
+        drop(slot);
         self.report(None);
         Ok(())
     }
@@ -868,42 +993,69 @@ impl PolicyEngine {
         state: &ClusterState,
         addresses: &[Ipv4Addr],
     ) -> Result<(), DatapathError> {
-        let wanted: Vec<(Ipv4Net, Option<IpcacheEntry>)> = {
+        {
             let nodes = PodCidrIndex::new(inputs.peers);
             let tables = state.read();
-            addresses
-                .iter()
-                .map(|ip| {
-                    let entry = tables
-                        .endpoints
-                        .get(ip)
-                        .and_then(|meta| remote_pod_entry(meta, &nodes));
-                    (Ipv4Net::from(*ip), entry)
-                })
-                .collect()
-        };
-        let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
-        for (prefix, entry) in wanted {
-            match entry {
+            for ip in addresses {
+                let entry = tables
+                    .endpoints
+                    .get(ip)
+                    .and_then(|meta| remote_pod_entry(meta, &nodes));
+                self.ipcache.set_pod(*ip, entry);
+            }
+        }
+        self.write_wanted_ipcache(datapath)?;
+        let compiled_slot = Arc::clone(&self.compiled);
+        let mut slot = compiled_slot.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_mut() {
+            Some(compiled) => {
+                self.remove_unwanted_ipcache(datapath, inputs, &mut compiled.address_identities)
+            }
+            // No compilation yet: the first one takes every entry in force.
+            None => self.remove_unwanted_ipcache(datapath, inputs, &mut BTreeMap::new()),
+        }
+    }
+
+    /// Writes the wanted entry of every dirty prefix that has one and differs from what is
+    /// written. Removals wait for [`Self::remove_unwanted_ipcache`]: new entries go first.
+    fn write_wanted_ipcache(&mut self, datapath: &mut Datapath) -> Result<(), DatapathError> {
+        for prefix in &self.ipcache.dirty {
+            let Some(entry) = self.ipcache.wanted(prefix) else {
+                continue;
+            };
+            if self.installed.ipcache.get(prefix) != Some(&Some(entry)) {
+                datapath.upsert_ipcache(*prefix, entry)?;
+                self.installed.ipcache.insert(*prefix, Some(entry));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the dirty prefixes the engine no longer wants (leaving another owner's entry
+    /// in place: see [`owned_elsewhere`]), brings the flows' `addresses` in line, and leaves
+    /// nothing dirty. Call it after [`Self::write_wanted_ipcache`].
+    fn remove_unwanted_ipcache(
+        &mut self,
+        datapath: &mut Datapath,
+        inputs: &PolicyInputs<'_>,
+        addresses: &mut BTreeMap<Ipv4Net, u32>,
+    ) -> Result<(), DatapathError> {
+        while let Some(prefix) = self.ipcache.dirty.first().copied() {
+            match self.ipcache.wanted(&prefix) {
                 Some(entry) => {
-                    if self.installed.ipcache.get(&prefix) != Some(&Some(entry)) {
-                        datapath.upsert_ipcache(prefix, entry)?;
-                        self.installed.ipcache.insert(prefix, Some(entry));
-                    }
-                    if let Some(compiled) = compiled.as_mut() {
-                        compiled.address_identities.insert(prefix, entry.identity);
-                    }
+                    addresses.insert(prefix, entry.identity);
                 }
                 None => {
                     if self.installed.ipcache.contains_key(&prefix) {
-                        datapath.remove_ipcache(prefix)?;
+                        if !owned_elsewhere(&prefix, inputs) {
+                            datapath.remove_ipcache(prefix)?;
+                        }
                         self.installed.ipcache.remove(&prefix);
                     }
-                    if let Some(compiled) = compiled.as_mut() {
-                        compiled.address_identities.remove(&prefix);
-                    }
+                    addresses.remove(&prefix);
                 }
             }
+            self.ipcache.dirty.pop_first();
         }
         Ok(())
     }
@@ -918,6 +1070,7 @@ impl PolicyEngine {
         for (prefix, written) in self.installed.ipcache.iter_mut() {
             if written.is_some() && actual.get(prefix) != written.as_ref() {
                 *written = None;
+                self.ipcache.dirty.insert(*prefix);
                 drifted += 1;
             }
         }
@@ -1066,6 +1219,84 @@ mod tests {
             identity,
             tunnel_endpoint: u32::from(tunnel_endpoint).to_be(),
         }
+    }
+
+    #[test]
+    fn the_wanted_ipcache_marks_only_what_changed_and_gives_each_address_one_owner() {
+        let peer = Ipv4Addr::new(172, 30, 0, 2);
+        let pod = Ipv4Addr::new(10, 2, 0, 7);
+        let at = |ip: Ipv4Addr| Ipv4Net::from(ip);
+        let mut desired = DesiredIpcache::default();
+        desired.replace_pods([(pod, entry(0x1_0100, peer))].into_iter().collect());
+        desired.replace_others(
+            [
+                (
+                    at(peer),
+                    (
+                        entry(ReservedIdentity::RemoteNode.id(), Ipv4Addr::UNSPECIFIED),
+                        Precedence::OverPods,
+                    ),
+                ),
+                (
+                    "10.2.0.0/24".parse().unwrap(),
+                    (
+                        entry(CIDR_IDENTITY_BASE, Ipv4Addr::UNSPECIFIED),
+                        Precedence::UnderPods,
+                    ),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        assert_eq!(desired.dirty.len(), 3);
+        desired.dirty.clear();
+
+        // The same pod again marks nothing; another identity marks its address only.
+        desired.set_pod(pod, Some(entry(0x1_0100, peer)));
+        assert!(desired.dirty.is_empty());
+        desired.set_pod(pod, Some(entry(0x1_0101, peer)));
+        assert_eq!(desired.dirty, BTreeSet::from([at(pod)]));
+        desired.dirty.clear();
+
+        // A pod's entry yields to a node at its address and wins over a policy's prefix (and
+        // the API server) at its address.
+        desired.set_pod(peer, Some(entry(0x1_0102, peer)));
+        assert_eq!(
+            desired.wanted(&at(peer)).map(|e| e.identity),
+            Some(ReservedIdentity::RemoteNode.id())
+        );
+        let mut others = desired.others.clone();
+        others.insert(
+            at(pod),
+            (
+                entry(ReservedIdentity::KubeApiserver.id(), Ipv4Addr::UNSPECIFIED),
+                Precedence::UnderPods,
+            ),
+        );
+        desired.replace_others(others);
+        assert_eq!(desired.wanted(&at(pod)).map(|e| e.identity), Some(0x1_0101));
+        desired.set_pod(pod, None);
+        assert_eq!(
+            desired.wanted(&at(pod)).map(|e| e.identity),
+            Some(ReservedIdentity::KubeApiserver.id()),
+            "the API server's once the pod is gone"
+        );
+        desired.dirty.clear();
+
+        // Recomputing every pod marks the addresses whose entry differs, gone ones included.
+        let other_pod = Ipv4Addr::new(10, 2, 0, 8);
+        desired.replace_pods(
+            [
+                (peer, entry(0x1_0102, peer)),
+                (other_pod, entry(0x1_0100, peer)),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        assert_eq!(desired.dirty, BTreeSet::from([at(other_pod)]));
+        desired.replace_pods(HashMap::new());
+        assert_eq!(desired.dirty, BTreeSet::from([at(other_pod), at(peer)]));
+        assert_eq!(desired.wanted(&at(other_pod)), None);
     }
 
     #[test]
