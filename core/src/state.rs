@@ -328,6 +328,11 @@ impl<R: Row> Table<R> {
         self.rows.values().map(|stored| &stored.row)
     }
 
+    /// Every row with its key, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&R::Key, &R)> {
+        self.rows.iter().map(|(key, stored)| (key, &stored.row))
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len()
     }

@@ -460,7 +460,7 @@ fn main() {
     let mut timeouts = 0;
     // Per kind of change (the order of the match below): latencies and timeouts.
     let mut by_kind: [(Vec<f64>, usize); 5] = Default::default();
-    let mut added: Option<Ipv4Addr> = None;
+    let mut added: Option<(Ipv4Addr, u32)> = None;
     let mut backends_added = std::collections::BTreeSet::new();
     for change in 0..CHANGES {
         let round = change as u32 / 5;
@@ -475,14 +475,16 @@ fn main() {
                 row.ip = ip;
                 row.pod = format!("new-{round}");
                 source.send(vec![EncodedChange::upsert(&row)]);
-                added = Some(ip);
+                added = Some((ip, identity));
                 until(start, || maps.identity_of(ip) == Some(identity))
             }
             // That pod deleted.
             1 => {
-                let ip = added.take().expect("a pod was added");
+                let (ip, identity) = added.take().expect("a pod was added");
                 source.send(vec![EncodedChange::delete::<EndpointMeta>(&ip)]);
-                until(start, || maps.identity_of(ip).is_none())
+                // The lookup is the datapath's (longest prefix): without the pod's own entry
+                // the address falls to its node's pod CIDR.
+                until(start, || maps.identity_of(ip) != Some(identity))
             }
             // A pod's labels changed: another (existing) identity.
             2 => {

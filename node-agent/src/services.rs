@@ -6,7 +6,7 @@
 //! nothing references any more goes. Services whose active backends are the same set share
 //! one Maglev table, so memory grows with distinct backend sets, not with services.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use tokio::sync::watch;
@@ -21,7 +21,7 @@ use weft_node_bpf::maps::{
 use crate::datapath::{Datapath, DatapathError};
 use crate::health_check::{HealthCheck, HealthChecks};
 use crate::node::EndpointRecord;
-use crate::state::{ClusterState, TableView};
+use crate::state::{Changed, ClusterState, TableView};
 use weft_core::state::HostPort;
 use weft_core::state::ServiceObject;
 
@@ -113,15 +113,15 @@ pub struct Plan {
 /// Plans the datapath of `node` for `services` and its pods' `host_ports`; a frontend two
 /// claim goes to the first (services by namespace/name, then host ports), and the other is
 /// reported.
-pub fn plan(
-    services: &[Service],
+pub fn plan<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
     local_cluster: u16,
     node: &str,
     host_ports: &[HostPortBinding],
 ) -> (Plan, Vec<String>) {
     let mut plan = Plan::default();
     let mut conflicts = Vec::new();
-    let mut sorted: Vec<&Service> = services.iter().collect();
+    let mut sorted: Vec<&Service> = services.into_iter().collect();
     sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     for service in sorted {
         let frontends = service.frontends(local_cluster, node);
@@ -291,6 +291,64 @@ fn prune_affinity(
     })
 }
 
+/// A Service by namespace and name.
+type ServiceName = (String, String);
+
+/// The Service a service object takes part in: itself (a Service), the one named by its
+/// `kubernetes.io/service-name` label (an EndpointSlice) or by `spec.serviceName` (a
+/// GlobalService). `None` for other kinds and for a slice that names none.
+fn service_of(object: &serde_json::Value) -> Option<ServiceName> {
+    let metadata = &object["metadata"];
+    let namespace = metadata["namespace"]
+        .as_str()
+        .unwrap_or("default")
+        .to_owned();
+    let name = match object["kind"].as_str()? {
+        "Service" => metadata["name"].as_str(),
+        "EndpointSlice" => metadata["labels"][service_model::SERVICE_NAME_LABEL].as_str(),
+        "GlobalService" => object["spec"]["serviceName"].as_str(),
+        _ => None,
+    }?;
+    Some((namespace, name.to_owned()))
+}
+
+/// The service objects (by table key) that make up each service, so that a changed object
+/// leads to the few others read with it.
+#[derive(Default)]
+struct ObjectsByService {
+    service_of: HashMap<String, ServiceName>,
+    objects: HashMap<ServiceName, BTreeSet<String>>,
+}
+
+impl ObjectsByService {
+    /// Files `object` under its service (which is returned), if it has one.
+    fn add(&mut self, key: String, object: &serde_json::Value) -> Option<ServiceName> {
+        let service = service_of(object)?;
+        self.objects
+            .entry(service.clone())
+            .or_default()
+            .insert(key.clone());
+        self.service_of.insert(key, service.clone());
+        Some(service)
+    }
+
+    /// Forgets the object under `key`; returns the service it was part of.
+    fn forget(&mut self, key: &str) -> Option<ServiceName> {
+        let service = self.service_of.remove(key)?;
+        if let Some(objects) = self.objects.get_mut(&service) {
+            objects.remove(key);
+            if objects.is_empty() {
+                self.objects.remove(&service);
+            }
+        }
+        Some(service)
+    }
+
+    fn objects(&self, service: &ServiceName) -> impl Iterator<Item = &String> {
+        self.objects.get(service).into_iter().flatten()
+    }
+}
+
 /// The services in force on the node and what was written for them.
 pub struct ServiceEngine {
     /// The cluster's Services, EndpointSlices and GlobalServices.
@@ -300,10 +358,12 @@ pub struct ServiceEngine {
     health_checks: watch::Sender<HealthChecks>,
     table_size: TableSize,
     seed: u64,
-    /// `namespace/name` → the last valid version.
-    last_good: BTreeMap<String, Service>,
-    /// Objects whose current version cannot be used, and why.
-    pub problems: Vec<ServiceError>,
+    /// Each service's last valid version.
+    last_good: BTreeMap<ServiceName, Service>,
+    /// Each service's objects whose current version cannot be used, and why.
+    problems: BTreeMap<ServiceName, Vec<ServiceError>>,
+    /// Which objects make up each service.
+    objects_by_service: ObjectsByService,
     installed: Installed,
     adopted: bool,
     /// The last apply failed, or an earlier agent's entries await removal.
@@ -330,7 +390,8 @@ impl ServiceEngine {
             table_size,
             seed,
             last_good: BTreeMap::new(),
-            problems: Vec::new(),
+            problems: BTreeMap::new(),
+            objects_by_service: ObjectsByService::default(),
             installed: Installed {
                 next_backend_id: 1,
                 next_table_id: 1,
@@ -343,51 +404,82 @@ impl ServiceEngine {
         }
     }
 
-    /// Takes the service objects if they changed. Returns whether anything changed.
+    /// Takes in the service objects that changed since the last call: only the services they
+    /// belong to are read again (their Service, slices and GlobalServices), so one changed
+    /// slice costs one service, not the cluster's. Returns whether anything changed.
     fn reload(&mut self) -> bool {
-        let Some(objects) = self.objects.changed_rows() else {
+        let Some(changed) = self.objects.changed_keys() else {
             return false;
         };
-        let objects: Vec<serde_json::Value> = objects
-            .into_iter()
-            .map(|ServiceObject(object)| object)
-            .collect();
-        let (services, problems) =
-            service_model::services_from_objects(&objects, self.local_cluster);
-        let present: BTreeSet<String> = objects
-            .iter()
-            .filter(|object| object["kind"] == "Service")
-            .map(|object| {
-                format!(
-                    "{}/{}",
-                    object["metadata"]["namespace"]
-                        .as_str()
-                        .unwrap_or("default"),
-                    object["metadata"]["name"].as_str().unwrap_or_default()
-                )
-            })
-            .collect();
-        for problem in &problems {
-            // The last good version (if any) stays in force.
-            tracing::warn!(%problem, "cannot balance this service's current version; its last good version stays in force");
-        }
-        let broken: BTreeSet<String> = problems
-            .iter()
-            .filter_map(|problem| problem.object.strip_prefix("Service ").map(str::to_owned))
-            .collect();
-        let mut fresh: BTreeMap<String, Service> = services
-            .into_iter()
-            .map(|service| (format!("{}/{}", service.namespace, service.name), service))
-            .collect();
-        for name in &broken {
-            if let Some(good) = self.last_good.get(name) {
-                fresh.insert(name.clone(), good.clone());
+        let state = self.objects.state().clone();
+        let tables = state.read();
+        let table = tables.table::<ServiceObject>();
+        let mut dirty: BTreeSet<ServiceName> = BTreeSet::new();
+        match changed {
+            Changed::Keys(keys) => {
+                for key in keys {
+                    if let Some(before) = self.objects_by_service.forget(&key) {
+                        dirty.insert(before);
+                    }
+                    if let Some(ServiceObject(object)) = table.get(&key) {
+                        if let Some(now) = self.objects_by_service.add(key, object) {
+                            dirty.insert(now);
+                        }
+                    }
+                }
+            }
+            Changed::Everything => {
+                dirty.extend(self.last_good.keys().cloned());
+                dirty.extend(self.problems.keys().cloned());
+                self.objects_by_service = ObjectsByService::default();
+                for (key, ServiceObject(object)) in table.iter() {
+                    if let Some(service) = self.objects_by_service.add(key.clone(), object) {
+                        dirty.insert(service);
+                    }
+                }
             }
         }
-        fresh.retain(|name, _| present.contains(name));
-        self.last_good = fresh;
-        self.problems = problems;
+        for service in dirty {
+            let objects: Vec<serde_json::Value> = self
+                .objects_by_service
+                .objects(&service)
+                .filter_map(|key| table.get(key))
+                .map(|ServiceObject(object)| object.clone())
+                .collect();
+            let (models, problems) =
+                service_model::services_from_objects(&objects, self.local_cluster);
+            for problem in &problems {
+                // The last good version (if any) stays in force.
+                tracing::warn!(%problem, "cannot balance this service's current version; its last good version stays in force");
+            }
+            let present = objects.iter().any(|object| object["kind"] == "Service");
+            let broken = problems
+                .iter()
+                .any(|problem| problem.object.starts_with("Service "));
+            let model = models
+                .into_iter()
+                .find(|model| (&model.namespace, &model.name) == (&service.0, &service.1));
+            match model {
+                Some(model) if present => {
+                    self.last_good.insert(service.clone(), model);
+                }
+                None if present && broken => {}
+                _ => {
+                    self.last_good.remove(&service);
+                }
+            }
+            if problems.is_empty() {
+                self.problems.remove(&service);
+            } else {
+                self.problems.insert(service, problems);
+            }
+        }
         true
+    }
+
+    /// Objects whose current version cannot be used, and why.
+    pub fn problems(&self) -> impl Iterator<Item = &ServiceError> {
+        self.problems.values().flatten()
     }
 
     /// Backends no service uses any more, by address and port, since the last call: sockets
@@ -425,8 +517,12 @@ impl ServiceEngine {
             return Ok(());
         }
         self.host_ports = host_ports;
-        let services: Vec<Service> = self.last_good.values().cloned().collect();
-        let (plan, conflicts) = plan(&services, self.local_cluster, &self.node, &self.host_ports);
+        let (plan, conflicts) = plan(
+            self.last_good.values(),
+            self.local_cluster,
+            &self.node,
+            &self.host_ports,
+        );
         self.health_checks.send_if_modified(|current| {
             let changed = *current != plan.health_checks;
             if changed {
@@ -804,5 +900,114 @@ mod tests {
             frontend.active.is_empty(),
             "no backend: the datapath refuses"
         );
+    }
+
+    fn service_object(name: &str, cluster_ip: &str) -> ServiceObject {
+        ServiceObject(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"clusterIP": cluster_ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+        }))
+    }
+
+    fn slice_object(name: &str, service: &str, address: &str) -> ServiceObject {
+        ServiceObject(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [address], "conditions": {"ready": true}}]
+        }))
+    }
+
+    fn engine(state: &ClusterState) -> ServiceEngine {
+        let (health_checks, _) = watch::channel(HealthChecks::default());
+        ServiceEngine::new(
+            state.clone(),
+            1,
+            "node-a".into(),
+            TableSize::new(251).expect("prime"),
+            0,
+            health_checks,
+        )
+    }
+
+    fn backends_of(engine: &ServiceEngine, name: &str) -> Option<Vec<Ipv4Addr>> {
+        let service = engine
+            .last_good
+            .get(&("shop".to_owned(), name.to_owned()))?;
+        Some(
+            service.ports[0]
+                .backends
+                .iter()
+                .map(|backend| backend.address)
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_changed_object_reloads_its_service_as_a_whole_read_would() {
+        let state = ClusterState::new(vec![crate::state::LOCAL_SOURCE.into()]);
+        let source = crate::state::LOCAL_SOURCE;
+        state.change(|tables| {
+            tables.upsert(source, service_object("a", "10.96.0.10"));
+            tables.upsert(source, service_object("b", "10.96.0.11"));
+            tables.upsert(source, slice_object("a-1", "a", "10.1.0.5"));
+            tables.upsert(source, slice_object("b-1", "b", "10.1.0.6"));
+            tables.mark_synced(source);
+        });
+        let mut incremental = engine(&state);
+        assert!(incremental.reload());
+        assert!(!incremental.reload(), "nothing changed since");
+        let same_as_a_whole_read = |incremental: &ServiceEngine| {
+            let mut whole = engine(&state);
+            assert!(whole.reload());
+            assert_eq!(incremental.last_good, whole.last_good);
+            assert_eq!(
+                incremental.problems().count(),
+                whole.problems().count(),
+                "problems"
+            );
+        };
+        same_as_a_whole_read(&incremental);
+
+        // A slice moves from one service to another: both change.
+        state.change(|tables| tables.upsert(source, slice_object("a-1", "b", "10.1.0.5")));
+        assert!(incremental.reload());
+        assert_eq!(backends_of(&incremental, "a"), Some(Vec::new()));
+        assert_eq!(
+            backends_of(&incremental, "b").map(|mut b| {
+                b.sort();
+                b
+            }),
+            Some(vec![
+                "10.1.0.5".parse().expect("ip"),
+                "10.1.0.6".parse().expect("ip")
+            ])
+        );
+        same_as_a_whole_read(&incremental);
+
+        // An invalid version keeps the last good one and is reported; a valid one replaces it.
+        let mut broken = service_object("b", "10.96.0.11");
+        broken.0["spec"]["ports"][0]["port"] = serde_json::json!(-1);
+        state.change(|tables| tables.upsert(source, broken));
+        assert!(incremental.reload());
+        assert_eq!(backends_of(&incremental, "b").map(|b| b.len()), Some(2));
+        assert_eq!(incremental.problems().count(), 1);
+        state.change(|tables| tables.upsert(source, service_object("b", "10.96.0.12")));
+        assert!(incremental.reload());
+        assert_eq!(incremental.problems().count(), 0);
+        same_as_a_whole_read(&incremental);
+
+        // A Service deleted goes, though its slices stay; its slices alone bring nothing.
+        state.change(|tables| tables.delete::<ServiceObject>(source, &"Service/shop/b".to_owned()));
+        assert!(incremental.reload());
+        assert_eq!(backends_of(&incremental, "b"), None);
+        same_as_a_whole_read(&incremental);
+        state.change(|tables| tables.upsert(source, service_object("b", "10.96.0.12")));
+        assert!(incremental.reload());
+        assert_eq!(backends_of(&incremental, "b").map(|b| b.len()), Some(2));
+        same_as_a_whole_read(&incremental);
     }
 }

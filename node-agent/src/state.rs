@@ -95,6 +95,15 @@ impl ClusterState {
     }
 }
 
+/// What changed in a table since a reader last looked.
+#[derive(Debug, PartialEq)]
+pub enum Changed<K> {
+    /// Read it whole.
+    Everything,
+    /// These keys were upserted or deleted (each once).
+    Keys(Vec<K>),
+}
+
 /// One engine's view of one table: the rows, when the table changed since the last call.
 pub struct TableView<R: Row> {
     state: ClusterState,
@@ -127,6 +136,26 @@ impl<R: Row> TableView<R> {
         Some(table.rows().cloned().collect())
     }
 
+    /// What changed in the table since the last call: the keys, or everything when this is
+    /// the first call or the table's log no longer reaches back to it; `None` when nothing
+    /// changed, and while the sources have not listed everything.
+    pub fn changed_keys(&mut self) -> Option<Changed<R::Key>> {
+        if !self.state.synced() {
+            return None;
+        }
+        let tables = self.state.read();
+        let table = tables.table::<R>();
+        if self.seen == Some(table.revision()) {
+            return None;
+        }
+        let changed = self
+            .seen
+            .and_then(|seen| table.changed_since(seen))
+            .map_or(Changed::Everything, Changed::Keys);
+        self.seen = Some(table.revision());
+        Some(changed)
+    }
+
     /// The revision of the table as last handed out.
     pub fn seen(&self) -> Option<u64> {
         self.seen
@@ -141,6 +170,33 @@ impl<R: Row> TableView<R> {
 mod tests {
     use super::*;
     use weft_core::state::{EndpointMeta, PolicyObject};
+
+    #[test]
+    fn a_view_hands_out_the_keys_changed_since_it_last_looked() {
+        let state = ClusterState::new(vec![LOCAL_SOURCE.into()]);
+        let mut view = TableView::<EndpointMeta>::new(state.clone());
+        let endpoint = |ip: &str| EndpointMeta {
+            ip: ip.parse().unwrap(),
+            ..EndpointMeta::default()
+        };
+        state.change(|tables| tables.upsert(LOCAL_SOURCE, endpoint("10.1.0.5")));
+        assert_eq!(view.changed_keys(), None, "not synced yet");
+        state.change(|tables| tables.mark_synced(LOCAL_SOURCE));
+        assert_eq!(view.changed_keys(), Some(Changed::Everything), "first look");
+        assert_eq!(view.changed_keys(), None, "seen");
+        state.change(|tables| {
+            tables.upsert(LOCAL_SOURCE, endpoint("10.1.0.6"));
+            tables.upsert(LOCAL_SOURCE, endpoint("10.1.0.7"));
+            tables.delete::<EndpointMeta>(LOCAL_SOURCE, &"10.1.0.6".parse().unwrap());
+        });
+        assert_eq!(
+            view.changed_keys(),
+            Some(Changed::Keys(vec![
+                "10.1.0.6".parse().unwrap(),
+                "10.1.0.7".parse().unwrap()
+            ]))
+        );
+    }
 
     #[test]
     fn a_view_sees_its_table_once_per_change_and_only_once_synced() {
