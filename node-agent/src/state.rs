@@ -7,7 +7,7 @@
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use tokio::sync::watch;
-use weft_core::state::{Row, SourceId, Tables};
+use weft_core::state::{Row, SourceId, Table, Tables};
 
 /// The local transport's source (the sandbox).
 pub const LOCAL_SOURCE: &str = "local";
@@ -124,22 +124,22 @@ impl<R: Row> TableView<R> {
     /// the state is synced); `None` otherwise, and while the sources have not listed
     /// everything.
     pub fn changed_rows(&mut self) -> Option<Vec<R>> {
-        if !self.state.synced() {
-            return None;
-        }
-        let tables = self.state.read();
-        let table = tables.table::<R>();
-        if self.seen == Some(table.revision()) {
-            return None;
-        }
-        self.seen = Some(table.revision());
-        Some(table.rows().cloned().collect())
+        self.if_changed(|table, _| table.rows().cloned().collect())
     }
 
     /// What changed in the table since the last call: the keys, or everything when this is
     /// the first call or the table's log no longer reaches back to it; `None` when nothing
     /// changed, and while the sources have not listed everything.
     pub fn changed_keys(&mut self) -> Option<Changed<R::Key>> {
+        self.if_changed(|table, seen| {
+            seen.and_then(|seen| table.changed_since(seen))
+                .map_or(Changed::Everything, Changed::Keys)
+        })
+    }
+
+    /// `read(table, revision last seen)` when the synced table changed since the last look,
+    /// which it then marks seen.
+    fn if_changed<T>(&mut self, read: impl FnOnce(&Table<R>, Option<u64>) -> T) -> Option<T> {
         if !self.state.synced() {
             return None;
         }
@@ -148,12 +148,9 @@ impl<R: Row> TableView<R> {
         if self.seen == Some(table.revision()) {
             return None;
         }
-        let changed = self
-            .seen
-            .and_then(|seen| table.changed_since(seen))
-            .map_or(Changed::Everything, Changed::Keys);
+        let result = read(table, self.seen);
         self.seen = Some(table.revision());
-        Some(changed)
+        Some(result)
     }
 
     /// The revision of the table as last handed out.
