@@ -8,6 +8,7 @@
 //! change, its RSS, and pods started on its node while the changes run (the runtime's whole
 //! ADD as the sandbox runs it: namespace, `weft-cni` ADD, the wait for the pod's policy).
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -304,18 +305,29 @@ fn usage(pid: u32) -> (f64, f64) {
     (cpu, rss_kib / 1024.0)
 }
 
-/// Map entries the agent wrote or removed so far (`weft_agent_map_{updates,deletes}_total`).
-fn map_writes(sandbox: &TestSandbox) -> f64 {
+/// Map entries the agent wrote or removed so far, by map
+/// (`weft_agent_map_{updates,deletes}_total{map=…}`).
+fn map_writes(sandbox: &TestSandbox) -> BTreeMap<String, f64> {
     let netns = sandbox.node_netns("bench", "n1");
     let metrics = http_get_path(&netns, "127.0.0.1", 9962, "/metrics").unwrap_or_default();
-    metrics
-        .lines()
-        .filter(|line| {
-            line.starts_with("weft_agent_map_updates_total{")
-                || line.starts_with("weft_agent_map_deletes_total{")
-        })
-        .filter_map(|line| line.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
-        .sum()
+    let mut writes: BTreeMap<String, f64> = BTreeMap::new();
+    for line in metrics.lines().filter(|line| {
+        line.starts_with("weft_agent_map_updates_total{")
+            || line.starts_with("weft_agent_map_deletes_total{")
+    }) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let map = series
+            .split_once("map=\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map_or("?", |(map, _)| map);
+        *writes.entry(map.to_owned()).or_default() += value;
+    }
+    writes
 }
 
 fn pod_manifest(dir: &Path, name: &str) -> PathBuf {
@@ -550,7 +562,15 @@ fn main() {
     let p50 = percentile(&latencies, 50.0);
     let p99 = percentile(&latencies, 99.0);
     let cpu_per_change = (cpu_after - cpu_before) * 1000.0 / CHANGES as f64;
-    let writes_per_change = (writes_after - writes_before) / CHANGES as f64;
+    let writes_by_map: BTreeMap<&String, f64> = writes_after
+        .iter()
+        .map(|(map, after)| {
+            let before = writes_before.get(map).copied().unwrap_or(0.0);
+            (map, (after - before) / CHANGES as f64)
+        })
+        .filter(|(_, per_change)| *per_change > 0.0)
+        .collect();
+    let writes_per_change: f64 = writes_by_map.values().sum();
     let rss = rss_after.max(rss_loaded);
     let add_p99 = percentile(&pod_starts, 99.0);
     println!(
@@ -566,6 +586,14 @@ fn main() {
         CHANGE_TIMEOUT.as_secs()
     );
     println!("  agent CPU per change {cpu_per_change:.2} ms (target <= 1), map entries written per change {writes_per_change:.1}, RSS {rss:.0} MiB (target <= 150)");
+    println!(
+        "  map entries written per change, by map (pods the starter adds and deletes included): {}",
+        writes_by_map
+            .iter()
+            .map(|(map, per_change)| format!("{map} {per_change:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!(
         "  {} pods started on the node meanwhile: p99 {add_p99:.0} ms (whole runtime ADD as the sandbox runs it)",
         pod_starts.len()

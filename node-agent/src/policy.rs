@@ -91,7 +91,8 @@ struct EndpointIndex {
     /// The endpoints table's revision last taken.
     seen: Option<u64>,
     identity_of: HashMap<Ipv4Addr, u32>,
-    identities: HashMap<u32, (BTreeMap<String, String>, usize)>,
+    /// Each identity as selectors see it, and how many endpoints carry it.
+    identities: HashMap<u32, (IdentityKind, usize)>,
 }
 
 /// What [`EndpointIndex::catch_up`] found.
@@ -143,17 +144,19 @@ impl EndpointIndex {
         self.identity_of.insert(meta.ip, meta.identity);
         match self.identities.entry(meta.identity) {
             std::collections::hash_map::Entry::Vacant(vacant) => {
-                vacant.insert((meta.security_labels.clone(), 1));
+                vacant.insert((IdentityKind::Endpoint(meta.security_labels.clone()), 1));
                 true
             }
             std::collections::hash_map::Entry::Occupied(mut occupied) => {
-                let (labels, count) = occupied.get_mut();
+                let (kind, count) = occupied.get_mut();
                 *count += 1;
-                if *labels == meta.security_labels {
-                    return false;
+                match kind {
+                    IdentityKind::Endpoint(labels) if *labels == meta.security_labels => false,
+                    _ => {
+                        *kind = IdentityKind::Endpoint(meta.security_labels.clone());
+                        true
+                    }
                 }
-                labels.clone_from(&meta.security_labels);
-                true
             }
         }
     }
@@ -718,13 +721,9 @@ impl PolicyEngine {
                 }
             })
             .collect();
-        // Each identity once, with its labels, from the index (not from every endpoint).
-        let mut identities: BTreeMap<u32, IdentityKind> = self
-            .index
-            .identities
-            .iter()
-            .map(|(identity, (labels, _))| (*identity, IdentityKind::Endpoint(labels.clone())))
-            .collect();
+        // Each identity once, from the index (not from every endpoint), read in place: the
+        // reserved and the policies' CIDR identities are added to it.
+        let mut identities: BTreeMap<u32, IdentityKind> = BTreeMap::new();
         for (reserved, kind) in [
             (ReservedIdentity::Host, PeerKind::Host),
             (ReservedIdentity::World, PeerKind::World),
@@ -793,7 +792,12 @@ impl PolicyEngine {
             &policies,
             self.mode,
             &endpoints,
-            &identities,
+            self.index
+                .identities
+                .iter()
+                .filter(|(identity, _)| !identities.contains_key(identity))
+                .map(|(identity, (kind, _))| (*identity, kind))
+                .chain(identities.iter().map(|(identity, kind)| (*identity, kind))),
             &members,
             &mut self.matches,
         );

@@ -81,7 +81,18 @@ impl PeerSet {
     }
 
     pub fn slots(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..SELECTOR_CAPACITY).filter(|slot| self.0[slot / 64] & (1 << (slot % 64)) != 0)
+        // Word by word, so a sparse set costs its set bits and the empty words.
+        self.0.iter().enumerate().flat_map(|(index, word)| {
+            let mut rest = *word;
+            std::iter::from_fn(move || {
+                if rest == 0 {
+                    return None;
+                }
+                let bit = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                Some(index * 64 + bit)
+            })
+        })
     }
 }
 
@@ -386,7 +397,7 @@ pub fn compile_with_members(
         policies,
         mode,
         endpoints,
-        identities,
+        identities.iter().map(|(identity, kind)| (*identity, kind)),
         members,
         &mut MatchCache::default(),
     )
@@ -441,11 +452,11 @@ fn members_hash(members: &Members) -> u64 {
 
 /// [`compile_with_members`], taking from `cache` what the previous compilation matched and
 /// leaving in it what this one did (a failed compilation leaves it as it was).
-pub fn compile_reusing(
+pub fn compile_reusing<'a>(
     policies: &[Policy],
     mode: EnforcementMode,
     endpoints: &[EndpointInput],
-    identities: &BTreeMap<u32, IdentityKind>,
+    identities: impl IntoIterator<Item = (u32, &'a IdentityKind)>,
     members: &Members,
     cache: &mut MatchCache,
 ) -> Result<Compiled, CompileError> {
@@ -605,20 +616,44 @@ pub fn compile_reusing(
     }
     let members = (members, members_hash(members));
     let cached_slots = cache.slots_for(&compiled.selectors, members.1);
+    // A cached set is carried over through its set bits (cached slot → slot now); only the
+    // selectors the cache cannot answer for are matched, so an unchanged identity costs what
+    // it matches, not the number of selectors.
+    let mut slot_now: Vec<Option<usize>> = vec![None; cache.selectors.len()];
+    let mut unanswered: Vec<usize> = Vec::new();
+    for (slot, cached_slot) in cached_slots.iter().enumerate() {
+        match cached_slot {
+            Some(cached_slot) => slot_now[*cached_slot] = Some(slot),
+            None => unanswered.push(slot),
+        }
+    }
     let mut sets = BTreeMap::new();
     for (identity, kind) in identities {
+        let identity = &identity;
         let cached = match cache.sets.remove(identity) {
             Some((cached_kind, cached)) if cached_kind == *kind => Some((cached_kind, cached)),
             _ => None,
         };
         let mut set = PeerSet::default();
-        for (slot, peer) in compiled.selectors.iter().enumerate() {
-            let matches = match (&cached, cached_slots[slot]) {
-                (Some((_, cached)), Some(cached_slot)) => cached.contains(cached_slot),
-                _ => identity_matches(*identity, kind, peer, members.0),
-            };
-            if matches {
-                set.insert(slot);
+        match &cached {
+            Some((_, cached)) => {
+                for cached_slot in cached.slots() {
+                    if let Some(Some(slot)) = slot_now.get(cached_slot) {
+                        set.insert(*slot);
+                    }
+                }
+                for &slot in &unanswered {
+                    if identity_matches(*identity, kind, &compiled.selectors[slot], members.0) {
+                        set.insert(slot);
+                    }
+                }
+            }
+            None => {
+                for (slot, peer) in compiled.selectors.iter().enumerate() {
+                    if identity_matches(*identity, kind, peer, members.0) {
+                        set.insert(slot);
+                    }
+                }
             }
         }
         compiled.peer_sets.insert(*identity, set);
@@ -896,9 +931,15 @@ mod tests {
                         identities: &BTreeMap<u32, IdentityKind>,
                         members: &Members| {
             let mode = EnforcementMode::Default;
-            let reused =
-                compile_reusing(policies, mode, endpoints, identities, members, &mut cache)
-                    .expect("compiles");
+            let reused = compile_reusing(
+                policies,
+                mode,
+                endpoints,
+                identities.iter().map(|(identity, kind)| (*identity, kind)),
+                members,
+                &mut cache,
+            )
+            .expect("compiles");
             let scratch = compile_with_members(policies, mode, endpoints, identities, members)
                 .expect("compiles");
             assert_eq!(reused.selectors, scratch.selectors, "{what}");

@@ -2,9 +2,15 @@
 //! GlobalServices, keeps the last good version of a Service that turns invalid, plans
 //! frontends, backends and Maglev tables, and writes the datapath's load-balancing maps.
 //!
+//! Work follows the change: a changed object reloads only its service, a reloaded service is
+//! planned again alone (see [`plan::Desired`]), and only the frontends, backends and tables
+//! that plan touched are compared with what is written.
+//!
 //! Updates never open a gap: backends and tables first, then frontends switch over, then what
 //! nothing references any more goes. Services whose active backends are the same set share
 //! one Maglev table, so memory grows with distinct backend sets, not with services.
+
+pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -12,247 +18,18 @@ use std::net::Ipv4Addr;
 use tokio::sync::watch;
 
 use weft_core::service::maglev::{self, TableSize};
-use weft_core::service::{Backend, BackendCondition, FrontendKind, Protocol, Service};
+use weft_core::service::Service;
 use weft_crds::service_model::{self, ServiceError};
-use weft_node_bpf::maps::{
-    LbBackend, LbFrontend, LbFrontendKey, LbFrontendKind, LB_BACKEND_TERMINATING,
-};
+use weft_node_bpf::maps::{LbBackend, LbFrontend, LbFrontendKey, LB_BACKEND_TERMINATING};
 
 use crate::datapath::{Datapath, DatapathError};
-use crate::health_check::{HealthCheck, HealthChecks};
-use crate::node::EndpointRecord;
+use crate::health_check::HealthChecks;
 use crate::state::{Changed, ClusterState, TableView};
-use weft_core::state::HostPort;
 use weft_core::state::ServiceObject;
 
-/// A backend as the datapath knows it: one address and port in one cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct BackendRef {
-    pub address: Ipv4Addr,
-    pub port: u16,
-    pub cluster_id: u16,
-}
+use plan::{plan_service, Changes, Desired, ServiceName};
+pub use plan::{BackendRef, HostPortBinding, PlannedFrontend};
 
-impl BackendRef {
-    fn of(backend: &Backend) -> Self {
-        Self {
-            address: backend.address,
-            port: backend.port,
-            cluster_id: backend.cluster_id,
-        }
-    }
-
-    /// The backend an `lb_backends` entry describes.
-    fn of_entry(entry: &LbBackend) -> Self {
-        Self {
-            address: Ipv4Addr::from(u32::from_be(entry.address)),
-            port: u16::from_be(entry.port),
-            cluster_id: entry.cluster_id,
-        }
-    }
-
-    /// What Maglev hashes: the same on every node, so every node builds the same table.
-    fn maglev_key(&self) -> String {
-        format!("{}:{}@{}", self.address, self.port, self.cluster_id)
-    }
-}
-
-/// A pod's `hostPort` on this node: traffic to the node's address (or `host_ip`) and
-/// `host_port` goes to the pod, as the portmap CNI plugin's DNAT would send it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct HostPortBinding {
-    /// `namespace/name` of the pod.
-    pub pod: String,
-    pub protocol: Protocol,
-    pub host_ip: Option<Ipv4Addr>,
-    pub host_port: u16,
-    pub pod_ip: Ipv4Addr,
-    pub container_port: u16,
-}
-
-impl HostPortBinding {
-    /// The binding of `port` of the wired pod `record`; `None` for protocols not balanced.
-    pub fn of(record: &EndpointRecord, port: &HostPort) -> Option<Self> {
-        let protocol = match port.protocol.as_str() {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            _ => return None,
-        };
-        Some(Self {
-            pod: format!("{}/{}", record.pod.namespace, record.pod.name),
-            protocol,
-            host_ip: port.host_ip,
-            host_port: port.host_port,
-            pod_ip: record.ip,
-            container_port: port.container_port,
-        })
-    }
-}
-
-/// One frontend as planned: who gets new connections, for how long a client sticks.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlannedFrontend {
-    /// `namespace/name:port` of the service port, for affinity and logs.
-    pub service_port: String,
-    pub kind: LbFrontendKind,
-    /// Sorted; empty makes the frontend refuse new connections.
-    pub active: Vec<BackendRef>,
-    pub affinity_timeout_s: u32,
-}
-
-/// The whole node's load-balancing state, before ids are assigned.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Plan {
-    pub frontends: BTreeMap<LbFrontendKey, PlannedFrontend>,
-    /// Every backend a frontend uses or drains, and whether it drains.
-    pub backends: BTreeMap<BackendRef, bool>,
-    /// What the node's health-check ports answer.
-    pub health_checks: HealthChecks,
-}
-
-/// Plans the datapath of `node` for `services` and its pods' `host_ports`; a frontend two
-/// claim goes to the first (services by namespace/name, then host ports), and the other is
-/// reported.
-pub fn plan<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
-    local_cluster: u16,
-    node: &str,
-    host_ports: &[HostPortBinding],
-) -> (Plan, Vec<String>) {
-    let mut plan = Plan::default();
-    let mut conflicts = Vec::new();
-    let mut sorted: Vec<&Service> = services.into_iter().collect();
-    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    for service in sorted {
-        let frontends = service.frontends(local_cluster, node);
-        if let Some(port) = service.health_check_node_port {
-            // Its external frontends balance over this node's backends only; a pod serving
-            // several ports is one endpoint, as kube-proxy counts them.
-            let local: BTreeSet<Ipv4Addr> = frontends
-                .iter()
-                .filter(|frontend| frontend.frontend.kind != FrontendKind::ClusterIp)
-                .flat_map(|frontend| frontend.active.iter().map(|backend| backend.address))
-                .collect();
-            let check = HealthCheck {
-                namespace: service.namespace.clone(),
-                name: service.name.clone(),
-                local_endpoints: local.len(),
-            };
-            if let Some(existing) = plan.health_checks.get(&port) {
-                conflicts.push(format!(
-                    "{}/{} wants health check port {port}, which {}/{} already has",
-                    service.namespace, service.name, existing.namespace, existing.name
-                ));
-            } else {
-                plan.health_checks.insert(port, check);
-            }
-        }
-        for frontend in frontends {
-            let key = LbFrontendKey {
-                address: frontend
-                    .frontend
-                    .address
-                    .map(|address| u32::from(address).to_be())
-                    .unwrap_or(0),
-                port: frontend.frontend.port.to_be(),
-                protocol: frontend.frontend.protocol.number(),
-                pad: 0,
-            };
-            let service_port = format!(
-                "{}/{}:{}",
-                frontend.namespace,
-                frontend.service,
-                if frontend.port_name.is_empty() {
-                    frontend.frontend.port.to_string()
-                } else {
-                    frontend.port_name.clone()
-                }
-            );
-            if let Some(existing) = plan.frontends.get(&key) {
-                conflicts.push(format!(
-                    "{service_port} wants {}:{}/{}, which {} already has",
-                    frontend
-                        .frontend
-                        .address
-                        .map(|a| a.to_string())
-                        .unwrap_or_else(|| "<node>".into()),
-                    frontend.frontend.port,
-                    frontend.frontend.protocol.name(),
-                    existing.service_port
-                ));
-                continue;
-            }
-            let mut active: Vec<BackendRef> = frontend.active.iter().map(BackendRef::of).collect();
-            active.sort();
-            active.dedup();
-            for backend in &frontend.active {
-                plan.backends.insert(BackendRef::of(backend), false);
-            }
-            for backend in &frontend.draining {
-                plan.backends
-                    .entry(BackendRef::of(backend))
-                    .or_insert(backend.condition == BackendCondition::Terminating);
-            }
-            plan.frontends.insert(
-                key,
-                PlannedFrontend {
-                    service_port,
-                    kind: match frontend.frontend.kind {
-                        FrontendKind::ClusterIp => LbFrontendKind::ClusterIp,
-                        FrontendKind::NodePort => LbFrontendKind::NodePort,
-                        FrontendKind::ExternalIp => LbFrontendKind::ExternalIp,
-                        FrontendKind::LoadBalancer => LbFrontendKind::LoadBalancer,
-                    },
-                    active,
-                    affinity_timeout_s: frontend
-                        .affinity_timeout
-                        .map(|timeout| u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1))
-                        .unwrap_or(0),
-                },
-            );
-        }
-    }
-    for binding in host_ports {
-        let key = LbFrontendKey {
-            address: binding
-                .host_ip
-                .map(|address| u32::from(address).to_be())
-                .unwrap_or(0),
-            port: binding.host_port.to_be(),
-            protocol: binding.protocol.number(),
-            pad: 0,
-        };
-        let name = format!(
-            "{} hostPort {}/{}",
-            binding.pod,
-            binding.host_port,
-            binding.protocol.name()
-        );
-        if let Some(existing) = plan.frontends.get(&key) {
-            conflicts.push(format!("{name} is already {}", existing.service_port));
-            continue;
-        }
-        let backend = BackendRef {
-            address: binding.pod_ip,
-            port: binding.container_port,
-            cluster_id: local_cluster,
-        };
-        // A service draining the same pod keeps its flag: that is about the service's traffic.
-        plan.backends.entry(backend).or_insert(false);
-        plan.frontends.insert(
-            key,
-            PlannedFrontend {
-                service_port: name,
-                kind: LbFrontendKind::HostPort,
-                active: vec![backend],
-                affinity_timeout_s: 0,
-            },
-        );
-    }
-    (plan, conflicts)
-}
-
-/// What this node's maps hold, by the ids the engine gave out.
 #[derive(Default)]
 struct Installed {
     frontends: BTreeMap<LbFrontendKey, LbFrontend>,
@@ -276,6 +53,40 @@ struct Installed {
     removed: Vec<BackendRef>,
     /// Service id → the ids of the backends taking its new connections, as last applied.
     active_by_service: BTreeMap<u32, BTreeSet<u32>>,
+    /// (service id, backend id): backends that left a service, whose clients' affinity to
+    /// them is still to be forgotten.
+    departed: BTreeSet<(u32, u32)>,
+}
+
+impl Installed {
+    /// Whether an earlier agent's entries still await removal.
+    fn has_stale(&self) -> bool {
+        !self.stale_frontends.is_empty()
+            || !self.stale_tables.is_empty()
+            || !self.stale_backends.is_empty()
+            || !self.adopted_service_ids.is_empty()
+    }
+
+    /// The id of `service_port` (whose frontend `key` is being written): the one it has, else
+    /// the one an earlier agent gave this frontend if no one has it now, else a new one.
+    fn service_id(&mut self, key: &LbFrontendKey, service_port: &str) -> u32 {
+        if let Some(&id) = self.service_ids.get(service_port) {
+            return id;
+        }
+        let adopted = self
+            .adopted_service_ids
+            .get(key)
+            .copied()
+            .filter(|id| !self.used_service_ids.contains(id));
+        let id = adopted.unwrap_or_else(|| {
+            let id = self.next_service_id;
+            self.next_service_id += 1;
+            id
+        });
+        self.service_ids.insert(service_port.to_owned(), id);
+        self.used_service_ids.insert(id);
+        id
+    }
 }
 
 /// Forgets affinity choices an adopted state no longer backs: a service id no frontend has
@@ -290,9 +101,6 @@ fn prune_affinity(
             .is_some_and(|ids| ids.contains(&choice.backend_id))
     })
 }
-
-/// A Service by namespace and name.
-type ServiceName = (String, String);
 
 /// The Service a service object takes part in: itself (a Service), the one named by its
 /// `kubernetes.io/service-name` label (an EndpointSlice) or by `spec.serviceName` (a
@@ -364,12 +172,12 @@ pub struct ServiceEngine {
     problems: BTreeMap<ServiceName, Vec<ServiceError>>,
     /// Which objects make up each service.
     objects_by_service: ObjectsByService,
+    /// What the maps should hold, kept across changes.
+    desired: Desired,
+    /// What changed in `desired` and is not written yet (a failed apply leaves it here).
+    pending: Changes,
     installed: Installed,
     adopted: bool,
-    /// The last apply failed, or an earlier agent's entries await removal.
-    retry: bool,
-    /// The node's pods' host ports as last planned.
-    host_ports: Vec<HostPortBinding>,
 }
 
 impl ServiceEngine {
@@ -398,18 +206,18 @@ impl ServiceEngine {
                 next_service_id: 1,
                 ..Installed::default()
             },
+            desired: Desired::default(),
+            pending: Changes::default(),
             adopted: false,
-            retry: false,
-            host_ports: Vec::new(),
         }
     }
 
     /// Takes in the service objects that changed since the last call: only the services they
     /// belong to are read again (their Service, slices and GlobalServices), so one changed
-    /// slice costs one service, not the cluster's. Returns whether anything changed.
-    fn reload(&mut self) -> bool {
+    /// slice costs one service, not the cluster's. Returns the services read again.
+    fn reload(&mut self) -> BTreeSet<ServiceName> {
         let Some(changed) = self.objects.changed_keys() else {
-            return false;
+            return BTreeSet::new();
         };
         let state = self.objects.state().clone();
         let tables = state.read();
@@ -439,13 +247,21 @@ impl ServiceEngine {
                 }
             }
         }
-        for service in dirty {
-            let objects: Vec<serde_json::Value> = self
-                .objects_by_service
-                .objects(&service)
-                .filter_map(|key| table.get(key))
-                .map(|ServiceObject(object)| object.clone())
-                .collect();
+        // Copied out so that the sources are not held up while they are decoded.
+        let read: Vec<(ServiceName, Vec<serde_json::Value>)> = dirty
+            .iter()
+            .map(|service| {
+                let objects = self
+                    .objects_by_service
+                    .objects(service)
+                    .filter_map(|key| table.get(key))
+                    .map(|ServiceObject(object)| object.clone())
+                    .collect();
+                (service.clone(), objects)
+            })
+            .collect();
+        drop(tables);
+        for (service, objects) in read {
             let (models, problems) =
                 service_model::services_from_objects(&objects, self.local_cluster);
             for problem in &problems {
@@ -474,7 +290,7 @@ impl ServiceEngine {
                 self.problems.insert(service, problems);
             }
         }
-        true
+        dirty
     }
 
     /// Objects whose current version cannot be used, and why.
@@ -502,7 +318,7 @@ impl ServiceEngine {
     pub fn sync(
         &mut self,
         datapath: &mut Datapath,
-        mut host_ports: Vec<HostPortBinding>,
+        host_ports: Vec<HostPortBinding>,
     ) -> Result<(), DatapathError> {
         if !self.objects.state().synced() {
             return Ok(());
@@ -510,46 +326,38 @@ impl ServiceEngine {
         if !self.adopted {
             self.adopt(datapath)?;
         }
-        let reloaded = self.reload();
-        host_ports.sort();
-        let host_ports_changed = host_ports != self.host_ports;
-        if !reloaded && !self.retry && !host_ports_changed {
+        for service in self.reload() {
+            let planned = self
+                .last_good
+                .get(&service)
+                .map(|model| plan_service(model, self.local_cluster, &self.node));
+            self.desired.set_service(&service, planned);
+        }
+        self.desired.set_host_ports(&host_ports, self.local_cluster);
+        for conflict in self.desired.take_conflicts() {
+            tracing::warn!(%conflict, "two claim one frontend; the first keeps it");
+        }
+        self.pending.merge(self.desired.take_changes());
+        if self.pending.is_empty() && !self.installed.has_stale() {
             return Ok(());
         }
-        self.host_ports = host_ports;
-        let (plan, conflicts) = plan(
-            self.last_good.values(),
-            self.local_cluster,
-            &self.node,
-            &self.host_ports,
-        );
-        self.health_checks.send_if_modified(|current| {
-            let changed = *current != plan.health_checks;
-            if changed {
-                current.clone_from(&plan.health_checks);
-            }
-            changed
-        });
-        for conflict in conflicts {
-            tracing::warn!(%conflict, "two services claim one frontend; the first keeps it");
+        if self.pending.health_checks {
+            let wanted = self.desired.health_checks();
+            self.health_checks.send_if_modified(|current| {
+                let changed = *current != wanted;
+                if changed {
+                    *current = wanted;
+                }
+                changed
+            });
         }
-        // A failed write (a full map, say) is tried again on the next sync; what was written
-        // stays, and every step leaves the maps consistent.
-        let first_after_adoption = !self.installed.adopted_service_ids.is_empty();
-        let mut applied = self.apply(datapath, &plan);
-        if applied.is_ok() {
-            let active = self.active_by_service(&plan);
-            applied = if first_after_adoption {
-                prune_affinity(datapath, &active)
-            } else {
-                self.forget_affinity_to_departed(datapath, &active)
-            };
-            if applied.is_ok() {
-                self.installed.adopted_service_ids.clear();
-                self.installed.active_by_service = active;
-            }
+        // A failed write (a full map, say) is tried again on the next sync with what is still
+        // pending; what was written stays, and every step leaves the maps consistent.
+        let pending = std::mem::take(&mut self.pending);
+        let applied = self.apply(datapath, &pending);
+        if applied.is_err() {
+            self.pending = pending;
         }
-        self.retry = applied.is_err();
         applied
     }
 
@@ -590,64 +398,34 @@ impl ServiceEngine {
             .collect();
         installed.stale_frontends = found.frontends.into_iter().map(|(key, _)| key).collect();
         installed.stale_tables = found.tables.into_iter().collect();
+        // Each adopted backend is looked at by the first apply: kept if wanted, else removed.
+        self.pending
+            .backends
+            .extend(installed.backends.keys().copied());
         self.adopted = true;
-        self.retry = true;
         Ok(())
     }
 
-    /// Service id → the ids of the backends that take its new connections under `plan`.
-    fn active_by_service(&self, plan: &Plan) -> BTreeMap<u32, BTreeSet<u32>> {
-        let mut active: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
-        for frontend in plan.frontends.values() {
-            let Some(&service_id) = self.installed.service_ids.get(&frontend.service_port) else {
-                continue;
-            };
-            let ids = active.entry(service_id).or_default();
-            for backend in &frontend.active {
-                if let Some((id, _)) = self.installed.backends.get(backend) {
-                    ids.insert(*id);
-                }
-            }
-        }
-        active
-    }
-
-    /// Forgets the clients' affinity to backends that left a service but still serve another
-    /// (and so stay in the backend table, where the datapath would keep finding them). One
-    /// pass over the affinity table, and only when some service lost a backend.
-    fn forget_affinity_to_departed(
-        &self,
-        datapath: &mut Datapath,
-        now: &BTreeMap<u32, BTreeSet<u32>>,
-    ) -> Result<(), DatapathError> {
-        let departed: BTreeSet<(u32, u32)> = self
-            .installed
-            .active_by_service
-            .iter()
-            .flat_map(|(service, before)| {
-                let after = now.get(service);
-                before
-                    .iter()
-                    .filter(move |id| !after.is_some_and(|after| after.contains(id)))
-                    .map(move |id| (*service, *id))
-            })
-            .collect();
-        if departed.is_empty() {
-            return Ok(());
-        }
-        datapath
-            .retain_affinity(|key, choice| !departed.contains(&(key.service_id, choice.backend_id)))
-    }
-
-    fn apply(&mut self, datapath: &mut Datapath, plan: &Plan) -> Result<(), DatapathError> {
+    /// Writes what `changes` touched: backends, then tables, then frontends, then removes
+    /// what nothing uses any more; then forgets clients' affinity to backends that left a
+    /// service.
+    fn apply(&mut self, datapath: &mut Datapath, changes: &Changes) -> Result<(), DatapathError> {
+        let desired = &self.desired;
         let installed = &mut self.installed;
         // 1. Backends, new ones and changed drain flags.
-        for (backend, &draining) in &plan.backends {
+        for backend in &changes.backends {
+            let Some(terminating) = desired.backend(backend) else {
+                continue;
+            };
             let value = LbBackend {
                 address: u32::from(backend.address).to_be(),
                 port: backend.port.to_be(),
                 cluster_id: backend.cluster_id,
-                flags: if draining { LB_BACKEND_TERMINATING } else { 0 },
+                flags: if terminating {
+                    LB_BACKEND_TERMINATING
+                } else {
+                    0
+                },
                 pad: [0; 3],
             };
             match installed.backends.get(backend) {
@@ -665,13 +443,12 @@ impl ServiceEngine {
             }
         }
         // 2. A Maglev table per distinct active set.
-        for frontend in plan.frontends.values() {
-            if frontend.active.is_empty() || installed.tables.contains_key(&frontend.active) {
+        for active in &changes.tables {
+            if !desired.table_used(active) || installed.tables.contains_key(active) {
                 continue;
             }
-            let keys: Vec<String> = frontend.active.iter().map(BackendRef::maglev_key).collect();
-            let ids: Vec<u32> = frontend
-                .active
+            let keys: Vec<String> = active.iter().map(BackendRef::maglev_key).collect();
+            let ids: Vec<u32> = active
                 .iter()
                 .map(|backend| installed.backends.get(backend).map_or(0, |(id, _)| *id))
                 .collect();
@@ -682,30 +459,14 @@ impl ServiceEngine {
             let table_id = installed.next_table_id;
             installed.next_table_id += 1;
             datapath.install_maglev_table(table_id, &slots)?;
-            installed.tables.insert(frontend.active.clone(), table_id);
+            installed.tables.insert(active.clone(), table_id);
         }
         // 3. Frontends switch to their tables.
-        for (key, frontend) in &plan.frontends {
-            let service_id = match installed.service_ids.get(&frontend.service_port) {
-                Some(&id) => id,
-                None => {
-                    let adopted = installed
-                        .adopted_service_ids
-                        .get(key)
-                        .copied()
-                        .filter(|id| !installed.used_service_ids.contains(id));
-                    let id = adopted.unwrap_or_else(|| {
-                        let id = installed.next_service_id;
-                        installed.next_service_id += 1;
-                        id
-                    });
-                    installed
-                        .service_ids
-                        .insert(frontend.service_port.clone(), id);
-                    installed.used_service_ids.insert(id);
-                    id
-                }
+        for key in &changes.frontends {
+            let Some(frontend) = desired.frontend(key) else {
+                continue;
             };
+            let service_id = installed.service_id(key, &frontend.service_port);
             let value = LbFrontend {
                 service_id,
                 table_id: installed.tables.get(&frontend.active).copied().unwrap_or(0),
@@ -720,53 +481,91 @@ impl ServiceEngine {
             }
         }
         // 4. What nothing uses any more.
-        let gone: Vec<LbFrontendKey> = installed
-            .frontends
-            .keys()
-            .filter(|key| !plan.frontends.contains_key(key))
-            .copied()
-            .collect();
-        for key in gone {
-            datapath.remove_frontend(key)?;
-            installed.frontends.remove(&key);
-        }
-        for key in std::mem::take(&mut installed.stale_frontends) {
-            if !installed.frontends.contains_key(&key) {
-                datapath.remove_frontend(key)?;
+        for key in &changes.frontends {
+            if desired.frontend(key).is_none() && installed.frontends.contains_key(key) {
+                datapath.remove_frontend(*key)?;
+                installed.frontends.remove(key);
             }
         }
-        let used_sets: BTreeSet<&Vec<BackendRef>> =
-            plan.frontends.values().map(|f| &f.active).collect();
-        let unused_tables: Vec<(Vec<BackendRef>, u32)> = installed
-            .tables
-            .iter()
-            .filter(|(set, _)| !used_sets.contains(set))
-            .map(|(set, id)| (set.clone(), *id))
-            .collect();
-        for (set, id) in unused_tables {
-            datapath.remove_maglev_table(id)?;
-            installed.tables.remove(&set);
+        while let Some(key) = installed.stale_frontends.pop_first() {
+            if !installed.frontends.contains_key(&key) {
+                if let Err(error) = datapath.remove_frontend(key) {
+                    installed.stale_frontends.insert(key);
+                    return Err(error);
+                }
+            }
         }
-        for id in std::mem::take(&mut installed.stale_tables) {
-            datapath.remove_maglev_table(id)?;
+        for active in &changes.tables {
+            if desired.table_used(active) {
+                continue;
+            }
+            if let Some(&id) = installed.tables.get(active) {
+                datapath.remove_maglev_table(id)?;
+                installed.tables.remove(active);
+            }
         }
-        let unused_backends: Vec<(BackendRef, u32)> = installed
-            .backends
-            .iter()
-            .filter(|(backend, _)| !plan.backends.contains_key(backend))
-            .map(|(backend, (id, _))| (*backend, *id))
-            .collect();
-        for (backend, id) in unused_backends {
-            datapath.remove_backend(id)?;
-            installed.backends.remove(&backend);
-            installed.removed.push(backend);
+        while let Some(id) = installed.stale_tables.pop_first() {
+            if let Err(error) = datapath.remove_maglev_table(id) {
+                installed.stale_tables.insert(id);
+                return Err(error);
+            }
         }
-        for id in std::mem::take(&mut installed.stale_backends) {
-            datapath.remove_backend(id)?;
+        for backend in &changes.backends {
+            if desired.backend(backend).is_some() {
+                continue;
+            }
+            if let Some(&(id, _)) = installed.backends.get(backend) {
+                datapath.remove_backend(id)?;
+                installed.backends.remove(backend);
+                installed.removed.push(*backend);
+            }
         }
-        let live: BTreeSet<&String> = plan.frontends.values().map(|f| &f.service_port).collect();
-        installed.service_ids.retain(|name, _| live.contains(name));
-        installed.used_service_ids = installed.service_ids.values().copied().collect();
+        while let Some(id) = installed.stale_backends.pop_first() {
+            if let Err(error) = datapath.remove_backend(id) {
+                installed.stale_backends.insert(id);
+                return Err(error);
+            }
+        }
+        // 5. Which backends each changed service port takes new connections to; a service
+        // port with no frontend left gives up its id.
+        for service_port in &changes.service_ports {
+            let Some(&service_id) = installed.service_ids.get(service_port) else {
+                continue;
+            };
+            let now: BTreeSet<u32> = desired
+                .frontends_of(service_port)
+                .flat_map(|frontend| &frontend.active)
+                .filter_map(|backend| installed.backends.get(backend).map(|(id, _)| *id))
+                .collect();
+            let before = installed
+                .active_by_service
+                .remove(&service_id)
+                .unwrap_or_default();
+            installed.departed.extend(
+                before
+                    .difference(&now)
+                    .map(|backend_id| (service_id, *backend_id)),
+            );
+            if desired.frontends_of(service_port).next().is_some() {
+                installed.active_by_service.insert(service_id, now);
+            } else {
+                installed.service_ids.remove(service_port);
+                installed.used_service_ids.remove(&service_id);
+            }
+        }
+        if !installed.adopted_service_ids.is_empty() {
+            // The first apply after adoption: affinity the earlier agent recorded stays only
+            // where it names a backend its service still takes new connections to.
+            prune_affinity(datapath, &installed.active_by_service)?;
+            installed.adopted_service_ids.clear();
+            installed.departed.clear();
+        } else if !installed.departed.is_empty() {
+            let departed = &installed.departed;
+            datapath.retain_affinity(|key, choice| {
+                !departed.contains(&(key.service_id, choice.backend_id))
+            })?;
+            installed.departed.clear();
+        }
         tracing::debug!(
             frontends = installed.frontends.len(),
             backends = installed.backends.len(),
@@ -781,8 +580,10 @@ impl ServiceEngine {
 mod tests {
     use std::time::Duration;
 
-    use weft_core::service::{GlobalSettings, ServicePort};
+    use weft_core::service::{Backend, BackendCondition, GlobalSettings, Protocol, ServicePort};
+    use weft_node_bpf::maps::LbFrontendKind;
 
+    use super::plan::{plan, Plan};
     use super::*;
 
     fn backend(address: [u8; 4], condition: BackendCondition) -> Backend {
@@ -889,6 +690,141 @@ mod tests {
         assert_eq!(plan.frontends.len(), 3);
     }
 
+    /// Keeps `desired` and a from-scratch plan of the same services side by side.
+    struct Scenario {
+        desired: Desired,
+        services: BTreeMap<ServiceName, Service>,
+        host_ports: Vec<HostPortBinding>,
+    }
+
+    impl Scenario {
+        fn set(&mut self, service: Service) -> Changes {
+            let name = (service.namespace.clone(), service.name.clone());
+            self.desired
+                .set_service(&name, Some(plan::plan_service(&service, 1, "node-a")));
+            self.services.insert(name, service);
+            self.check()
+        }
+
+        fn remove(&mut self, name: &str) -> Changes {
+            let name = ("shop".to_owned(), name.to_owned());
+            self.desired.set_service(&name, None);
+            self.services.remove(&name);
+            self.check()
+        }
+
+        fn set_host_ports(&mut self, host_ports: Vec<HostPortBinding>) -> Changes {
+            self.desired.set_host_ports(&host_ports, 1);
+            self.host_ports = host_ports;
+            self.check()
+        }
+
+        /// The kept plan equals one made from scratch; returns what changed.
+        fn check(&mut self) -> Changes {
+            let (scratch, _) = plan(self.services.values(), 1, "node-a", &self.host_ports);
+            assert_eq!(self.desired.snapshot(), scratch);
+            self.desired.take_changes()
+        }
+    }
+
+    #[test]
+    fn the_kept_plan_equals_a_plan_from_scratch_and_names_only_what_a_change_touched() {
+        let mut scenario = Scenario {
+            desired: Desired::default(),
+            services: BTreeMap::new(),
+            host_ports: Vec::new(),
+        };
+        let b1 = backend([10, 1, 0, 1], BackendCondition::Ready);
+        let b2 = backend([10, 1, 0, 2], BackendCondition::Ready);
+        let b3 = backend([10, 1, 0, 3], BackendCondition::Ready);
+        let set_of = |backends: &[&Backend]| -> Vec<BackendRef> {
+            backends.iter().map(|b| BackendRef::of_backend(b)).collect()
+        };
+        scenario.set(service("a", [10, 96, 0, 10], vec![b1.clone(), b2.clone()]));
+        // b wants a's node port and balances over the same set: one table for both.
+        scenario.set(service("b", [10, 96, 0, 11], vec![b1.clone(), b2.clone()]));
+        let conflicts = scenario.desired.take_conflicts();
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert!(conflicts[0].contains("shop/b:http") && conflicts[0].contains("shop/a:http"));
+        assert!(scenario.desired.table_used(&set_of(&[&b1, &b2])));
+
+        // b moves to another backend: only its cluster IP frontend changes; the shared table
+        // stays (a still uses it) and b's new set needs one.
+        let changes = scenario.set(service("b", [10, 96, 0, 11], vec![b3.clone()]));
+        assert_eq!(
+            changes.frontends,
+            BTreeSet::from([key([10, 96, 0, 11], 80)])
+        );
+        assert_eq!(changes.tables, BTreeSet::from([set_of(&[&b3])]));
+        assert_eq!(
+            changes.service_ports,
+            BTreeSet::from(["shop/b:http".to_owned()])
+        );
+        assert!(scenario.desired.table_used(&set_of(&[&b1, &b2])));
+
+        // a goes: b takes the node port over; a's backends and table are no longer used.
+        let changes = scenario.remove("a");
+        assert_eq!(
+            changes.frontends,
+            BTreeSet::from([key([10, 96, 0, 10], 80), key([0, 0, 0, 0], 30080)])
+        );
+        assert!(!scenario.desired.table_used(&set_of(&[&b1, &b2])));
+        assert_eq!(scenario.desired.backend(&BackendRef::of_backend(&b1)), None);
+        assert_eq!(
+            scenario
+                .desired
+                .frontend(&key([0, 0, 0, 0], 30080))
+                .map(|f| &f.service_port),
+            Some(&"shop/b:http".to_owned())
+        );
+
+        // A pod's host port on the same port waits behind the service, then takes over.
+        let binding = HostPortBinding {
+            pod: "shop/web-0".into(),
+            protocol: Protocol::Tcp,
+            host_ip: None,
+            host_port: 30080,
+            pod_ip: Ipv4Addr::new(10, 1, 0, 7),
+            container_port: 8080,
+        };
+        let changes = scenario.set_host_ports(vec![binding.clone()]);
+        assert!(
+            changes.frontends.is_empty(),
+            "the service keeps its frontend"
+        );
+        assert_eq!(scenario.desired.take_conflicts().len(), 1);
+        scenario.remove("b");
+        assert_eq!(
+            scenario
+                .desired
+                .frontend(&key([0, 0, 0, 0], 30080))
+                .map(|f| f.kind),
+            Some(LbFrontendKind::HostPort)
+        );
+        scenario.set_host_ports(Vec::new());
+        assert!(scenario.desired.snapshot().frontends.is_empty());
+
+        // A backend one service drains as terminating drains only while no service has it
+        // active.
+        let terminating = backend([10, 1, 0, 1], BackendCondition::Terminating);
+        scenario.set(service("c", [10, 96, 0, 12], vec![b2.clone(), terminating]));
+        let mut d = service("d", [10, 96, 0, 13], vec![b1.clone()]);
+        d.ports[0].node_port = Some(30081);
+        scenario.set(d);
+        assert_eq!(
+            scenario.desired.backend(&BackendRef::of_backend(&b1)),
+            Some(false)
+        );
+        let changes = scenario.remove("d");
+        assert!(changes.backends.contains(&BackendRef::of_backend(&b1)));
+        assert_eq!(
+            scenario.desired.backend(&BackendRef::of_backend(&b1)),
+            Some(true)
+        );
+        scenario.remove("c");
+        assert_eq!(scenario.desired.snapshot(), Plan::default());
+    }
+
     #[test]
     fn session_affinity_becomes_whole_seconds_and_no_backend_means_refuse() {
         let mut sticky = service("sticky", [10, 96, 0, 12], Vec::new());
@@ -958,11 +894,11 @@ mod tests {
             tables.mark_synced(source);
         });
         let mut incremental = engine(&state);
-        assert!(incremental.reload());
-        assert!(!incremental.reload(), "nothing changed since");
+        assert!(!incremental.reload().is_empty());
+        assert!(incremental.reload().is_empty(), "nothing changed since");
         let same_as_a_whole_read = |incremental: &ServiceEngine| {
             let mut whole = engine(&state);
-            assert!(whole.reload());
+            assert!(!whole.reload().is_empty());
             assert_eq!(incremental.last_good, whole.last_good);
             assert_eq!(
                 incremental.problems().count(),
@@ -974,7 +910,7 @@ mod tests {
 
         // A slice moves from one service to another: both change.
         state.change(|tables| tables.upsert(source, slice_object("a-1", "b", "10.1.0.5")));
-        assert!(incremental.reload());
+        assert!(!incremental.reload().is_empty());
         assert_eq!(backends_of(&incremental, "a"), Some(Vec::new()));
         assert_eq!(
             backends_of(&incremental, "b").map(|mut b| {
@@ -992,21 +928,21 @@ mod tests {
         let mut broken = service_object("b", "10.96.0.11");
         broken.0["spec"]["ports"][0]["port"] = serde_json::json!(-1);
         state.change(|tables| tables.upsert(source, broken));
-        assert!(incremental.reload());
+        assert!(!incremental.reload().is_empty());
         assert_eq!(backends_of(&incremental, "b").map(|b| b.len()), Some(2));
         assert_eq!(incremental.problems().count(), 1);
         state.change(|tables| tables.upsert(source, service_object("b", "10.96.0.12")));
-        assert!(incremental.reload());
+        assert!(!incremental.reload().is_empty());
         assert_eq!(incremental.problems().count(), 0);
         same_as_a_whole_read(&incremental);
 
         // A Service deleted goes, though its slices stay; its slices alone bring nothing.
         state.change(|tables| tables.delete::<ServiceObject>(source, &"Service/shop/b".to_owned()));
-        assert!(incremental.reload());
+        assert!(!incremental.reload().is_empty());
         assert_eq!(backends_of(&incremental, "b"), None);
         same_as_a_whole_read(&incremental);
         state.change(|tables| tables.upsert(source, service_object("b", "10.96.0.12")));
-        assert!(incremental.reload());
+        assert!(!incremental.reload().is_empty());
         assert_eq!(backends_of(&incremental, "b").map(|b| b.len()), Some(2));
         same_as_a_whole_read(&incremental);
     }
