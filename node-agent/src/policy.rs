@@ -78,6 +78,12 @@ pub struct PolicyEngine {
     shared_addresses: BTreeSet<Ipv4Net>,
     /// What each identity matched in the last compilation.
     matches: MatchCache,
+    /// The identities that changed since `matches` was made and whose peer sets were written;
+    /// `None`: any may have (the index was read whole, or a pass failed), so the next
+    /// compilation looks at every identity.
+    unmatched_identities: Option<BTreeSet<u32>>,
+    /// How many CIDR identities the last compilation numbered.
+    cidr_identities: usize,
     /// The ipcache entries the engine wants, and which may differ from what is written.
     ipcache: DesiredIpcache,
 }
@@ -99,8 +105,8 @@ struct EndpointIndex {
 struct IndexChange {
     /// The whole table was read (first pass, or too far behind its change log).
     rebuilt: bool,
-    /// An identity came, went, or changed its labels.
-    identities: bool,
+    /// The identities that came, went, or changed their labels (not filled when rebuilt).
+    identities: BTreeSet<u32>,
     /// The addresses whose endpoint changed (not filled when rebuilt).
     addresses: Vec<Ipv4Addr>,
 }
@@ -119,17 +125,21 @@ impl EndpointIndex {
             }
             return IndexChange {
                 rebuilt: true,
-                identities: true,
+                identities: BTreeSet::new(),
                 addresses: Vec::new(),
             };
         };
-        let mut identities = false;
+        let mut identities = BTreeSet::new();
         for ip in &addresses {
             if let Some(old) = self.identity_of.remove(ip) {
-                identities |= self.release(old);
+                if self.release(old) {
+                    identities.insert(old);
+                }
             }
             if let Some(meta) = table.get(ip) {
-                identities |= self.add(meta);
+                if self.add(meta) {
+                    identities.insert(meta.identity);
+                }
             }
         }
         IndexChange {
@@ -498,6 +508,8 @@ impl PolicyEngine {
             uses_members: false,
             shared_addresses: BTreeSet::new(),
             matches: MatchCache::default(),
+            unmatched_identities: None,
+            cidr_identities: 0,
             ipcache: DesiredIpcache::default(),
         }
     }
@@ -636,6 +648,8 @@ impl PolicyEngine {
         let synced = self.sync_once(datapath, inputs);
         if let Err(error) = &synced {
             self.last_inputs = None;
+            // What was compiled may not all be written: compare everything next time.
+            self.unmatched_identities = None;
             if self.problem.is_none() {
                 self.report(Some(format!(
                     "the policy could not be written ({error}); endpoints keep the policy they had, and those without one are denied"
@@ -658,6 +672,11 @@ impl PolicyEngine {
         let reloaded = self.reload();
         let state = self.policies.state().clone();
         let changed = self.index.catch_up(&state);
+        match &mut self.unmatched_identities {
+            _ if changed.rebuilt => self.unmatched_identities = None,
+            Some(unmatched) => unmatched.extend(changed.identities.iter().copied()),
+            None => {}
+        }
         let fingerprint = {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -673,7 +692,7 @@ impl PolicyEngine {
         let addresses_only = !reloaded
             && self.last_inputs == Some(fingerprint)
             && !changed.rebuilt
-            && !changed.identities
+            && changed.identities.is_empty()
             && (!self.uses_members || changed.addresses.is_empty())
             && changed.addresses.iter().all(|ip| {
                 !local_ips.contains(ip) && !self.shared_addresses.contains(&Ipv4Net::from(*ip))
@@ -787,7 +806,25 @@ impl PolicyEngine {
                 });
             }
         }
-        // Only identities and selectors that changed since the last pass are matched again.
+        // Only identities and selectors that changed since the last pass are matched again:
+        // the identities the index saw change, and the CIDR identities (numbered by the
+        // policies' prefixes, which an edit may move).
+        let kind_of = |identity: &u32| {
+            identities
+                .get(identity)
+                .or_else(|| self.index.identities.get(identity).map(|(kind, _)| kind))
+        };
+        let identity_changes: Option<Vec<(u32, Option<&IdentityKind>)>> =
+            self.unmatched_identities.as_ref().map(|unmatched| {
+                let cidr = (0..self.cidr_identities.max(prefixes.len()))
+                    .map(|index| CIDR_IDENTITY_BASE + index as u32);
+                unmatched
+                    .iter()
+                    .copied()
+                    .chain(cidr)
+                    .map(|identity| (identity, kind_of(&identity)))
+                    .collect()
+            });
         let compiled = compile_reusing(
             &policies,
             self.mode,
@@ -798,11 +835,17 @@ impl PolicyEngine {
                 .filter(|(identity, _)| !identities.contains_key(identity))
                 .map(|(identity, (kind, _))| (*identity, kind))
                 .chain(identities.iter().map(|(identity, kind)| (*identity, kind))),
+            identity_changes.as_deref(),
             &members,
             &mut self.matches,
         );
         let mut compiled = match compiled {
-            Ok(compiled) => compiled,
+            Ok(compiled) => {
+                // The cache now answers for every identity; a failed write resets this.
+                self.unmatched_identities = Some(BTreeSet::new());
+                self.cidr_identities = prefixes.len();
+                compiled
+            }
             Err(error) => {
                 tracing::error!(%error, "policy does not compile; the policy in force stays");
                 self.report(Some(format!(
@@ -872,7 +915,7 @@ impl PolicyEngine {
             .collect();
         let mut installed = Installed::default();
         self.write_wanted_ipcache(datapath)?;
-        let written = write_allows(datapath, &compiled, &self.installed, &mut installed);
+        let written = write_allows(datapath, &compiled, &mut self.installed, &mut installed);
         if let Err(error) = &written {
             // Fail closed: isolate what the policy isolates even though some allow entries are
             // missing (a full map, say), so the gap denies instead of allowing.
@@ -931,8 +974,24 @@ impl PolicyEngine {
                 bits,
             )?;
         }
-        for identity in stale(&self.installed.peer_sets, &installed.peer_sets) {
-            datapath.remove_peer_set(identity)?;
+        match &compiled.changed_peer_sets {
+            // The peer sets were updated in place: the identities gone go.
+            Some(touched) => {
+                for identity in touched {
+                    if compiled.peer_sets.contains_key(identity) {
+                        continue;
+                    }
+                    if self.installed.peer_sets.contains_key(identity) {
+                        datapath.remove_peer_set(*identity)?;
+                        self.installed.peer_sets.remove(identity);
+                    }
+                }
+            }
+            None => {
+                for identity in stale(&self.installed.peer_sets, &installed.peer_sets) {
+                    datapath.remove_peer_set(identity)?;
+                }
+            }
         }
         // The flows' view of the ipcache moves to the new compilation, updated with the rest.
         let compiled_slot = Arc::clone(&self.compiled);
@@ -966,6 +1025,9 @@ impl PolicyEngine {
             "policy in force"
         );
         installed.ipcache = std::mem::take(&mut self.installed.ipcache);
+        if compiled.changed_peer_sets.is_some() {
+            installed.peer_sets = std::mem::take(&mut self.installed.peer_sets);
+        }
         self.installed = installed;
         self.adopted = false;
         self.isolation = inputs
@@ -1125,20 +1187,40 @@ impl PolicyEngine {
 }
 
 /// Peer sets and port entries: everything that allows or denies, before isolation is set.
+///
+/// When the compilation names the peer sets that changed, only those are written, and in
+/// place in `before` (what is written stays known whatever fails later); otherwise every one
+/// is compared and recorded in `installed`.
 fn write_allows(
     datapath: &mut Datapath,
     compiled: &Compiled,
-    before: &Installed,
+    before: &mut Installed,
     installed: &mut Installed,
 ) -> Result<(), DatapathError> {
-    for (identity, set) in &compiled.peer_sets {
-        write_if_changed(
-            &before.peer_sets,
-            &mut installed.peer_sets,
-            *identity,
-            peer_set(set),
-            |identity, set| datapath.upsert_peer_set(identity, set),
-        )?;
+    match &compiled.changed_peer_sets {
+        Some(touched) => {
+            for identity in touched {
+                let Some(set) = compiled.peer_sets.get(identity) else {
+                    continue;
+                };
+                let value = peer_set(set);
+                if before.peer_sets.get(identity) != Some(&Some(value)) {
+                    datapath.upsert_peer_set(*identity, value)?;
+                    before.peer_sets.insert(*identity, Some(value));
+                }
+            }
+        }
+        None => {
+            for (identity, set) in &compiled.peer_sets {
+                write_if_changed(
+                    &before.peer_sets,
+                    &mut installed.peer_sets,
+                    *identity,
+                    peer_set(set),
+                    |identity, set| datapath.upsert_peer_set(identity, set),
+                )?;
+            }
+        }
     }
     for (endpoint, policy) in &compiled.endpoints {
         for ((direction, protocol), entries) in &policy.entries {

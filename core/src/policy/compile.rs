@@ -18,7 +18,7 @@
 //! compilation fails with [`CompileError::TooManySelectors`], which the agent reports in the
 //! policy's status and logs; it never installs a partial (and so wrongly allowing) policy.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -184,6 +184,9 @@ pub struct Compiled {
     /// Slot → the peer it stands for.
     pub selectors: Vec<Peer>,
     pub peer_sets: BTreeMap<u32, PeerSet>,
+    /// The identities whose peer set may differ from the compilation before (added, changed
+    /// or gone); `None`: any may.
+    pub changed_peer_sets: Option<BTreeSet<u32>>,
     pub endpoints: BTreeMap<u32, EndpointPolicy>,
     /// The identities the node gives addresses that are no pod's — its own and the other
     /// nodes' addresses, the prefixes policies name — as its ipcache holds them. Compilation
@@ -398,6 +401,7 @@ pub fn compile_with_members(
         mode,
         endpoints,
         identities.iter().map(|(identity, kind)| (*identity, kind)),
+        None,
         members,
         &mut MatchCache::default(),
     )
@@ -414,8 +418,17 @@ pub struct MatchCache {
     /// Hash of the members the sets were matched with: when they change, the selectors that
     /// read them ([`reads_members`]) are matched again.
     members: u64,
-    sets: BTreeMap<u32, (IdentityKind, PeerSet)>,
+    /// Each identity as it was matched.
+    kinds: HashMap<u32, IdentityKind>,
+    /// What each identity matched.
+    sets: BTreeMap<u32, PeerSet>,
+    /// The cache holds a whole compilation (not a default or a failed one).
+    primed: bool,
 }
+
+/// The identities that changed since the compilation a [`MatchCache`] holds: each with what
+/// it stands for now, `None` when it is gone. Every identity not listed is as it was.
+pub type IdentityChanges<'a> = [(u32, Option<&'a IdentityKind>)];
 
 impl MatchCache {
     /// For each of `selectors`, its slot in the cached sets when those answer for it.
@@ -452,22 +465,30 @@ fn members_hash(members: &Members) -> u64 {
 
 /// [`compile_with_members`], taking from `cache` what the previous compilation matched and
 /// leaving in it what this one did (a failed compilation leaves it as it was).
+///
+/// With `changed` (what changed among `identities` since the cached compilation), a
+/// compilation whose selectors are those of the cached one matches only the changed
+/// identities and reports which peer sets differ ([`Compiled::changed_peer_sets`]); otherwise
+/// every identity is looked at.
 pub fn compile_reusing<'a>(
     policies: &[Policy],
     mode: EnforcementMode,
     endpoints: &[EndpointInput],
     identities: impl IntoIterator<Item = (u32, &'a IdentityKind)>,
+    changed: Option<&IdentityChanges<'a>>,
     members: &Members,
     cache: &mut MatchCache,
 ) -> Result<Compiled, CompileError> {
     let mut compiled = Compiled::default();
     let all_peers = Peer::Entity(crate::policy::model::Entity::All);
     // Slots are handed out on first use; past the bitmap's width compilation stops at once.
-    let slot_of = |peer: &Peer, selectors: &mut Vec<Peer>| -> Result<usize, CompileError> {
-        let slot = match selectors.iter().position(|known| known == peer) {
-            Some(slot) => slot,
+    let mut slot_index: HashMap<Peer, usize> = HashMap::new();
+    let mut slot_of = |peer: &Peer, selectors: &mut Vec<Peer>| -> Result<usize, CompileError> {
+        let slot = match slot_index.get(peer) {
+            Some(slot) => *slot,
             None => {
                 selectors.push(peer.clone());
+                slot_index.insert(peer.clone(), selectors.len() - 1);
                 selectors.len() - 1
             }
         };
@@ -478,10 +499,42 @@ pub fn compile_reusing<'a>(
         }
         Ok(slot)
     };
-    for endpoint in endpoints {
-        let selecting: Vec<&Policy> = policies
+    // Each endpoint's selecting policies, by index.
+    let selecting_by_endpoint: Vec<Vec<usize>> = endpoints
+        .iter()
+        .map(|endpoint| {
+            (0..policies.len())
+                .filter(|index| policies[*index].subject.matches(&endpoint.labels))
+                .collect()
+        })
+        .collect();
+    if mode != EnforcementMode::Never {
+        // Slots follow the order of the policies that apply here, not of the endpoints: a pod
+        // that comes or goes under policies already applying moves no slot, so no peer set
+        // and no entry is written again for it.
+        let mut applying = vec![false; policies.len()];
+        for index in selecting_by_endpoint.iter().flatten() {
+            applying[*index] = true;
+        }
+        for (policy, _) in policies
             .iter()
-            .filter(|policy| policy.subject.matches(&endpoint.labels))
+            .zip(&applying)
+            .filter(|(_, applies)| **applies)
+        {
+            for rule in &policy.rules {
+                if rule.peers.is_empty() {
+                    slot_of(&all_peers, &mut compiled.selectors)?;
+                }
+                for peer in &rule.peers {
+                    slot_of(peer, &mut compiled.selectors)?;
+                }
+            }
+        }
+    }
+    for (endpoint, selecting) in endpoints.iter().zip(selecting_by_endpoint) {
+        let selecting: Vec<&Policy> = selecting
+            .into_iter()
+            .map(|index| &policies[index])
             .collect();
         let mut result = EndpointPolicy {
             isolated_ingress: mode == EnforcementMode::Always
@@ -616,6 +669,42 @@ pub fn compile_reusing<'a>(
     }
     let members = (members, members_hash(members));
     let cached_slots = cache.slots_for(&compiled.selectors, members.1);
+    let same_selectors = cache.primed
+        && cache.selectors.len() == cached_slots.len()
+        && cached_slots
+            .iter()
+            .enumerate()
+            .all(|(slot, cached)| *cached == Some(slot));
+    if let (true, Some(changed)) = (same_selectors, changed) {
+        // Every slot means what it meant: only the changed identities are matched.
+        let mut touched = BTreeSet::new();
+        for (identity, kind) in changed {
+            match kind {
+                Some(kind) => {
+                    let mut set = PeerSet::default();
+                    for (slot, peer) in compiled.selectors.iter().enumerate() {
+                        if identity_matches(*identity, kind, peer, members.0) {
+                            set.insert(slot);
+                        }
+                    }
+                    if cache.sets.insert(*identity, set) != Some(set) {
+                        touched.insert(*identity);
+                    }
+                    cache.kinds.insert(*identity, (*kind).clone());
+                }
+                None => {
+                    if cache.sets.remove(identity).is_some() {
+                        touched.insert(*identity);
+                    }
+                    cache.kinds.remove(identity);
+                }
+            }
+        }
+        cache.members = members.1;
+        compiled.peer_sets = cache.sets.clone();
+        compiled.changed_peer_sets = Some(touched);
+        return Ok(compiled);
+    }
     // A cached set is carried over through its set bits (cached slot → slot now); only the
     // selectors the cache cannot answer for are matched, so an unchanged identity costs what
     // it matches, not the number of selectors.
@@ -627,11 +716,13 @@ pub fn compile_reusing<'a>(
             None => unanswered.push(slot),
         }
     }
-    let mut sets = BTreeMap::new();
+    let mut kinds = HashMap::new();
     for (identity, kind) in identities {
         let identity = &identity;
-        let cached = match cache.sets.remove(identity) {
-            Some((cached_kind, cached)) if cached_kind == *kind => Some((cached_kind, cached)),
+        let cached = match (cache.kinds.remove(identity), cache.sets.get(identity)) {
+            (Some(cached_kind), Some(cached)) if cached_kind == *kind => {
+                Some((cached_kind, *cached))
+            }
             _ => None,
         };
         let mut set = PeerSet::default();
@@ -658,12 +749,14 @@ pub fn compile_reusing<'a>(
         }
         compiled.peer_sets.insert(*identity, set);
         let kind = cached.map_or_else(|| kind.clone(), |(kind, _)| kind);
-        sets.insert(*identity, (kind, set));
+        kinds.insert(*identity, kind);
     }
     *cache = MatchCache {
         selectors: compiled.selectors.clone(),
         members: members.1,
-        sets,
+        kinds,
+        sets: compiled.peer_sets.clone(),
+        primed: true,
     };
     Ok(compiled)
 }
@@ -921,21 +1014,54 @@ mod tests {
     }
 
     #[test]
+    fn slots_follow_the_policies_so_endpoints_coming_and_going_move_none() {
+        let (policies, endpoints, identities) = scenario();
+        let mode = EnforcementMode::Default;
+        let before = compile(&policies, mode, &endpoints, &identities).expect("compiles");
+        // The same endpoints in another order, and one more under policies already applying.
+        let mut moved: Vec<EndpointInput> = endpoints.iter().rev().cloned().collect();
+        let mut another = endpoints[0].clone();
+        another.id = 99;
+        moved.push(another);
+        let after = compile(&policies, mode, &moved, &identities).expect("compiles");
+        assert_eq!(before.selectors, after.selectors);
+        assert_eq!(before.peer_sets, after.peer_sets);
+        assert_eq!(before.endpoints[&endpoints[0].id], after.endpoints[&99]);
+    }
+
+    #[test]
     fn a_compilation_reusing_the_last_ones_matches_gives_what_one_from_scratch_does() {
         let (mut policies, mut endpoints, mut identities) = scenario();
         let mut members = Members::new();
         let mut cache = MatchCache::default();
+        let mut previous: Option<BTreeMap<u32, IdentityKind>> = None;
+        let mut previous_sets: BTreeMap<u32, PeerSet> = BTreeMap::new();
         let mut step = |what: &str,
                         policies: &[Policy],
                         endpoints: &[EndpointInput],
                         identities: &BTreeMap<u32, IdentityKind>,
                         members: &Members| {
             let mode = EnforcementMode::Default;
+            // What changed since the last step, as the agent's index reports it.
+            let changed: Option<Vec<(u32, Option<&IdentityKind>)>> =
+                previous
+                    .as_ref()
+                    .map(|before: &BTreeMap<u32, IdentityKind>| {
+                        before
+                            .keys()
+                            .chain(identities.keys())
+                            .collect::<BTreeSet<_>>()
+                            .into_iter()
+                            .filter(|identity| before.get(identity) != identities.get(identity))
+                            .map(|identity| (*identity, identities.get(identity)))
+                            .collect()
+                    });
             let reused = compile_reusing(
                 policies,
                 mode,
                 endpoints,
                 identities.iter().map(|(identity, kind)| (*identity, kind)),
+                changed.as_deref(),
                 members,
                 &mut cache,
             )
@@ -944,6 +1070,25 @@ mod tests {
                 .expect("compiles");
             assert_eq!(reused.selectors, scratch.selectors, "{what}");
             assert_eq!(reused.peer_sets, scratch.peer_sets, "{what}");
+            if matches!(what, "pod added" | "identity relabelled") {
+                assert!(
+                    reused.changed_peer_sets.is_some(),
+                    "{what}: the selectors did not move, so only changed identities are matched"
+                );
+            }
+            if let Some(touched) = &reused.changed_peer_sets {
+                let differ: BTreeSet<u32> = previous_sets
+                    .keys()
+                    .chain(reused.peer_sets.keys())
+                    .filter(|identity| {
+                        previous_sets.get(*identity) != reused.peer_sets.get(*identity)
+                    })
+                    .copied()
+                    .collect();
+                assert_eq!(*touched, differ, "{what}: the changed peer sets named");
+            }
+            previous = Some(identities.clone());
+            previous_sets = reused.peer_sets.clone();
             reused.peer_sets
         };
         let first = step("first", &policies, &endpoints, &identities, &members);
