@@ -416,8 +416,8 @@ impl NodeAgent {
         // agent was told.
         let mut kube_apiserver: Vec<Ipv4Addr> = self
             .services
-            .services()
-            .filter(|service| service.namespace == "default" && service.name == "kubernetes")
+            .service("default", "kubernetes")
+            .into_iter()
             .flat_map(|service| &service.ports)
             .flat_map(|port| &port.backends)
             .map(|backend| backend.address)

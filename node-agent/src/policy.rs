@@ -31,9 +31,9 @@ use weft_node_bpf::maps::{
 use crate::datapath::{Datapath, DatapathError, InstalledPolicy};
 use crate::flows::directory::EndpointMeta;
 use crate::map_pressure::FullMap;
-use crate::state::{ClusterState, TableView};
+use crate::state::{Changed, ClusterState, TableView};
 use weft_core::state::LocalPod;
-use weft_core::state::PolicyObject;
+use weft_core::state::{PolicyObject, Row};
 
 /// First identity number for CIDR prefixes named by policies (node-local, as Cilium's): above
 /// every cluster-scoped identity (cluster IDs up to 511 in bits 16-24), so a prefix's number
@@ -49,6 +49,8 @@ pub struct PolicyEngine {
     last_good: BTreeMap<String, Policy>,
     /// Policies whose current version is invalid, and why.
     pub problems: BTreeMap<String, PolicyError>,
+    /// Policy table key → the `Kind namespace/name` its object is known by.
+    name_of_key: HashMap<String, String>,
     installed: Installed,
     last_inputs: Option<u64>,
     /// The compiled policy, for naming the rule behind a dropped flow.
@@ -508,6 +510,7 @@ impl PolicyEngine {
             uses_members: false,
             shared_addresses: BTreeSet::new(),
             matches: MatchCache::default(),
+            name_of_key: HashMap::new(),
             unmatched_identities: None,
             cidr_identities: 0,
             ipcache: DesiredIpcache::default(),
@@ -586,17 +589,53 @@ impl PolicyEngine {
 
     /// Takes the policies table if it changed. Returns whether the policy set changed.
     fn reload(&mut self) -> bool {
-        let Some(objects) = self.policies.changed_rows() else {
+        let Some(changed) = self.policies.changed_keys() else {
             return false;
         };
-        let mut seen = BTreeSet::new();
-        for PolicyObject(object) in objects {
+        // Only the changed objects are decoded again; the others keep their last version.
+        let state = self.policies.state().clone();
+        let tables = state.read();
+        let table = tables.table::<PolicyObject>();
+        let keys: Vec<String> = match changed {
+            Changed::Keys(keys) => keys,
+            Changed::Everything => {
+                let present: Vec<String> = table.rows().map(|row| row.key()).collect();
+                // Objects gone meanwhile count as deleted; the present ones are read again.
+                let gone: Vec<String> = self
+                    .name_of_key
+                    .keys()
+                    .filter(|key| table.get(key).is_none())
+                    .cloned()
+                    .collect();
+                gone.into_iter().chain(present).collect()
+            }
+        };
+        let objects: Vec<(String, Option<serde_json::Value>)> = keys
+            .into_iter()
+            .map(|key| {
+                let object = table.get(&key).map(|PolicyObject(object)| object.clone());
+                (key, object)
+            })
+            .collect();
+        drop(tables);
+        for (key, object) in objects {
+            let before = self.name_of_key.remove(&key);
+            let name = object.as_ref().map(|object| {
+                format!(
+                    "{} {}/{}",
+                    object["kind"].as_str().unwrap_or_default(),
+                    object["metadata"]["namespace"].as_str().unwrap_or("-"),
+                    object["metadata"]["name"].as_str().unwrap_or("?")
+                )
+            });
+            if let Some(before) = before.filter(|before| Some(before) != name.as_ref()) {
+                self.last_good.remove(&before);
+                self.problems.remove(&before);
+            }
+            let (Some(object), Some(name)) = (object, name) else {
+                continue;
+            };
             let kind = object["kind"].as_str().unwrap_or_default().to_owned();
-            let name = format!(
-                "{kind} {}/{}",
-                object["metadata"]["namespace"].as_str().unwrap_or("-"),
-                object["metadata"]["name"].as_str().unwrap_or("?")
-            );
             let converted = match kind.as_str() {
                 "WeftNetworkPolicy" => serde_json::from_value(object)
                     .map_err(|e| e.to_string())
@@ -609,7 +648,7 @@ impl PolicyEngine {
                     .and_then(|p| policy_model::kubernetes_policy(&p).map_err(|e| e.to_string())),
                 _ => continue,
             };
-            seen.insert(name.clone());
+            self.name_of_key.insert(key, name.clone());
             match converted {
                 Ok(policy) => {
                     // Left out without allowing more (an SCTP port): the rest is enforced.
@@ -633,8 +672,6 @@ impl PolicyEngine {
                 }
             }
         }
-        self.last_good.retain(|name, _| seen.contains(name));
-        self.problems.retain(|name, _| seen.contains(name));
         true
     }
 
@@ -1305,6 +1342,62 @@ mod tests {
             identity,
             tunnel_endpoint: u32::from(tunnel_endpoint).to_be(),
         }
+    }
+
+    fn policy_object(name: &str, app: &str) -> PolicyObject {
+        PolicyObject(serde_json::json!({
+            "apiVersion": "weft.io/v1alpha1", "kind": "WeftNetworkPolicy",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {
+                "endpointSelector": {"matchLabels": {"app": app}},
+                "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "client"}}]}],
+            },
+        }))
+    }
+
+    #[test]
+    fn policies_reload_by_change_and_an_invalid_version_keeps_the_last_good_one() {
+        let source = crate::state::LOCAL_SOURCE;
+        let state = ClusterState::new(vec![source.into()]);
+        state.change(|tables| {
+            tables.upsert(source, policy_object("a", "web"));
+            tables.upsert(source, policy_object("b", "db"));
+            tables.mark_synced(source);
+        });
+        let mut engine = PolicyEngine::new(
+            state.clone(),
+            EnforcementMode::Default,
+            Arc::new(Mutex::new(None)),
+            None,
+        );
+        let names =
+            |engine: &PolicyEngine| -> Vec<String> { engine.last_good.keys().cloned().collect() };
+        assert!(engine.reload());
+        assert_eq!(
+            names(&engine),
+            ["WeftNetworkPolicy shop/a", "WeftNetworkPolicy shop/b"]
+        );
+        assert!(!engine.reload(), "nothing changed since");
+
+        // An invalid version: reported, and the last good one stays in force.
+        let mut broken = policy_object("a", "web");
+        broken.0["spec"]["endpointSelector"] = serde_json::json!({"matchLabels": 7});
+        state.change(|tables| tables.upsert(source, broken));
+        assert!(engine.reload());
+        assert_eq!(names(&engine).len(), 2);
+        assert!(engine.problems.contains_key("WeftNetworkPolicy shop/a"));
+        let before = engine.last_good["WeftNetworkPolicy shop/a"].clone();
+        state.change(|tables| tables.upsert(source, policy_object("a", "api")));
+        assert!(engine.reload());
+        assert!(engine.problems.is_empty());
+        assert_ne!(engine.last_good["WeftNetworkPolicy shop/a"], before);
+
+        // A deleted policy goes, with its problem.
+        state.change(|tables| {
+            tables.delete::<PolicyObject>(source, &policy_object("b", "db").key());
+        });
+        assert!(engine.reload());
+        assert_eq!(names(&engine), ["WeftNetworkPolicy shop/a"]);
     }
 
     #[test]

@@ -312,6 +312,11 @@ impl ServiceEngine {
         self.last_good.values()
     }
 
+    /// The service `namespace/name` in force, if any.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.last_good.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
     /// Brings the datapath in line with the cluster's services and the node's pods'
     /// `host_ports`; does nothing when neither changed, nor before the state's sources have
     /// listed everything (what an earlier run wrote stays until then).
