@@ -28,7 +28,7 @@ use crate::state::{Changed, ClusterState, TableView};
 use weft_core::state::ServiceObject;
 
 use plan::{plan_service, Changes, Desired, ServiceName};
-pub use plan::{BackendRef, HostPortBinding, PlannedFrontend};
+pub use plan::{BackendRef, HostPortBinding};
 
 #[derive(Default)]
 struct Installed {
@@ -305,11 +305,6 @@ impl ServiceEngine {
             .into_iter()
             .map(|backend| (backend.address, backend.port))
             .collect()
-    }
-
-    /// The services in force (for status).
-    pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.last_good.values()
     }
 
     /// The service `namespace/name` in force, if any.

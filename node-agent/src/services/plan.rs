@@ -500,11 +500,6 @@ impl Desired {
             .filter_map(|key| self.frontend(key))
     }
 
-    /// Every service port with a frontend in force.
-    pub fn service_ports(&self) -> impl Iterator<Item = &String> {
-        self.by_service_port.keys()
-    }
-
     /// What the node's health-check ports answer: the first service asking for each.
     pub fn health_checks(&self) -> HealthChecks {
         self.health_claims
@@ -561,7 +556,8 @@ impl Desired {
         conflicts
     }
 
-    /// The whole plan in force, for tests and inspection.
+    /// The whole plan in force: what a plan from scratch must equal.
+    #[cfg(test)]
     pub fn snapshot(&self) -> Plan {
         Plan {
             frontends: self
@@ -580,6 +576,7 @@ impl Desired {
 }
 
 /// The whole node's load-balancing state, before ids are assigned.
+#[cfg(test)]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub frontends: BTreeMap<LbFrontendKey, PlannedFrontend>,
@@ -591,6 +588,7 @@ pub struct Plan {
 
 /// Plans the datapath of `node` for `services` and its pods' `host_ports` from scratch, with
 /// the conflicts found.
+#[cfg(test)]
 pub fn plan<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     local_cluster: u16,
